@@ -1,0 +1,1 @@
+//! ember-boot (skeleton; being written).

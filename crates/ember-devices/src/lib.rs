@@ -1,0 +1,1 @@
+//! ember-devices (skeleton; being written).

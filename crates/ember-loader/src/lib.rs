@@ -1,0 +1,1 @@
+//! ember-loader (skeleton; being written).

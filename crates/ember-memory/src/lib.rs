@@ -1,0 +1,1 @@
+//! ember-memory (skeleton; being written).

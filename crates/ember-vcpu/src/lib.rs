@@ -1,0 +1,1 @@
+//! ember-vcpu (skeleton; being written).

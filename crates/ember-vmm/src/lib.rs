@@ -1,0 +1,1 @@
+//! ember-vmm (skeleton; being written).

@@ -1,0 +1,1 @@
+//! Ember facade (being written).
