@@ -1,1 +1,611 @@
-//! ember-memory (skeleton; being written).
+//! Guest physical memory layout for Ember microVMs (x86_64).
+//!
+//! This crate fixes where things live in guest physical memory and creates the
+//! guest RAM mappings:
+//!
+//! * low RAM is mapped from 0 up to `min(mem_size, MMIO32_START)` (3.25 GiB);
+//! * the rest of RAM ("high RAM") is mapped from [`HIGH_RAM_START`] (4 GiB);
+//! * the e820 / PVH memory map lists RAM only: `[0, EBDA_START)`,
+//!   `[HIMEM_START, low_end)` and, when there is high RAM, `[4 GiB, 4 GiB + rest)`;
+//! * the 32-bit MMIO window for devices is `[MMIO32_START, IOAPIC_START)`;
+//! * the boot structures (GDT, page tables, zero page, PVH start info, command
+//!   line) sit at the fixed addresses of [`addresses`], the kernel at
+//!   [`addresses::KERNEL_LOAD_ADDR`];
+//! * an initrd goes as high as possible in low RAM, page aligned
+//!   ([`MemoryLayout::initrd_addr`]).
+//!
+//! [`create_guest_memory`] maps the RAM ranges as anonymous, private,
+//! `MAP_NORESERVE` memory and never touches it, so a large guest costs nothing
+//! until the guest uses its memory.
+//!
+//! # Example
+//!
+//! ```
+//! use ember_memory::{create_guest_memory, E820Kind, MemoryLayout, EBDA_START, HIMEM_START, MIB};
+//! use vm_memory::{Bytes, GuestAddress};
+//!
+//! let layout = MemoryLayout::new(128 * MIB)?;
+//! assert_eq!(layout.low_ram_end(), 128 * MIB);
+//! assert_eq!(layout.ram_end(), 128 * MIB);
+//!
+//! let e820 = layout.e820();
+//! assert_eq!(e820.len(), 2);
+//! assert_eq!((e820[0].addr, e820[0].size, e820[0].kind), (0, EBDA_START, E820Kind::Ram));
+//! assert_eq!((e820[1].addr, e820[1].size), (HIMEM_START, 128 * MIB - HIMEM_START));
+//!
+//! // A 1 MiB initrd above a kernel that ends at 20 MiB goes at the top of low RAM.
+//! let initrd = layout.initrd_addr(MIB, 20 * MIB)?;
+//! assert_eq!(initrd, GuestAddress(127 * MIB));
+//!
+//! let mem = create_guest_memory(&layout)?;
+//! mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
+//! assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234_5678);
+//! # Ok::<(), ember_memory::Error>(())
+//! ```
+
+#![deny(missing_docs)]
+
+use vm_memory::GuestAddress;
+
+/// One kibibyte.
+pub const KIB: u64 = 1 << 10;
+/// One mebibyte.
+pub const MIB: u64 = 1 << 20;
+/// One gibibyte.
+pub const GIB: u64 = 1 << 30;
+
+/// Guest page size used for alignment (4 KiB).
+pub const PAGE_SIZE: u64 = 4 * KIB;
+
+/// Start of the Extended BIOS Data Area: RAM in the first megabyte ends here
+/// in the memory map.
+pub const EBDA_START: u64 = 0x9_fc00;
+/// Start of "high memory" (1 MiB): the second RAM entry of the memory map
+/// starts here, and so does the kernel.
+pub const HIMEM_START: u64 = 0x10_0000;
+/// Start of the 32-bit MMIO hole (3.25 GiB); low RAM ends at or below it.
+pub const MMIO32_START: u64 = 0xd000_0000;
+/// End (exclusive) of the 32-bit MMIO hole: 4 GiB.
+pub const MMIO32_END: u64 = 0x1_0000_0000;
+/// IOAPIC base address (4 KiB). `[IOAPIC_START, MMIO32_END)` is reserved.
+pub const IOAPIC_START: u64 = 0xfec0_0000;
+/// Local APIC base address (4 KiB).
+pub const LAPIC_START: u64 = 0xfee0_0000;
+/// Where RAM above the MMIO hole starts (4 GiB).
+pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// The smallest guest memory size accepted, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 16;
+/// The largest guest memory size accepted, in bytes (1 TiB).
+pub const MAX_MEMORY: u64 = 1 << 40;
+
+/// Fixed guest physical addresses of the boot structures.
+pub mod addresses {
+    /// Global descriptor table (4 entries).
+    pub const GDT_ADDR: u64 = 0x500;
+    /// Interrupt descriptor table (one zero entry).
+    pub const IDT_ADDR: u64 = 0x520;
+    /// PVH `hvm_start_info`.
+    pub const PVH_START_INFO_ADDR: u64 = 0x6000;
+    /// PVH memory map table (right after the start info), followed by the
+    /// module list.
+    pub const PVH_MEMMAP_ADDR: u64 = 0x6040;
+    /// Linux zero page (`boot_params`).
+    pub const ZERO_PAGE_ADDR: u64 = 0x7000;
+    /// Initial stack pointer for the boot vCPU.
+    pub const BOOT_STACK_TOP: u64 = 0x8ff0;
+    /// Page map level 4 of the boot identity map (CR3).
+    pub const PML4_ADDR: u64 = 0x9000;
+    /// Page directory pointer table of the boot identity map.
+    pub const PDPT_ADDR: u64 = 0xa000;
+    /// Page directory (512 x 2 MiB pages) of the boot identity map.
+    pub const PD_ADDR: u64 = 0xb000;
+    /// Kernel command line.
+    pub const CMDLINE_ADDR: u64 = 0x2_0000;
+    /// Maximum command line size in bytes, including the terminating NUL.
+    pub const CMDLINE_MAX_SIZE: u64 = 2048;
+    /// Where a bzImage's protected-mode kernel is loaded (= `HIMEM_START`).
+    pub const KERNEL_LOAD_ADDR: u64 = super::HIMEM_START;
+}
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The requested guest memory is below [`MIN_MEMORY_MIB`].
+    #[error("guest memory of {requested} bytes is too small: at least {minimum} bytes ({MIN_MEMORY_MIB} MiB) are needed")]
+    TooSmall {
+        /// Requested size in bytes.
+        requested: u64,
+        /// Minimum size in bytes.
+        minimum: u64,
+    },
+    /// The requested guest memory is above [`MAX_MEMORY`].
+    #[error(
+        "guest memory of {requested} bytes is too large: at most {maximum} bytes are supported"
+    )]
+    TooLarge {
+        /// Requested size in bytes.
+        requested: u64,
+        /// Maximum size in bytes.
+        maximum: u64,
+    },
+    /// The requested guest memory is not a whole number of pages.
+    #[error(
+        "guest memory of {requested} bytes is not a multiple of the {alignment}-byte page size"
+    )]
+    Unaligned {
+        /// Requested size in bytes.
+        requested: u64,
+        /// Required alignment in bytes.
+        alignment: u64,
+    },
+    /// The initrd does not fit between the kernel and the end of low RAM.
+    #[error("initrd of {size} bytes does not fit in guest low RAM: only {available} bytes are free above the kernel")]
+    InitrdTooLarge {
+        /// Initrd size in bytes.
+        size: u64,
+        /// Bytes available for it (page aligned, between kernel end and low RAM end).
+        available: u64,
+    },
+    /// Mapping guest RAM failed.
+    #[error("failed to map {size} bytes of guest RAM: {source}")]
+    Mmap {
+        /// Total RAM size that was being mapped.
+        size: u64,
+        /// The underlying vm-memory error.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The type of an e820 / PVH memory map entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum E820Kind {
+    /// Usable RAM (e820 type 1).
+    Ram = 1,
+    /// Reserved (e820 type 2).
+    Reserved = 2,
+}
+
+impl From<E820Kind> for u32 {
+    fn from(kind: E820Kind) -> u32 {
+        kind as u32
+    }
+}
+
+/// One entry of the guest memory map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start address.
+    pub addr: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// Entry type.
+    pub kind: E820Kind,
+}
+
+impl E820Entry {
+    /// End address (exclusive), saturating at `u64::MAX`.
+    pub fn end(&self) -> u64 {
+        self.addr.saturating_add(self.size)
+    }
+}
+
+/// The guest physical memory layout for a given RAM size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryLayout {
+    mem_size: u64,
+    low_end: u64,
+    high_size: u64,
+}
+
+const fn align_down(v: u64, align: u64) -> u64 {
+    v & !(align - 1)
+}
+
+fn align_up(v: u64, align: u64) -> Option<u64> {
+    v.checked_add(align - 1).map(|v| align_down(v, align))
+}
+
+impl MemoryLayout {
+    /// Computes the layout for `mem_size` bytes of guest RAM.
+    ///
+    /// `mem_size` must be a multiple of [`PAGE_SIZE`], at least
+    /// [`MIN_MEMORY_MIB`] MiB and at most [`MAX_MEMORY`].
+    pub fn new(mem_size: u64) -> Result<Self, Error> {
+        let minimum = MIN_MEMORY_MIB * MIB;
+        if mem_size < minimum {
+            return Err(Error::TooSmall {
+                requested: mem_size,
+                minimum,
+            });
+        }
+        if mem_size > MAX_MEMORY {
+            return Err(Error::TooLarge {
+                requested: mem_size,
+                maximum: MAX_MEMORY,
+            });
+        }
+        if mem_size & (PAGE_SIZE - 1) != 0 {
+            return Err(Error::Unaligned {
+                requested: mem_size,
+                alignment: PAGE_SIZE,
+            });
+        }
+        let low_end = mem_size.min(MMIO32_START);
+        Ok(MemoryLayout {
+            mem_size,
+            low_end,
+            high_size: mem_size - low_end,
+        })
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// The RAM ranges to map: `(start, length)`, low RAM first, then high RAM
+    /// if there is any.
+    pub fn ram_ranges(&self) -> Vec<(GuestAddress, usize)> {
+        // Both sizes are at most MAX_MEMORY (1 TiB), which fits in usize on
+        // the 64-bit hosts this crate targets.
+        let mut ranges = vec![(GuestAddress(0), self.low_end as usize)];
+        if self.high_size > 0 {
+            ranges.push((GuestAddress(HIGH_RAM_START), self.high_size as usize));
+        }
+        ranges
+    }
+
+    /// The guest memory map (RAM entries only), for the zero page's e820
+    /// table and the PVH memory map.
+    pub fn e820(&self) -> Vec<E820Entry> {
+        let mut map = vec![
+            E820Entry {
+                addr: 0,
+                size: EBDA_START,
+                kind: E820Kind::Ram,
+            },
+            E820Entry {
+                addr: HIMEM_START,
+                size: self.low_end - HIMEM_START,
+                kind: E820Kind::Ram,
+            },
+        ];
+        if self.high_size > 0 {
+            map.push(E820Entry {
+                addr: HIGH_RAM_START,
+                size: self.high_size,
+                kind: E820Kind::Ram,
+            });
+        }
+        map
+    }
+
+    /// End (exclusive) of RAM below 4 GiB.
+    pub fn low_ram_end(&self) -> u64 {
+        self.low_end
+    }
+
+    /// Highest RAM address + 1.
+    pub fn ram_end(&self) -> u64 {
+        if self.high_size > 0 {
+            HIGH_RAM_START + self.high_size
+        } else {
+            self.low_end
+        }
+    }
+
+    /// The 32-bit MMIO window for devices: `(start, length)`, i.e.
+    /// `[MMIO32_START, IOAPIC_START)`.
+    pub fn mmio32_window(&self) -> (u64, u64) {
+        (MMIO32_START, IOAPIC_START - MMIO32_START)
+    }
+
+    /// Where to put an initrd of `initrd_size` bytes: page aligned, as high as
+    /// possible in low RAM, and at or above `kernel_end` rounded up to a page.
+    ///
+    /// A zero-sized initrd gets the end of low RAM.
+    pub fn initrd_addr(&self, initrd_size: u64, kernel_end: u64) -> Result<GuestAddress, Error> {
+        let lowest = align_up(kernel_end, PAGE_SIZE).unwrap_or(u64::MAX);
+        let available = self.low_end.saturating_sub(lowest);
+        if initrd_size > available {
+            return Err(Error::InitrdTooLarge {
+                size: initrd_size,
+                available,
+            });
+        }
+        // low_end is page aligned and low_end - initrd_size >= lowest, which
+        // is page aligned too, so aligning down stays at or above `lowest`.
+        Ok(GuestAddress(align_down(
+            self.low_end - initrd_size,
+            PAGE_SIZE,
+        )))
+    }
+}
+
+/// Guest memory as created by [`create_guest_memory`].
+pub type GuestMemory = vm_memory::GuestMemoryMmap;
+
+/// Maps the RAM ranges of `layout` as anonymous, private, `MAP_NORESERVE`
+/// memory (vm-memory's `GuestMemoryMmap::from_ranges`). The memory is not
+/// touched: host pages are only allocated when the guest (or the VMM) uses
+/// them.
+pub fn create_guest_memory(layout: &MemoryLayout) -> Result<vm_memory::GuestMemoryMmap, Error> {
+    vm_memory::GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|source| Error::Mmap {
+        size: layout.mem_size,
+        source,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+
+    fn ram(addr: u64, size: u64) -> E820Entry {
+        E820Entry {
+            addr,
+            size,
+            kind: E820Kind::Ram,
+        }
+    }
+
+    #[test]
+    fn layout_128m() {
+        let l = MemoryLayout::new(128 * MIB).unwrap();
+        assert_eq!(l.mem_size(), 128 * MIB);
+        assert_eq!(l.low_ram_end(), 0x800_0000);
+        assert_eq!(l.ram_end(), 0x800_0000);
+        assert_eq!(l.ram_ranges(), vec![(GuestAddress(0), 0x800_0000usize)]);
+        assert_eq!(
+            l.e820(),
+            vec![ram(0, 0x9_fc00), ram(0x10_0000, 0x800_0000 - 0x10_0000)]
+        );
+        assert_eq!(l.mmio32_window(), (0xd000_0000, 0xfec0_0000 - 0xd000_0000));
+    }
+
+    #[test]
+    fn layout_3_5g() {
+        let l = MemoryLayout::new(3 * GIB + 512 * MIB).unwrap();
+        assert_eq!(l.low_ram_end(), 0xd000_0000);
+        assert_eq!(l.ram_end(), 0x1_1000_0000);
+        assert_eq!(
+            l.ram_ranges(),
+            vec![
+                (GuestAddress(0), 0xd000_0000usize),
+                (GuestAddress(0x1_0000_0000), 0x1000_0000usize)
+            ]
+        );
+        assert_eq!(
+            l.e820(),
+            vec![
+                ram(0, 0x9_fc00),
+                ram(0x10_0000, 0xd000_0000 - 0x10_0000),
+                ram(0x1_0000_0000, 0x1000_0000)
+            ]
+        );
+    }
+
+    #[test]
+    fn layout_4_5g() {
+        let l = MemoryLayout::new(4 * GIB + 512 * MIB).unwrap();
+        assert_eq!(l.low_ram_end(), 0xd000_0000);
+        assert_eq!(l.ram_end(), 0x1_5000_0000);
+        assert_eq!(
+            l.ram_ranges(),
+            vec![
+                (GuestAddress(0), 0xd000_0000usize),
+                (GuestAddress(0x1_0000_0000), 0x5000_0000usize)
+            ]
+        );
+        assert_eq!(
+            l.e820(),
+            vec![
+                ram(0, 0x9_fc00),
+                ram(0x10_0000, 0xd000_0000 - 0x10_0000),
+                ram(0x1_0000_0000, 0x5000_0000)
+            ]
+        );
+        let total: u64 = l.ram_ranges().iter().map(|r| r.1 as u64).sum();
+        assert_eq!(total, l.mem_size());
+    }
+
+    #[test]
+    fn exactly_mmio32_start_has_no_high_ram() {
+        let l = MemoryLayout::new(MMIO32_START).unwrap();
+        assert_eq!(l.ram_ranges().len(), 1);
+        assert_eq!(l.e820().len(), 2);
+        assert_eq!(l.ram_end(), MMIO32_START);
+    }
+
+    #[test]
+    fn too_small() {
+        match MemoryLayout::new(16 * MIB - PAGE_SIZE) {
+            Err(Error::TooSmall { requested, minimum }) => {
+                assert_eq!(requested, 16 * MIB - PAGE_SIZE);
+                assert_eq!(minimum, 16 * MIB);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(MemoryLayout::new(0), Err(Error::TooSmall { .. })));
+        assert!(MemoryLayout::new(16 * MIB).is_ok());
+        let msg = MemoryLayout::new(MIB).unwrap_err().to_string();
+        assert!(msg.contains("1048576") && msg.contains("16 MiB"), "{msg}");
+    }
+
+    #[test]
+    fn too_large_and_unaligned() {
+        assert!(matches!(
+            MemoryLayout::new(MAX_MEMORY + PAGE_SIZE),
+            Err(Error::TooLarge {
+                maximum: MAX_MEMORY,
+                ..
+            })
+        ));
+        assert!(matches!(
+            MemoryLayout::new(u64::MAX),
+            Err(Error::TooLarge { .. })
+        ));
+        assert!(MemoryLayout::new(MAX_MEMORY).is_ok());
+        assert!(matches!(
+            MemoryLayout::new(32 * MIB + 1),
+            Err(Error::Unaligned { requested, alignment: PAGE_SIZE }) if requested == 32 * MIB + 1
+        ));
+    }
+
+    #[test]
+    fn initrd_placement() {
+        let l = MemoryLayout::new(128 * MIB).unwrap();
+        // Page aligned, at the top of low RAM.
+        assert_eq!(
+            l.initrd_addr(4 * MIB, 0x20_0000).unwrap(),
+            GuestAddress(124 * MIB)
+        );
+        assert_eq!(
+            l.initrd_addr(100, 0x20_0000).unwrap(),
+            GuestAddress(128 * MIB - PAGE_SIZE)
+        );
+        assert_eq!(
+            l.initrd_addr(PAGE_SIZE + 1, 0x20_0000).unwrap(),
+            GuestAddress(128 * MIB - 2 * PAGE_SIZE)
+        );
+        // Exactly fills the space above a kernel ending mid-page.
+        let kernel_end = 0x20_0001;
+        let lowest = 0x20_1000;
+        assert_eq!(
+            l.initrd_addr(128 * MIB - lowest, kernel_end).unwrap(),
+            GuestAddress(lowest)
+        );
+        match l.initrd_addr(128 * MIB - lowest + 1, kernel_end) {
+            Err(Error::InitrdTooLarge { size, available }) => {
+                assert_eq!(size, 128 * MIB - lowest + 1);
+                assert_eq!(available, 128 * MIB - lowest);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Kernel past low RAM, or absurd kernel end: nothing available.
+        assert!(matches!(
+            l.initrd_addr(1, 200 * MIB),
+            Err(Error::InitrdTooLarge { available: 0, .. })
+        ));
+        assert!(matches!(
+            l.initrd_addr(1, u64::MAX),
+            Err(Error::InitrdTooLarge { available: 0, .. })
+        ));
+        assert!(matches!(
+            l.initrd_addr(u64::MAX, 0),
+            Err(Error::InitrdTooLarge { .. })
+        ));
+
+        // With high RAM the initrd still goes below the MMIO hole.
+        let l = MemoryLayout::new(4 * GIB + 512 * MIB).unwrap();
+        assert_eq!(
+            l.initrd_addr(MIB, 0x20_0000).unwrap(),
+            GuestAddress(MMIO32_START - MIB)
+        );
+    }
+
+    /// The "VmFlags" of the host mapping (VMA) containing `addr`.
+    fn vm_flags(addr: u64) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let Some((range, _)) = line.split_once(' ') else {
+                continue;
+            };
+            let Some((start, end)) = range.split_once('-') else {
+                continue;
+            };
+            let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            else {
+                continue;
+            };
+            if !(start..end).contains(&addr) {
+                continue;
+            }
+            for l in lines.by_ref() {
+                if let Some(v) = l.strip_prefix("VmFlags:") {
+                    return v.trim().to_string();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    fn resident_pages(host: *mut u8, len: usize) -> usize {
+        let pages = len.div_ceil(PAGE_SIZE as usize);
+        let mut vec = vec![0u8; pages];
+        // SAFETY: `host..host+len` is a live mapping owned by the caller's
+        // GuestMemoryMmap, and `vec` has one byte per page of it.
+        let ret = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+        assert_eq!(ret, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|b| *b & 1 != 0).count()
+    }
+
+    #[test]
+    fn create_4_5g_noreserve_untouched() {
+        let layout = MemoryLayout::new(4 * GIB + 512 * MIB).unwrap();
+        let mem = create_guest_memory(&layout).unwrap();
+        assert_eq!(mem.num_regions(), 2);
+        let regions: Vec<_> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
+        assert_eq!(
+            regions,
+            vec![
+                (GuestAddress(0), 0xd000_0000),
+                (GuestAddress(0x1_0000_0000), 0x5000_0000)
+            ]
+        );
+        assert!(mem.address_in_range(GuestAddress(0xcfff_ffff)));
+        assert!(!mem.address_in_range(GuestAddress(0xd000_0000)));
+        assert!(!mem.address_in_range(GuestAddress(0xffff_ffff)));
+        assert!(mem.address_in_range(GuestAddress(0x1_4fff_ffff)));
+        assert!(!mem.address_in_range(GuestAddress(0x1_5000_0000)));
+
+        for region in mem.iter() {
+            let host = region
+                .get_host_address(vm_memory::MemoryRegionAddress(0))
+                .unwrap();
+            let flags = vm_flags(host as u64);
+            assert!(
+                flags.split_whitespace().any(|f| f == "nr"),
+                "mapping is not MAP_NORESERVE: {flags}"
+            );
+            assert_eq!(resident_pages(host, region.len() as usize), 0);
+        }
+
+        // Touch one page: exactly that one becomes resident.
+        mem.write_obj(0xdead_beef_u32, GuestAddress(0x1_0000_0000))
+            .unwrap();
+        let high = mem.find_region(GuestAddress(0x1_0000_0000)).unwrap();
+        let host = high
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .unwrap();
+        assert_eq!(resident_pages(host, high.len() as usize), 1);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1_0000_0000)).unwrap(),
+            0xdead_beef
+        );
+    }
+
+    #[test]
+    fn create_128m() {
+        let layout = MemoryLayout::new(128 * MIB).unwrap();
+        let mem: GuestMemory = create_guest_memory(&layout).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        assert_eq!(mem.last_addr(), GuestAddress(128 * MIB - 1));
+    }
+
+    #[test]
+    fn error_messages_mention_sizes() {
+        let e = Error::InitrdTooLarge {
+            size: 5000,
+            available: 4096,
+        };
+        assert!(e.to_string().contains("5000") && e.to_string().contains("4096"));
+        assert_eq!(u32::from(E820Kind::Ram), 1);
+        assert_eq!(u32::from(E820Kind::Reserved), 2);
+        assert_eq!(ram(0x1000, 0x1000).end(), 0x2000);
+    }
+}
