@@ -1,1 +1,861 @@
-//! ember-vcpu (skeleton; being written).
+//! ember-vcpu: one KVM vCPU of an Ember microVM, from creation to the exit loop.
+//!
+//! - [`cpuid`]: the per-vCPU CPUID table ([`cpuid::supported`] + [`cpuid::normalize`]);
+//! - [`Vcpu::configure`]: CPUID, boot MSRs, FPU, general and special registers for the chosen
+//!   [`EntryMode`] (PVH 32-bit protected mode or the 64-bit Linux boot protocol), and the local
+//!   APIC's LINT0/LINT1 when the VM has an in-kernel irqchip;
+//! - [`Vcpu::run`]: `KVM_RUN` in a loop, dispatching port and MMIO exits to an [`IoHandler`]
+//!   without allocating, until something the VMM has to decide about happens ([`VcpuStop`]);
+//! - [`kick`]: stop a running vCPU from another thread (set the `stop` flag, then kick).
+//!
+//! The caller owns the boot structures: it writes the GDT, IDT, page tables, zero page or PVH
+//! start info into guest memory and passes their addresses and the GDT entries as plain numbers
+//! in [`BootRegs`].
+//!
+//! # Order of set-up
+//!
+//! 1. create the VM, register guest memory;
+//! 2. if the VM uses an in-kernel irqchip, create it (`VmFd::create_irq_chip`) **before** any
+//!    vCPU: KVM refuses to create it afterwards, and only vCPUs created after it get an
+//!    in-kernel local APIC;
+//! 3. [`Vcpu::new`], then [`Vcpu::configure`] (it programs LINT0 = ExtINT and LINT1 = NMI when
+//!    the vCPU has an in-kernel LAPIC and skips that otherwise);
+//! 4. [`kick::init`] once, then [`Vcpu::run`] on the vCPU's thread.
+//!
+//! Without an in-kernel irqchip, `HLT` exits to user space ([`VcpuStop::Halted`]); with one,
+//! KVM handles it and waits for an interrupt.
+//!
+//! # This host
+//!
+//! On hosts where `/dev/kvm` is PVM, guest ring 0 is emulated by KVM's instruction emulator,
+//! which refuses some instructions (XSAVE family, `cmpxchg16b`, `popcnt`, `int3`, `fwait`,
+//! `clac`, ...). Such a refusal ends [`Vcpu::run`] with [`VcpuStop::EmulationFailure`], with
+//! the instruction bytes taken from the kernel's exit report (or, if the kernel did not give
+//! them, from [`Vcpu::emulation_failure_bytes`]).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::sync::atomic::AtomicBool;
+//! use ember_vcpu::{cpuid, BootRegs, EntryMode, IoHandler, Vcpu, VcpuStop};
+//!
+//! struct Console;
+//! impl IoHandler for Console {
+//!     fn pio_read(&self, _port: u16, data: &mut [u8]) { data.fill(0xff) }
+//!     fn pio_write(&self, port: u16, data: &[u8]) {
+//!         if port == 0x3f8 { print!("{}", String::from_utf8_lossy(data)) }
+//!     }
+//!     fn mmio_read(&self, _addr: u64, data: &mut [u8]) { data.fill(0xff) }
+//!     fn mmio_write(&self, _addr: u64, _data: &[u8]) {}
+//! }
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let kvm = kvm_ioctls::Kvm::new()?;
+//! let vm = kvm.create_vm()?;
+//! // ... register guest memory, create the irqchip, load the kernel, write GDT/IDT/start info ...
+//! let mut table = cpuid::supported(&kvm)?;
+//! let mut vcpu = Vcpu::new(&vm, 0)?;
+//! cpuid::normalize(&mut table, 0, 1, vcpu.tsc_khz())?;
+//! vcpu.configure(
+//!     &table,
+//!     &BootRegs {
+//!         mode: EntryMode::Pvh { entry: 0x100_0000, start_info: 0x6000 },
+//!         gdt_addr: 0x500,
+//!         gdt: [0, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff, 0x0000_8b00_0000_0fff],
+//!         idt_addr: 0x520,
+//!         stack_top: 0x8ff0,
+//!     },
+//! )?;
+//! ember_vcpu::kick::init()?;
+//! let stop = AtomicBool::new(false);
+//! match vcpu.run(&Console, &stop)? {
+//!     VcpuStop::EmulationFailure { rip, insn } => {
+//!         eprintln!("emulation failure at {rip:#x}: {insn:02x?}")
+//!     }
+//!     other => eprintln!("vCPU stopped: {other:?}"),
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+#![deny(missing_docs)]
+
+pub mod cpuid;
+pub mod kick;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kvm_bindings::{
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, CpuId, Msrs,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `KVM_CREATE_VCPU` failed.
+    #[error("cannot create vCPU {id}: {source}")]
+    CreateVcpu {
+        /// The vCPU id.
+        id: u8,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// `KVM_GET_SUPPORTED_CPUID` failed.
+    #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
+    GetSupportedCpuid(#[source] kvm_ioctls::Error),
+    /// The vCPU id / count pair passed to [`cpuid::normalize`] is impossible.
+    #[error("invalid vCPU topology: vCPU id {vcpu_id} of {nr_vcpus} vCPUs")]
+    InvalidTopology {
+        /// The vCPU id.
+        vcpu_id: u8,
+        /// The number of vCPUs.
+        nr_vcpus: u8,
+    },
+    /// The normalised CPUID table would have more entries than KVM accepts.
+    #[error("CPUID table too large: {entries} entries, KVM accepts at most {max}")]
+    CpuidTooLarge {
+        /// Entries needed.
+        entries: usize,
+        /// `KVM_MAX_CPUID_ENTRIES`.
+        max: usize,
+    },
+    /// A vCPU ioctl of [`Vcpu::configure`] or of the exit handling failed.
+    #[error("{ioctl} failed on vCPU {id}: {source}")]
+    Ioctl {
+        /// The ioctl, e.g. `KVM_SET_SREGS`.
+        ioctl: &'static str,
+        /// The vCPU id.
+        id: u8,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// KVM accepted only the first `set` of the boot MSRs.
+    #[error("KVM_SET_MSRS on vCPU {id} stopped at MSR {index:#x} ({set} of {total} set)")]
+    SetMsrs {
+        /// The vCPU id.
+        id: u8,
+        /// The MSR KVM refused.
+        index: u32,
+        /// MSRs set before it.
+        set: usize,
+        /// MSRs in the list.
+        total: usize,
+    },
+    /// `KVM_RUN` failed with an error other than `EINTR`.
+    #[error("KVM_RUN failed on vCPU {id}: {source}")]
+    Run {
+        /// The vCPU id.
+        id: u8,
+        /// The KVM error.
+        source: kvm_ioctls::Error,
+    },
+    /// A guest linear address is not mapped by the guest's page tables.
+    #[error("guest linear address {gva:#x} is not mapped")]
+    GvaNotMapped {
+        /// The linear address.
+        gva: u64,
+    },
+    /// Guest memory could not be read.
+    #[error("cannot read guest memory at {gpa:#x}: {source}")]
+    GuestMemory {
+        /// The guest physical address.
+        gpa: u64,
+        /// The vm-memory error.
+        source: vm_memory::GuestMemoryError,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler: {0}")]
+    SignalHandler(#[source] std::io::Error),
+    /// `pthread_kill` failed.
+    #[error("cannot kick vCPU thread: {0}")]
+    Kick(#[source] std::io::Error),
+}
+
+/// The VMM's side of port I/O and MMIO exits. Called on the vCPU thread, once per exit, from
+/// the hot path of [`Vcpu::run`]: implementations should be quick and must not block for long.
+pub trait IoHandler {
+    /// The guest read `data.len()` bytes from I/O port `port`; fill `data`.
+    fn pio_read(&self, port: u16, data: &mut [u8]);
+    /// The guest wrote `data` to I/O port `port` (string I/O: several items back to back).
+    fn pio_write(&self, port: u16, data: &[u8]);
+    /// The guest read `data.len()` bytes at guest physical address `addr` that is not RAM.
+    fn mmio_read(&self, addr: u64, data: &mut [u8]);
+    /// The guest wrote `data` at guest physical address `addr` that is not RAM.
+    fn mmio_write(&self, addr: u64, data: &[u8]);
+}
+
+/// How the vCPU enters the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryMode {
+    /// Xen PVH boot ABI: 32-bit protected mode, paging off, EBX = start info.
+    Pvh {
+        /// Guest physical entry point (RIP).
+        entry: u64,
+        /// Guest physical address of the `hvm_start_info` (EBX).
+        start_info: u64,
+    },
+    /// Linux 64-bit boot protocol: long mode, identity paging, RSI = zero page.
+    Linux64 {
+        /// Guest physical = virtual entry point (RIP).
+        entry: u64,
+        /// Guest physical address of the zero page / `boot_params` (RSI).
+        zero_page: u64,
+        /// Guest physical address of the PML4 (CR3).
+        pml4: u64,
+    },
+}
+
+/// Everything [`Vcpu::configure`] needs about the boot structures the caller wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BootRegs {
+    /// Entry protocol and its addresses.
+    pub mode: EntryMode,
+    /// Guest physical address of the GDT (GDTR base; limit = 4 * 8 - 1).
+    pub gdt_addr: u64,
+    /// The GDT as written: null, code (selector 0x08), data (0x10), TSS (0x18).
+    pub gdt: [u64; 4],
+    /// Guest physical address of the IDT (IDTR base; limit 7, one null gate).
+    pub idt_addr: u64,
+    /// Initial RSP and RBP for [`EntryMode::Linux64`] (unused for PVH, whose ABI has no stack).
+    pub stack_top: u64,
+}
+
+/// Why [`Vcpu::run`] returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The `stop` flag was set (normally followed by a [`kick`](kick::kick)).
+    Stopped,
+    /// The guest executed `HLT` (only exits to user space without an in-kernel irqchip).
+    Halted,
+    /// Triple fault (or another shutdown condition).
+    Shutdown,
+    /// `KVM_EXIT_SYSTEM_EVENT`; `kind` is `KVM_SYSTEM_EVENT_*` (1 shutdown, 2 reset, 3 crash).
+    SystemEvent {
+        /// The event type.
+        kind: u32,
+    },
+    /// KVM's instruction emulator could not emulate the instruction at `rip`
+    /// (`KVM_EXIT_INTERNAL_ERROR`, suberror 1).
+    EmulationFailure {
+        /// RIP of the instruction (not advanced).
+        rip: u64,
+        /// The bytes the emulator fetched, as reported by the kernel: up to 15, starting with
+        /// the refused instruction (possibly followed by the next ones). Empty if the kernel
+        /// gave none, in which case [`Vcpu::emulation_failure_bytes`] reads them from guest
+        /// memory.
+        insn: Vec<u8>,
+    },
+    /// `KVM_EXIT_INTERNAL_ERROR` with another suberror (`KVM_INTERNAL_ERROR_*`).
+    InternalError {
+        /// The suberror.
+        suberror: u32,
+    },
+    /// `KVM_EXIT_FAIL_ENTRY`: the hardware refused to enter the guest.
+    FailEntry {
+        /// `hardware_entry_failure_reason`.
+        reason: u64,
+    },
+    /// Any other exit, as text (e.g. `"Debug(..)"`); the VMM should treat it as fatal.
+    Unexpected(String),
+}
+
+/// MSR numbers set by [`Vcpu::configure`].
+pub mod msr {
+    /// IA32_TSC.
+    pub const IA32_TSC: u32 = 0x10;
+    /// IA32_SYSENTER_CS.
+    pub const IA32_SYSENTER_CS: u32 = 0x174;
+    /// IA32_SYSENTER_ESP.
+    pub const IA32_SYSENTER_ESP: u32 = 0x175;
+    /// IA32_SYSENTER_EIP.
+    pub const IA32_SYSENTER_EIP: u32 = 0x176;
+    /// IA32_MISC_ENABLE.
+    pub const IA32_MISC_ENABLE: u32 = 0x1a0;
+    /// IA32_MISC_ENABLE bit 0: fast strings.
+    pub const MISC_ENABLE_FAST_STRING: u64 = 1;
+    /// IA32_MTRR_DEF_TYPE.
+    pub const MTRR_DEF_TYPE: u32 = 0x2ff;
+    /// MTRRs enabled (bit 11) with default type write-back (6).
+    pub const MTRR_DEF_TYPE_ENABLED_WB: u64 = (1 << 11) | 6;
+    /// STAR.
+    pub const STAR: u32 = 0xc000_0081;
+    /// LSTAR.
+    pub const LSTAR: u32 = 0xc000_0082;
+    /// CSTAR.
+    pub const CSTAR: u32 = 0xc000_0083;
+    /// SYSCALL_MASK (FMASK).
+    pub const SYSCALL_MASK: u32 = 0xc000_0084;
+    /// KERNEL_GS_BASE.
+    pub const KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+    /// The boot MSRs and their values, in the order they are set.
+    pub const BOOT_MSRS: [(u32, u64); 11] = [
+        (IA32_SYSENTER_CS, 0),
+        (IA32_SYSENTER_ESP, 0),
+        (IA32_SYSENTER_EIP, 0),
+        (STAR, 0),
+        (CSTAR, 0),
+        (KERNEL_GS_BASE, 0),
+        (SYSCALL_MASK, 0),
+        (LSTAR, 0),
+        (IA32_TSC, 0),
+        (IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MTRR_DEF_TYPE, MTRR_DEF_TYPE_ENABLED_WB),
+    ];
+}
+
+/// Control register and EFER bits used for the boot state.
+pub mod bits {
+    /// CR0.PE: protected mode.
+    pub const CR0_PE: u64 = 1;
+    /// CR0.ET: extension type (always 1 on modern CPUs).
+    pub const CR0_ET: u64 = 1 << 4;
+    /// CR0.PG: paging.
+    pub const CR0_PG: u64 = 1 << 31;
+    /// CR4.PAE.
+    pub const CR4_PAE: u64 = 1 << 5;
+    /// EFER.LME.
+    pub const EFER_LME: u64 = 1 << 8;
+    /// EFER.LMA.
+    pub const EFER_LMA: u64 = 1 << 10;
+    /// RFLAGS bit 1 (reserved, always 1).
+    pub const RFLAGS_RESERVED: u64 = 1 << 1;
+}
+
+/// LAPIC register offsets and delivery modes used for LINT0/LINT1.
+pub mod lapic {
+    /// LVT LINT0 register offset.
+    pub const LVT_LINT0: usize = 0x350;
+    /// LVT LINT1 register offset.
+    pub const LVT_LINT1: usize = 0x360;
+    /// Delivery mode NMI.
+    pub const DELIVERY_NMI: u32 = 4;
+    /// Delivery mode ExtINT.
+    pub const DELIVERY_EXTINT: u32 = 7;
+
+    /// Replaces the delivery mode (bits 8..=10) of an LVT entry.
+    pub fn set_delivery_mode(lvt: u32, mode: u32) -> u32 {
+        (lvt & !0x700) | ((mode & 7) << 8)
+    }
+}
+
+/// Decodes a GDT descriptor into KVM's segment form, as if loaded with selector
+/// `table_index * 8` (TI = 0, RPL = 0).
+///
+/// Base and limit are reassembled from their split fields, the limit scaled to bytes when the
+/// granularity bit is set (`limit << 12 | 0xfff`); type, S, DPL, P, AVL, L, D/B, G are copied;
+/// a descriptor that is not present is marked unusable.
+pub fn segment_from_gdt_entry(entry: u64, table_index: u8) -> kvm_segment {
+    let field = |shift: u32, width: u32| (entry >> shift) & ((1u64 << width) - 1);
+    let base = field(16, 24) | (field(56, 8) << 24);
+    let raw_limit = field(0, 16) | (field(48, 4) << 16);
+    let g = field(55, 1) as u8;
+    let limit = if g == 1 {
+        (raw_limit << 12) | 0xfff
+    } else {
+        raw_limit
+    };
+    let present = field(47, 1) as u8;
+    kvm_segment {
+        base,
+        // At most 20 bits shifted by 12 plus 0xfff: fits in u32.
+        limit: limit as u32,
+        selector: u16::from(table_index) * 8,
+        type_: field(40, 4) as u8,
+        s: field(44, 1) as u8,
+        dpl: field(45, 2) as u8,
+        present,
+        avl: field(52, 1) as u8,
+        l: field(53, 1) as u8,
+        db: field(54, 1) as u8,
+        g,
+        unusable: u8::from(present == 0),
+        padding: 0,
+    }
+}
+
+/// One KVM vCPU.
+#[derive(Debug)]
+pub struct Vcpu {
+    fd: VcpuFd,
+    id: u8,
+}
+
+impl Vcpu {
+    /// Creates vCPU `id` (`KVM_CREATE_VCPU`; the id is also its APIC id). Create the in-kernel
+    /// irqchip, if any, before this (see the crate docs).
+    pub fn new(vm: &VmFd, id: u8) -> Result<Self, Error> {
+        let fd = vm
+            .create_vcpu(u64::from(id))
+            .map_err(|source| Error::CreateVcpu { id, source })?;
+        Ok(Vcpu { fd, id })
+    }
+
+    /// The vCPU id.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    /// The underlying kvm-ioctls vCPU, for anything this crate does not wrap.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
+    /// The vCPU's TSC frequency in kHz (`KVM_GET_TSC_KHZ`), if KVM knows it; the value to pass
+    /// to [`cpuid::normalize`] for the timing leaf.
+    pub fn tsc_khz(&self) -> Option<u32> {
+        self.fd.get_tsc_khz().ok().filter(|&khz| khz != 0)
+    }
+
+    fn ioctl_err(&self, ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+        let id = self.id;
+        move |source| Error::Ioctl { ioctl, id, source }
+    }
+
+    /// Sets up the vCPU for entering the kernel as described by `boot`: CPUID (`cpuid`, already
+    /// [normalised](cpuid::normalize) for this vCPU), the boot MSRs ([`msr::BOOT_MSRS`]), FPU
+    /// (FCW 0x37f, MXCSR 0x1f80), general registers, segment/control registers, and — when the
+    /// vCPU has an in-kernel local APIC — LINT0 = ExtINT, LINT1 = NMI.
+    ///
+    /// - [`EntryMode::Linux64`]: CR0 = PE|ET|PG, CR4 = PAE, EFER = LME|LMA, CR3 = `pml4`,
+    ///   CS from `gdt[1]`, DS/ES/FS/GS/SS from `gdt[2]`, TR from `gdt[3]`, RIP = `entry`,
+    ///   RSI = `zero_page`, RSP = RBP = `stack_top`, RFLAGS = 0x2.
+    /// - [`EntryMode::Pvh`]: CR0 = PE|ET, CR4 = 0, EFER = 0, same segments (from a 32-bit
+    ///   GDT), RIP = `entry`, RBX = `start_info`, RFLAGS = 0x2.
+    ///
+    /// GDTR = (`gdt_addr`, 31), IDTR = (`idt_addr`, 7) in both modes.
+    pub fn configure(&self, cpuid: &CpuId, boot: &BootRegs) -> Result<(), Error> {
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.ioctl_err("KVM_SET_CPUID2"))?;
+        self.setup_msrs()?;
+        self.setup_fpu()?;
+        self.setup_regs(boot)?;
+        self.setup_sregs(boot)?;
+        if self.has_in_kernel_lapic()? {
+            self.setup_lapic()?;
+        }
+        Ok(())
+    }
+
+    /// Sets [`msr::BOOT_MSRS`].
+    pub fn setup_msrs(&self) -> Result<(), Error> {
+        let entries = msr::BOOT_MSRS.map(|(index, data)| kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        });
+        // BOOT_MSRS has 11 entries, far below KVM_MAX_MSR_ENTRIES: cannot fail.
+        let msrs = Msrs::from_entries(&entries).expect("boot MSR list fits");
+        let set = self
+            .fd
+            .set_msrs(&msrs)
+            .map_err(self.ioctl_err("KVM_SET_MSRS"))?;
+        if set != entries.len() {
+            return Err(Error::SetMsrs {
+                id: self.id,
+                index: entries.get(set).map_or(0, |e| e.index),
+                set,
+                total: entries.len(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Sets the FPU to its post-`FNINIT` state (FCW 0x37f) with MXCSR 0x1f80.
+    ///
+    /// Note: the kernels measured (6.18, PVM) ignore `kvm_fpu.mxcsr` in `KVM_SET_FPU` and
+    /// report 0 in `KVM_GET_FPU`; the guest's MXCSR is KVM's reset value, 0x1f80, as
+    /// `KVM_GET_XSAVE` shows.
+    pub fn setup_fpu(&self) -> Result<(), Error> {
+        let fpu = kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        self.fd.set_fpu(&fpu).map_err(self.ioctl_err("KVM_SET_FPU"))
+    }
+
+    /// The general registers for `boot` (see [`Vcpu::configure`]).
+    pub fn boot_regs(boot: &BootRegs) -> kvm_regs {
+        let mut regs = kvm_regs {
+            rflags: bits::RFLAGS_RESERVED,
+            ..Default::default()
+        };
+        match boot.mode {
+            EntryMode::Pvh { entry, start_info } => {
+                regs.rip = entry;
+                regs.rbx = start_info;
+            }
+            EntryMode::Linux64 {
+                entry, zero_page, ..
+            } => {
+                regs.rip = entry;
+                regs.rsi = zero_page;
+                regs.rsp = boot.stack_top;
+                regs.rbp = boot.stack_top;
+            }
+        }
+        regs
+    }
+
+    fn setup_regs(&self, boot: &BootRegs) -> Result<(), Error> {
+        self.fd
+            .set_regs(&Self::boot_regs(boot))
+            .map_err(self.ioctl_err("KVM_SET_REGS"))
+    }
+
+    /// Applies the segment, descriptor-table, control-register and EFER state for `boot` to
+    /// `sregs` (see [`Vcpu::configure`]); other fields (APIC base, interrupt bitmap) are kept.
+    pub fn apply_boot_sregs(sregs: &mut kvm_sregs, boot: &BootRegs) {
+        let code = segment_from_gdt_entry(boot.gdt[1], 1);
+        let data = segment_from_gdt_entry(boot.gdt[2], 2);
+        let tss = segment_from_gdt_entry(boot.gdt[3], 3);
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.tr = tss;
+        sregs.gdt.base = boot.gdt_addr;
+        sregs.gdt.limit = (std::mem::size_of_val(&boot.gdt) - 1) as u16;
+        sregs.idt.base = boot.idt_addr;
+        sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+        match boot.mode {
+            EntryMode::Pvh { .. } => {
+                sregs.cr0 = bits::CR0_PE | bits::CR0_ET;
+                sregs.cr3 = 0;
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+            }
+            EntryMode::Linux64 { pml4, .. } => {
+                sregs.cr0 = bits::CR0_PE | bits::CR0_ET | bits::CR0_PG;
+                sregs.cr3 = pml4;
+                sregs.cr4 = bits::CR4_PAE;
+                sregs.efer = bits::EFER_LME | bits::EFER_LMA;
+            }
+        }
+    }
+
+    fn setup_sregs(&self, boot: &BootRegs) -> Result<(), Error> {
+        let mut sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+        Self::apply_boot_sregs(&mut sregs, boot);
+        self.fd
+            .set_sregs(&sregs)
+            .map_err(self.ioctl_err("KVM_SET_SREGS"))
+    }
+
+    /// Whether this vCPU has an in-kernel local APIC, i.e. the VM's in-kernel irqchip existed
+    /// when the vCPU was created.
+    pub fn has_in_kernel_lapic(&self) -> Result<bool, Error> {
+        match self.fd.get_lapic() {
+            Ok(_) => Ok(true),
+            // KVM_GET_LAPIC without an in-kernel LAPIC: EINVAL (ENXIO on some kernels).
+            Err(e) if e.errno() == libc::EINVAL || e.errno() == libc::ENXIO => Ok(false),
+            Err(source) => Err(Error::Ioctl {
+                ioctl: "KVM_GET_LAPIC",
+                id: self.id,
+                source,
+            }),
+        }
+    }
+
+    /// Programs the local APIC: LINT0 delivery mode ExtINT (the legacy PIC's INTR), LINT1 NMI.
+    /// Needs the in-kernel irqchip (fails with [`Error::Ioctl`] otherwise).
+    pub fn setup_lapic(&self) -> Result<(), Error> {
+        let mut state = self
+            .fd
+            .get_lapic()
+            .map_err(self.ioctl_err("KVM_GET_LAPIC"))?;
+        for (offset, mode) in [
+            (lapic::LVT_LINT0, lapic::DELIVERY_EXTINT),
+            (lapic::LVT_LINT1, lapic::DELIVERY_NMI),
+        ] {
+            let reg = &mut state.regs[offset..offset + 4];
+            let mut bytes = [0u8; 4];
+            for (b, r) in bytes.iter_mut().zip(reg.iter()) {
+                *b = *r as u8;
+            }
+            let value = lapic::set_delivery_mode(u32::from_le_bytes(bytes), mode);
+            for (r, b) in reg.iter_mut().zip(value.to_le_bytes()) {
+                *r = b as std::os::raw::c_char;
+            }
+        }
+        self.fd
+            .set_lapic(&state)
+            .map_err(self.ioctl_err("KVM_SET_LAPIC"))
+    }
+
+    /// Runs the vCPU until something other than port I/O or MMIO happens, or `stop` is set.
+    ///
+    /// `stop` is checked before every `KVM_RUN`. To stop a vCPU from another thread, set `stop`
+    /// and then [`kick::kick`] the vCPU thread: that is race-free (see [`kick`]). Port I/O and
+    /// MMIO exits go to `io` and the loop continues; `EINTR` (a kick or another signal) clears
+    /// `immediate_exit` and continues (and so re-checks `stop`).
+    pub fn run(&mut self, io: &dyn IoHandler, stop: &AtomicBool) -> Result<VcpuStop, Error> {
+        let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
+        let _published = kick::RunGuard::enter(run_ptr);
+        loop {
+            if stop.load(Ordering::Acquire) {
+                return Ok(VcpuStop::Stopped);
+            }
+            match self.fd.run() {
+                Ok(VcpuExit::IoOut(port, data)) => io.pio_write(port, data),
+                Ok(VcpuExit::IoIn(port, data)) => io.pio_read(port, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => io.mmio_write(addr, data),
+                Ok(VcpuExit::MmioRead(addr, data)) => io.mmio_read(addr, data),
+                Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Halted),
+                Ok(VcpuExit::Shutdown) => return Ok(VcpuStop::Shutdown),
+                Ok(VcpuExit::SystemEvent(kind, _)) => return Ok(VcpuStop::SystemEvent { kind }),
+                Ok(VcpuExit::FailEntry(reason, _)) => return Ok(VcpuStop::FailEntry { reason }),
+                Ok(VcpuExit::InternalError) => return self.internal_error(),
+                Ok(VcpuExit::Intr) => self.fd.set_kvm_immediate_exit(0),
+                Ok(other) => return Ok(VcpuStop::Unexpected(format!("{other:?}"))),
+                Err(e) if e.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
+                Err(source) => {
+                    return Err(Error::Run {
+                        id: self.id,
+                        source,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Decodes the `KVM_EXIT_INTERNAL_ERROR` just returned by `KVM_RUN`.
+    fn internal_error(&mut self) -> Result<VcpuStop, Error> {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, for which the kernel fills the
+        // `internal` / `emulation_failure` union members; both start with `suberror`, `ndata`
+        // and are plain integers, valid for any bit pattern.
+        let failure = unsafe { run.__bindgen_anon_1.emulation_failure };
+        if failure.suberror != KVM_INTERNAL_ERROR_EMULATION {
+            return Ok(VcpuStop::InternalError {
+                suberror: failure.suberror,
+            });
+        }
+        // ndata counts u64 words after the header: flags, then 2 words of insn_size/insn_bytes.
+        let insn = if failure.ndata >= 3
+            && failure.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0
+        {
+            // SAFETY: the flag says the insn_size/insn_bytes member is the valid one; it is
+            // plain bytes.
+            let bytes = unsafe { failure.__bindgen_anon_1.__bindgen_anon_1 };
+            let len = usize::from(bytes.insn_size).min(bytes.insn_bytes.len());
+            bytes.insn_bytes[..len].to_vec()
+        } else {
+            Vec::new()
+        };
+        let rip = self
+            .fd
+            .get_regs()
+            .map_err(self.ioctl_err("KVM_GET_REGS"))?
+            .rip;
+        Ok(VcpuStop::EmulationFailure { rip, insn })
+    }
+
+    /// The linear address of the current instruction: CS base + RIP outside 64-bit mode
+    /// (wrapped to 32 bits), RIP in 64-bit mode.
+    pub fn current_instruction_address(&self) -> Result<u64, Error> {
+        let rip = self
+            .fd
+            .get_regs()
+            .map_err(self.ioctl_err("KVM_GET_REGS"))?
+            .rip;
+        let sregs = self
+            .fd
+            .get_sregs()
+            .map_err(self.ioctl_err("KVM_GET_SREGS"))?;
+        Ok(if sregs.efer & bits::EFER_LMA != 0 && sregs.cs.l == 1 {
+            rip
+        } else {
+            sregs.cs.base.wrapping_add(rip) & 0xffff_ffff
+        })
+    }
+
+    /// Translates a guest linear address with the vCPU's current paging state
+    /// (`KVM_TRANSLATE`) to a guest physical address.
+    pub fn translate(&self, gva: u64) -> Result<u64, Error> {
+        let tr = self
+            .fd
+            .translate_gva(gva)
+            .map_err(self.ioctl_err("KVM_TRANSLATE"))?;
+        if tr.valid == 0 {
+            return Err(Error::GvaNotMapped { gva });
+        }
+        Ok(tr.physical_address)
+    }
+
+    /// Reads the (up to 15) bytes of the instruction at the current CS:RIP from guest memory,
+    /// translating through the guest's page tables page by page. Meant for a
+    /// [`VcpuStop::EmulationFailure`] whose `insn` is empty; stops early (returning fewer
+    /// bytes) at the first page that is unmapped or not RAM, and fails only if not even the
+    /// first byte can be read.
+    pub fn emulation_failure_bytes<M: GuestMemoryBackend>(
+        &self,
+        mem: &M,
+    ) -> Result<Vec<u8>, Error> {
+        const MAX_INSN: u64 = 15;
+        const PAGE: u64 = 4096;
+        let start = self.current_instruction_address()?;
+        let mut out = Vec::with_capacity(MAX_INSN as usize);
+        let mut gva = start;
+        while (out.len() as u64) < MAX_INSN {
+            let want = (MAX_INSN - out.len() as u64).min(PAGE - (gva % PAGE));
+            let gpa = match self.translate(gva) {
+                Ok(gpa) => gpa,
+                Err(e) if out.is_empty() => return Err(e),
+                Err(_) => break,
+            };
+            let mut buf = [0u8; MAX_INSN as usize];
+            let buf = &mut buf[..want as usize];
+            match mem.read_slice(buf, GuestAddress(gpa)) {
+                Ok(()) => out.extend_from_slice(buf),
+                Err(source) if out.is_empty() => return Err(Error::GuestMemory { gpa, source }),
+                Err(_) => break,
+            }
+            gva = gva.wrapping_add(want);
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decode_long_mode_gdt() {
+        let code = segment_from_gdt_entry(0x00af_9b00_0000_ffff, 1);
+        assert_eq!(
+            (code.base, code.limit, code.selector, code.type_),
+            (0, 0xffff_ffff, 0x08, 0xb)
+        );
+        assert_eq!(
+            (
+                code.present,
+                code.dpl,
+                code.db,
+                code.s,
+                code.l,
+                code.g,
+                code.unusable
+            ),
+            (1, 0, 0, 1, 1, 1, 0)
+        );
+        let data = segment_from_gdt_entry(0x00cf_9300_0000_ffff, 2);
+        assert_eq!(
+            (data.selector, data.type_, data.db, data.l, data.g),
+            (0x10, 3, 1, 0, 1)
+        );
+        assert_eq!(data.limit, 0xffff_ffff);
+        let code32 = segment_from_gdt_entry(0x00cf_9b00_0000_ffff, 1);
+        assert_eq!((code32.db, code32.l, code32.type_), (1, 0, 0xb));
+    }
+
+    #[test]
+    fn decode_tss_and_base_fields() {
+        let tss = segment_from_gdt_entry(0x0000_8b00_0000_0fff, 3);
+        assert_eq!(
+            (
+                tss.base,
+                tss.limit,
+                tss.selector,
+                tss.type_,
+                tss.s,
+                tss.present,
+                tss.g
+            ),
+            (0, 0xfff, 0x18, 0xb, 0, 1, 0)
+        );
+        // base 0x12345678, limit 0x56789 bytes (G=0), DPL 3, AVL.
+        let entry: u64 = 0x1215_f234_5678_6789 | (1 << 52);
+        let s = segment_from_gdt_entry(entry, 5);
+        assert_eq!(s.base, 0x1234_5678);
+        assert_eq!(s.limit, 0x5_6789);
+        assert_eq!((s.dpl, s.present, s.avl, s.s, s.type_), (3, 1, 1, 1, 2));
+        assert_eq!(s.selector, 0x28);
+        let null = segment_from_gdt_entry(0, 0);
+        assert_eq!((null.present, null.unusable), (0, 1));
+    }
+
+    #[test]
+    fn lvt_delivery_mode() {
+        assert_eq!(
+            lapic::set_delivery_mode(0x0001_0000, lapic::DELIVERY_EXTINT),
+            0x0001_0700
+        );
+        assert_eq!(
+            lapic::set_delivery_mode(0x0001_07ff, lapic::DELIVERY_NMI),
+            0x0001_04ff
+        );
+    }
+
+    #[test]
+    fn boot_state_per_mode() {
+        let boot = BootRegs {
+            mode: EntryMode::Linux64 {
+                entry: 0x100_0000,
+                zero_page: 0x7000,
+                pml4: 0x9000,
+            },
+            gdt_addr: 0x500,
+            gdt: [
+                0,
+                0x00af_9b00_0000_ffff,
+                0x00cf_9300_0000_ffff,
+                0x0000_8b00_0000_0fff,
+            ],
+            idt_addr: 0x520,
+            stack_top: 0x8ff0,
+        };
+        let r = Vcpu::boot_regs(&boot);
+        assert_eq!(
+            (r.rip, r.rsi, r.rsp, r.rbp, r.rflags),
+            (0x100_0000, 0x7000, 0x8ff0, 0x8ff0, 2)
+        );
+        let mut s = kvm_sregs::default();
+        Vcpu::apply_boot_sregs(&mut s, &boot);
+        assert_eq!(
+            (s.cr0, s.cr3, s.cr4, s.efer),
+            (0x8000_0011, 0x9000, 0x20, 0x500)
+        );
+        assert_eq!(
+            (s.gdt.base, s.gdt.limit, s.idt.base, s.idt.limit),
+            (0x500, 31, 0x520, 7)
+        );
+        assert_eq!(
+            (s.cs.selector, s.cs.l, s.ss.selector, s.tr.selector),
+            (8, 1, 0x10, 0x18)
+        );
+
+        let pvh = BootRegs {
+            mode: EntryMode::Pvh {
+                entry: 0x100_000c,
+                start_info: 0x6000,
+            },
+            gdt: [
+                0,
+                0x00cf_9b00_0000_ffff,
+                0x00cf_9300_0000_ffff,
+                0x0000_8b00_0000_0067,
+            ],
+            ..boot
+        };
+        let r = Vcpu::boot_regs(&pvh);
+        assert_eq!(
+            (r.rip, r.rbx, r.rsi, r.rsp, r.rflags),
+            (0x100_000c, 0x6000, 0, 0, 2)
+        );
+        Vcpu::apply_boot_sregs(&mut s, &pvh);
+        assert_eq!((s.cr0, s.cr3, s.cr4, s.efer), (0x11, 0, 0, 0));
+        assert_eq!((s.cs.db, s.cs.l, s.tr.limit), (1, 0, 0x67));
+    }
+}
