@@ -1,1 +1,380 @@
-//! ember-test-support (skeleton; being written).
+//! Test helpers for Ember: boot the probe guest in Ember with a command line and get back the
+//! parsed `PROBE` lines, the exit reason and the layout Ember computed.
+//!
+//! ```no_run
+//! use ember_test_support::{boot_probe, ProbeOptions};
+//!
+//! if !ember_test_support::kvm_or_skip("example") { return; }
+//! let run = boot_probe(&ProbeOptions::new("cmdline")).unwrap();
+//! assert!(run.check("cmdline").unwrap().is_ok());
+//! ```
+#![deny(missing_docs)]
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use ember_memory::MemoryLayout;
+use ember_vmm::{BootProtocolChoice, Vm, VmConfig, VmExit, VmHandle, VmOutcome};
+
+/// Whether `/dev/kvm` exists. When it does not, prints a loud skip message naming the test.
+///
+/// Tests call this first and return early when it is false; where `/dev/kvm` exists they run
+/// and a failed boot fails them.
+pub fn kvm_or_skip(test: &str) -> bool {
+    if Path::new("/dev/kvm").exists() {
+        true
+    } else {
+        eprintln!(
+            "\n*** SKIPPED {test}: /dev/kvm is absent on this machine; KVM tests cannot run ***\n"
+        );
+        false
+    }
+}
+
+/// The workspace root (two levels above this crate).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+static BUILD_PROBE: Once = Once::new();
+
+/// Path to the probe ELF, building it with `cargo xtask probe` on first use.
+///
+/// `EMBER_PROBE` overrides the path (and skips the build).
+pub fn probe_elf() -> PathBuf {
+    if let Ok(p) = std::env::var("EMBER_PROBE") {
+        return PathBuf::from(p);
+    }
+    let root = workspace_root();
+    let elf = root.join("target/probe/probe.elf");
+    BUILD_PROBE.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .current_dir(&root)
+            .args(["run", "--quiet", "--package", "xtask", "--", "probe"])
+            .status();
+        match status {
+            Ok(s) if s.success() => {}
+            other => panic!("building the probe guest failed: {other:?}"),
+        }
+    });
+    elf
+}
+
+/// Result of one probe check line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// `PROBE <check> ok ...`
+    Ok,
+    /// `PROBE <check> FAIL ...`
+    Fail,
+    /// `PROBE <check> skip ...`
+    Skip,
+    /// Any other word in the status position (`start`, `done`, `waiting-input`, `panic` ...).
+    Other(String),
+}
+
+/// One parsed `PROBE` line.
+#[derive(Clone, Debug)]
+pub struct ProbeLine {
+    /// The check name (second word).
+    pub check: String,
+    /// The status word.
+    pub status: Status,
+    /// `k=v` fields after the status. A `text=` field takes the rest of the line.
+    pub fields: BTreeMap<String, String>,
+    /// Everything after the status word, verbatim.
+    pub rest: String,
+}
+
+impl ProbeLine {
+    /// Whether the check reported ok.
+    pub fn is_ok(&self) -> bool {
+        self.status == Status::Ok
+    }
+
+    /// A field's value.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.fields.get(key).map(String::as_str)
+    }
+
+    /// Parses a line starting with `PROBE `; `None` for other lines.
+    pub fn parse(line: &str) -> Option<ProbeLine> {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let body = line.strip_prefix("PROBE ")?;
+        let mut parts = body.splitn(3, ' ');
+        let check = parts.next()?.to_string();
+        let status_word = parts.next().unwrap_or("");
+        let rest = parts.next().unwrap_or("").to_string();
+        let status = match status_word {
+            "ok" => Status::Ok,
+            "FAIL" => Status::Fail,
+            "skip" => Status::Skip,
+            other => Status::Other(other.to_string()),
+        };
+        let mut fields = BTreeMap::new();
+        let mut remaining = rest.as_str();
+        while !remaining.is_empty() {
+            if let Some(text) = remaining.strip_prefix("text=") {
+                fields.insert("text".to_string(), text.to_string());
+                break;
+            }
+            let (word, tail) = remaining.split_once(' ').unwrap_or((remaining, ""));
+            if let Some((k, v)) = word.split_once('=') {
+                fields.insert(k.to_string(), v.to_string());
+            }
+            remaining = tail;
+        }
+        Some(ProbeLine {
+            check,
+            status,
+            fields,
+            rest,
+        })
+    }
+}
+
+/// How to boot the probe.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// Comma-separated checks (`probe=` value).
+    pub checks: String,
+    /// Extra command-line words after `probe=...`.
+    pub extra_cmdline: String,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+    /// Force a boot protocol.
+    pub protocol: Option<BootProtocolChoice>,
+    /// Bytes typed on the console once the probe prints `PROBE serial waiting-input`.
+    pub serial_input: Option<Vec<u8>>,
+    /// Stop the VM (and fail) after this long.
+    pub timeout: Duration,
+}
+
+impl ProbeOptions {
+    /// Options running `checks` on a 128 MiB guest through the kernel's preferred protocol.
+    pub fn new(checks: &str) -> Self {
+        ProbeOptions {
+            checks: checks.to_string(),
+            extra_cmdline: String::new(),
+            memory_mib: 128,
+            protocol: None,
+            serial_input: None,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Sets the memory size.
+    pub fn memory_mib(mut self, mib: u64) -> Self {
+        self.memory_mib = mib;
+        self
+    }
+
+    /// Forces a boot protocol.
+    pub fn protocol(mut self, p: BootProtocolChoice) -> Self {
+        self.protocol = Some(p);
+        self
+    }
+
+    /// Appends command-line words.
+    pub fn cmdline(mut self, extra: &str) -> Self {
+        if !self.extra_cmdline.is_empty() {
+            self.extra_cmdline.push(' ');
+        }
+        self.extra_cmdline.push_str(extra);
+        self
+    }
+
+    /// The full command line the probe gets.
+    pub fn full_cmdline(&self) -> String {
+        let mut c = format!("probe={}", self.checks);
+        if !self.extra_cmdline.is_empty() {
+            c.push(' ');
+            c.push_str(&self.extra_cmdline);
+        }
+        c
+    }
+
+    /// The VM configuration for these options.
+    pub fn vm_config(&self) -> VmConfig {
+        let mut cfg = VmConfig::new(probe_elf());
+        cfg.cmdline = self.full_cmdline();
+        cfg.memory_mib = self.memory_mib;
+        cfg.boot_protocol = self.protocol;
+        cfg
+    }
+}
+
+/// What a probe boot produced.
+#[derive(Debug)]
+pub struct ProbeRun {
+    /// Everything the guest printed on the console.
+    pub output: String,
+    /// The parsed `PROBE` lines, in order.
+    pub lines: Vec<ProbeLine>,
+    /// How the VM ended, with timings.
+    pub outcome: VmOutcome,
+    /// The layout Ember computed for the guest.
+    pub layout: MemoryLayout,
+    /// The command line the probe was given.
+    pub cmdline: String,
+}
+
+impl ProbeRun {
+    /// The first line for `check` whose status is ok/FAIL/skip.
+    pub fn check(&self, check: &str) -> Option<&ProbeLine> {
+        self.lines.iter().find(|l| {
+            l.check == check && matches!(l.status, Status::Ok | Status::Fail | Status::Skip)
+        })
+    }
+
+    /// Panics with the whole console output unless `check` reported ok.
+    pub fn expect_ok(&self, check: &str) -> &ProbeLine {
+        match self.check(check) {
+            Some(l) if l.is_ok() => l,
+            other => panic!(
+                "probe check `{check}` did not report ok (got {other:?}); exit {:?}; console:\n{}",
+                self.outcome.exit, self.output
+            ),
+        }
+    }
+
+    /// Panics unless the VM ended by reset, every requested check reported ok and the probe
+    /// printed its `done` line with no failures.
+    pub fn expect_all_ok(&self, checks: &str) {
+        for c in checks.split(',').filter(|c| !c.is_empty()) {
+            self.expect_ok(c);
+        }
+        let done = self.lines.iter().find(|l| l.check == "done");
+        assert!(
+            matches!(done.and_then(|d| d.get("failed")), Some("0")),
+            "probe did not finish cleanly: {done:?}; console:\n{}",
+            self.output
+        );
+        assert_eq!(
+            self.outcome.exit,
+            VmExit::Reset,
+            "VM should end by reset; console:\n{}",
+            self.output
+        );
+    }
+}
+
+/// Console sink shared with the test: collects output and types `serial_input` when the probe
+/// asks for it.
+struct Console {
+    buf: Arc<Mutex<Vec<u8>>>,
+    reply: Option<Vec<u8>>,
+    handle: Arc<Mutex<Option<VmHandle>>>,
+}
+
+const WAITING_INPUT: &[u8] = b"PROBE serial waiting-input";
+
+impl Write for Console {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        buf.extend_from_slice(data);
+        if self.reply.is_some() && data.contains(&b'\n') {
+            let seen = buf.windows(WAITING_INPUT.len()).any(|w| w == WAITING_INPUT);
+            if seen {
+                if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                    if let Some(reply) = self.reply.take() {
+                        h.send_serial(&reply);
+                    }
+                }
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Boots the probe in Ember with `opts` and returns what it reported.
+///
+/// Errors are Ember's build/run errors; a boot that times out returns `Ok` with
+/// [`VmExit::Stopped`] so the caller sees the console.
+pub fn boot_probe(opts: &ProbeOptions) -> Result<ProbeRun, ember_vmm::Error> {
+    boot_with_config(opts.vm_config(), opts)
+}
+
+/// Boots `config` (any kernel) with the console handling and timeout of `opts`.
+pub fn boot_with_config(
+    config: VmConfig,
+    opts: &ProbeOptions,
+) -> Result<ProbeRun, ember_vmm::Error> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let handle_slot = Arc::new(Mutex::new(None));
+    let console = Console {
+        buf: buf.clone(),
+        reply: opts.serial_input.clone(),
+        handle: handle_slot.clone(),
+    };
+    let cmdline = config.cmdline.clone();
+    let vm = Vm::builder(config)
+        .serial_output(Box::new(console))
+        .build()?;
+    let layout = vm.layout().clone();
+    let handle = vm.handle();
+    *handle_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.clone());
+
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let timeout = opts.timeout;
+    let watchdog = std::thread::spawn(move || {
+        if done_rx.recv_timeout(timeout).is_err() {
+            handle.stop();
+        }
+    });
+    let outcome = vm.run();
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    let outcome = outcome?;
+
+    let output = String::from_utf8_lossy(&buf.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let lines = output.lines().filter_map(ProbeLine::parse).collect();
+    Ok(ProbeRun {
+        output,
+        lines,
+        outcome,
+        layout,
+        cmdline,
+    })
+}
+
+/// Formats RAM ranges the way the probe's `memmap` check prints them (`0x0-0x9fc00,...`).
+pub fn format_ram_list(layout: &MemoryLayout) -> String {
+    layout
+        .e820()
+        .iter()
+        .filter(|e| e.kind == ember_memory::E820Kind::Ram)
+        .map(|e| format!("{:#x}-{:#x}", e.addr, e.addr + e.size))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_probe_lines() {
+        let l = ProbeLine::parse("PROBE memmap ok source=e820 entries=2 ram=0x0-0x9fc00\r\n").unwrap();
+        assert_eq!(l.check, "memmap");
+        assert!(l.is_ok());
+        assert_eq!(l.get("entries"), Some("2"));
+        let l = ProbeLine::parse("PROBE cmdline ok len=20 text=probe=cmdline foo=bar").unwrap();
+        assert_eq!(l.get("text"), Some("probe=cmdline foo=bar"));
+        let l = ProbeLine::parse("PROBE serial FAIL loopback mismatch").unwrap();
+        assert_eq!(l.status, Status::Fail);
+        assert!(ProbeLine::parse("Linux version 6.1").is_none());
+    }
+}

@@ -1,1 +1,48 @@
-//! ember-vmm (skeleton; being written).
+//! Ember's VMM: composes `ember-memory`, `ember-loader`, `ember-boot`, `ember-devices` and
+//! `ember-vcpu` into a running microVM.
+//!
+//! A [`VmConfig`] (plain data, serde) describes the VM; a [`VmBuilder`] turns it into a [`Vm`]:
+//! guest memory, kernel and initramfs, boot parameters (PVH or the Linux 64-bit protocol), a KVM
+//! VM with the in-kernel irqchip and PIT, the legacy devices (COM1, i8042, boot timer, pvpanic)
+//! on a port bus, and the vCPU. [`Vm::run`] starts one thread per vCPU, runs an epoll loop for
+//! console input and device events in the calling thread, and returns a [`VmOutcome`] once the
+//! guest resets, powers off, panics, fails, or the VM is stopped through a [`VmHandle`].
+//!
+//! ```no_run
+//! use ember_vmm::{Vm, VmConfig};
+//!
+//! let mut config = VmConfig::new("target/probe/probe.elf");
+//! config.cmdline = "probe=cmdline".into();
+//! let vm = Vm::builder(config).build()?;
+//! let outcome = vm.run()?;
+//! assert!(outcome.exit.is_clean());
+//! # Ok::<(), ember_vmm::Error>(())
+//! ```
+#![deny(missing_docs)]
+
+mod config;
+mod error;
+mod vm;
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+pub use config::{
+    BootProtocolChoice, ConfigError, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, MAX_VCPUS,
+};
+pub use error::Error;
+pub use vm::{StartupTimings, UnbufferedStdout, Vm, VmBuilder, VmExit, VmHandle, VmOutcome};
+
+/// Re-exports for callers that want the layout or loader types without naming those crates.
+pub use ember_loader::BootProtocol;
+pub use ember_memory::MemoryLayout;
+
+static PROCESS_START: OnceLock<Instant> = OnceLock::new();
+
+/// The instant the VMM process started, as far as Ember knows.
+///
+/// The first call fixes it; a VMM binary should call this first thing in `main` so the
+/// boot timer measures from process start.
+pub fn process_start() -> Instant {
+    *PROCESS_START.get_or_init(Instant::now)
+}

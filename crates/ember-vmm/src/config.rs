@@ -1,0 +1,173 @@
+//! [`VmConfig`]: the plain-data description of one microVM.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Command line used when the configuration does not give one.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
+/// Guest memory used when the configuration does not give a size.
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+/// Largest number of vCPUs this version of Ember can start.
+///
+/// Multi-vCPU guests need ACPI/MP tables and AP start-up, which are not built yet.
+pub const MAX_VCPUS: u8 = 1;
+
+/// Boot protocol a user can ask for instead of the kernel's preferred one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BootProtocolChoice {
+    /// Xen PVH entry: 32-bit protected mode, `hvm_start_info` in EBX.
+    Pvh,
+    /// Linux 64-bit boot protocol: long mode, zero page in RSI.
+    Linux64,
+}
+
+/// Everything needed to build one microVM.
+///
+/// Deserializes from JSON with unknown fields refused:
+///
+/// ```
+/// let cfg = ember_vmm::VmConfig::from_json(r#"{"kernel": "/k", "memory_mib": 256}"#).unwrap();
+/// assert_eq!(cfg.memory_mib, 256);
+/// assert_eq!(cfg.vcpus, 1);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel image: an ELF `vmlinux` (with or without a PVH note) or a bzImage.
+    pub kernel: PathBuf,
+    /// Optional initramfs, loaded high in low RAM.
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+    /// Guest memory in MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Number of vCPUs (only 1 is supported so far).
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u8,
+    /// Force a boot protocol; by default PVH is used when the kernel offers it.
+    #[serde(default)]
+    pub boot_protocol: Option<BootProtocolChoice>,
+}
+
+fn default_cmdline() -> String {
+    DEFAULT_CMDLINE.to_string()
+}
+fn default_memory_mib() -> u64 {
+    DEFAULT_MEMORY_MIB
+}
+fn default_vcpus() -> u8 {
+    1
+}
+
+/// Errors in a configuration file or value.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read VM config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JSON is malformed or has unknown/mistyped fields.
+    #[error("invalid VM config: {0}")]
+    Json(#[from] serde_json::Error),
+    /// The vCPU count is outside what Ember supports.
+    #[error("{requested} vCPUs requested; this Ember supports 1 to {max} (SMP is not built yet)")]
+    VcpuCount {
+        /// What was asked for.
+        requested: u8,
+        /// The limit.
+        max: u8,
+    },
+}
+
+impl VmConfig {
+    /// A configuration with defaults for everything but the kernel.
+    pub fn new(kernel: impl Into<PathBuf>) -> Self {
+        VmConfig {
+            kernel: kernel.into(),
+            initrd: None,
+            cmdline: default_cmdline(),
+            memory_mib: default_memory_mib(),
+            vcpus: default_vcpus(),
+            boot_protocol: None,
+        }
+    }
+
+    /// Parses a JSON configuration and validates it.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let cfg: VmConfig = serde_json::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a JSON configuration file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(&text)
+    }
+
+    /// Checks the values that do not need any file or KVM to judge.
+    ///
+    /// Memory size, kernel and command line are checked when the VM is built, by the crates
+    /// that own them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::VcpuCount {
+                requested: self.vcpus,
+                max: MAX_VCPUS,
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_round_trip() {
+        let cfg = VmConfig::from_json(r#"{"kernel":"/boot/vmlinux"}"#).unwrap();
+        assert_eq!(cfg, VmConfig::new("/boot/vmlinux"));
+        let text = serde_json::to_string(&cfg).unwrap();
+        assert_eq!(VmConfig::from_json(&text).unwrap(), cfg);
+    }
+
+    #[test]
+    fn unknown_field_refused() {
+        let err = VmConfig::from_json(r#"{"kernel":"/k","memroy_mib":5}"#).unwrap_err();
+        assert!(err.to_string().contains("memroy_mib"), "{err}");
+    }
+
+    #[test]
+    fn protocol_names() {
+        let cfg = VmConfig::from_json(r#"{"kernel":"/k","boot_protocol":"linux64"}"#).unwrap();
+        assert_eq!(cfg.boot_protocol, Some(BootProtocolChoice::Linux64));
+        assert!(VmConfig::from_json(r#"{"kernel":"/k","boot_protocol":"efi"}"#).is_err());
+    }
+
+    #[test]
+    fn vcpu_count_checked() {
+        for n in [0u8, 2, 33] {
+            let err = VmConfig::from_json(&format!(r#"{{"kernel":"/k","vcpus":{n}}}"#)).unwrap_err();
+            assert!(matches!(err, ConfigError::VcpuCount { requested, .. } if requested == n));
+        }
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let err = VmConfig::from_file(Path::new("/nonexistent/vm.json")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/vm.json"));
+    }
+}

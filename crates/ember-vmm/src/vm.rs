@@ -1,0 +1,752 @@
+//! Building and running one microVM.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::io::Write;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ember_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
+use ember_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT};
+use ember_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ};
+use ember_devices::{Bus, EventFdTrigger, SharedDevice};
+use ember_loader::{BootProtocol, LoadedKernel};
+use ember_memory::addresses::*;
+use ember_memory::MemoryLayout;
+use ember_vcpu::{BootRegs, EntryMode, IoHandler, Vcpu, VcpuStop};
+use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::config::{BootProtocolChoice, VmConfig};
+use crate::error::Error;
+use crate::process_start;
+
+/// Address of the TSS KVM needs on Intel hosts (three pages below the BIOS area).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest reset the machine (i8042 reset, or a KVM reset event). A clean exit.
+    Reset,
+    /// The guest powered the machine off (KVM shutdown event). A clean exit.
+    Poweroff,
+    /// The guest reported a panic (pvpanic port, or a KVM crash event).
+    GuestPanic,
+    /// The guest triple-faulted (`KVM_EXIT_SHUTDOWN`).
+    TripleFault,
+    /// KVM could not emulate a guest instruction (`KVM_EXIT_INTERNAL_ERROR`, suberror 1).
+    EmulationFailure {
+        /// Guest RIP of the instruction.
+        rip: u64,
+        /// Up to 15 instruction bytes at RIP, when they could be read.
+        insn: Vec<u8>,
+    },
+    /// A vCPU stopped with another error.
+    VcpuError(String),
+    /// The VMM was asked to stop (through a [`VmHandle`]).
+    Stopped,
+}
+
+impl VmExit {
+    /// Whether this is an ordinary end of the guest (reset or poweroff).
+    pub fn is_clean(&self) -> bool {
+        matches!(self, VmExit::Reset | VmExit::Poweroff)
+    }
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmExit::Reset => write!(f, "guest reset"),
+            VmExit::Poweroff => write!(f, "guest powered off"),
+            VmExit::GuestPanic => write!(f, "guest panic"),
+            VmExit::TripleFault => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN)"),
+            VmExit::EmulationFailure { rip, insn } => {
+                write!(f, "emulation failure: KVM could not emulate the instruction at rip {rip:#x}")?;
+                if insn.is_empty() {
+                    write!(f, " (instruction bytes unreadable)")
+                } else {
+                    write!(f, ", bytes")?;
+                    for b in insn {
+                        write!(f, " {b:02x}")?;
+                    }
+                    Ok(())
+                }
+            }
+            VmExit::VcpuError(e) => write!(f, "vCPU error: {e}"),
+            VmExit::Stopped => write!(f, "stopped by the VMM"),
+        }
+    }
+}
+
+/// Time spent in each start-up phase, in order.
+#[derive(Clone, Debug, Default)]
+pub struct StartupTimings {
+    /// `(phase name, duration)` pairs in the order they ran.
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+impl StartupTimings {
+    fn record(&mut self, name: &'static str, since: &mut Instant) {
+        let now = Instant::now();
+        self.phases.push((name, now - *since));
+        *since = now;
+    }
+
+    /// Sum of all phases.
+    pub fn total(&self) -> Duration {
+        self.phases.iter().map(|(_, d)| *d).sum()
+    }
+}
+
+/// What [`Vm::run`] returns.
+#[derive(Clone, Debug)]
+pub struct VmOutcome {
+    /// Why the VM ended.
+    pub exit: VmExit,
+    /// Time from VMM process start to the guest's first boot-timer write, if it wrote.
+    pub boot_time: Option<Duration>,
+    /// Time from VMM process start to the first `KVM_RUN`.
+    pub first_run: Option<Duration>,
+    /// Port or MMIO accesses that hit no device.
+    pub unhandled_io: u64,
+}
+
+/// A clonable handle to a running VM: feed its console, ask it to stop.
+#[derive(Clone)]
+pub struct VmHandle {
+    stop_evt: Arc<EventFd>,
+    input_evt: Arc<EventFd>,
+    input: Arc<Mutex<VecDeque<u8>>>,
+}
+
+impl VmHandle {
+    /// Asks the VM to stop; [`Vm::run`] then returns [`VmExit::Stopped`].
+    pub fn stop(&self) {
+        // An eventfd write only fails if the counter would overflow, which a stop cannot cause.
+        let _ = self.stop_evt.write(1);
+    }
+
+    /// Queues bytes for the guest's serial console.
+    pub fn send_serial(&self, bytes: &[u8]) {
+        lock(&self.input).extend(bytes.iter().copied());
+        let _ = self.input_evt.write(1);
+    }
+}
+
+/// Builder for a [`Vm`]: a configuration plus where the console goes.
+pub struct VmBuilder {
+    config: VmConfig,
+    serial_out: Option<Box<dyn Write + Send>>,
+    serial_in: Option<RawFd>,
+    kvm_path: PathBuf,
+}
+
+impl VmBuilder {
+    /// Starts a builder from a configuration.
+    pub fn new(config: VmConfig) -> Self {
+        VmBuilder {
+            config,
+            serial_out: None,
+            serial_in: None,
+            kvm_path: PathBuf::from("/dev/kvm"),
+        }
+    }
+
+    /// The KVM device to open (default `/dev/kvm`).
+    pub fn kvm_path(mut self, path: impl Into<PathBuf>) -> Self {
+        self.kvm_path = path.into();
+        self
+    }
+
+    /// Where the guest's serial output goes (default: the VMM's stdout).
+    pub fn serial_output(mut self, out: Box<dyn Write + Send>) -> Self {
+        self.serial_out = Some(out);
+        self
+    }
+
+    /// A file descriptor (e.g. stdin) whose bytes feed the guest's serial input.
+    ///
+    /// The descriptor is only read, never closed, and should be non-blocking or a terminal/pipe
+    /// that is read only when readable.
+    pub fn serial_input_fd(mut self, fd: RawFd) -> Self {
+        self.serial_in = Some(fd);
+        self
+    }
+
+    /// Builds the VM: memory, kernel, boot parameters, KVM VM, devices, vCPU.
+    pub fn build(self) -> Result<Vm, Error> {
+        Vm::build(self)
+    }
+}
+
+/// The VMM's stdout, flushed after every write so the guest's console is never held back.
+pub struct UnbufferedStdout;
+
+impl Write for UnbufferedStdout {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = std::io::stdout().lock();
+        out.write_all(buf)?;
+        out.flush()?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stdout().flush()
+    }
+}
+
+/// The devices the vCPUs reach through port and MMIO exits.
+struct DeviceIo {
+    pio: Bus,
+    mmio: Bus,
+}
+
+impl IoHandler for DeviceIo {
+    fn pio_read(&self, port: u16, data: &mut [u8]) {
+        self.pio.read(u64::from(port), data);
+    }
+    fn pio_write(&self, port: u16, data: &[u8]) {
+        self.pio.write(u64::from(port), data);
+    }
+    fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        self.mmio.read(addr, data);
+    }
+    fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.mmio.write(addr, data);
+    }
+}
+
+/// A built microVM, ready to [`run`](Vm::run).
+pub struct Vm {
+    // Kept open for the VM's lifetime: the VM fd needs the KVM fd only at creation, but
+    // dropping order matters to nobody and holding it documents ownership.
+    _kvm: Kvm,
+    vm_fd: VmFd,
+    memory: GuestMemoryMmap,
+    layout: MemoryLayout,
+    kernel: LoadedKernel,
+    protocol: BootProtocol,
+    vcpus: Vec<Vcpu>,
+    io: Arc<DeviceIo>,
+    serial: Arc<Mutex<SerialDevice>>,
+    serial_drained: EventFd,
+    serial_in: Option<RawFd>,
+    reset_evt: EventFd,
+    panic_evt: EventFd,
+    boot_time: Arc<OnceLock<Duration>>,
+    handle: VmHandle,
+    timings: StartupTimings,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Vm {
+    /// Shorthand for `VmBuilder::new(config)`.
+    pub fn builder(config: VmConfig) -> VmBuilder {
+        VmBuilder::new(config)
+    }
+
+    fn build(b: VmBuilder) -> Result<Vm, Error> {
+        let config = b.config;
+        config.validate()?;
+        let mut timings = StartupTimings::default();
+        let mut t = Instant::now();
+
+        // Memory, kernel and boot parameters first: they need no KVM, so a user error in them
+        // is reported the same on any machine.
+        let layout = MemoryLayout::new(config.memory_mib.saturating_mul(ember_memory::MIB))?;
+        let memory = ember_memory::create_guest_memory(&layout)?;
+        timings.record("guest memory", &mut t);
+
+        let kernel = ember_loader::load_kernel(&memory, &config.kernel)?;
+        let initrd = match &config.initrd {
+            Some(path) => Some(ember_loader::load_initrd(
+                &memory,
+                path,
+                &layout,
+                kernel.kernel_end,
+            )?),
+            None => None,
+        };
+        timings.record("kernel load", &mut t);
+
+        let protocol = match config.boot_protocol {
+            None => kernel.preferred_protocol(),
+            Some(choice) => {
+                let wanted = match choice {
+                    BootProtocolChoice::Pvh => BootProtocol::Pvh,
+                    BootProtocolChoice::Linux64 => BootProtocol::Linux64,
+                };
+                if !kernel.protocols().contains(&wanted) {
+                    return Err(Error::ProtocolNotOffered {
+                        protocol: wanted,
+                        kernel: config.kernel.clone(),
+                    });
+                }
+                wanted
+            }
+        };
+        let boot = write_boot_params(&memory, &layout, &kernel, protocol, &config.cmdline, initrd)?;
+        timings.record("boot params", &mut t);
+
+        let kvm_path = CString::new(b.kvm_path.as_os_str().as_bytes()).map_err(|_| {
+            Error::KvmOpen {
+                path: b.kvm_path.clone(),
+                source: kvm_ioctls::Error::new(libc::EINVAL),
+            }
+        })?;
+        let kvm = Kvm::new_with_path(&kvm_path).map_err(|source| Error::KvmOpen {
+            path: b.kvm_path.clone(),
+            source,
+        })?;
+        for (cap, name) in [
+            (Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (Cap::Pit2, "KVM_CAP_PIT2"),
+            (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+            (Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(Error::MissingCapability(name));
+            }
+        }
+        timings.record("kvm open", &mut t);
+
+        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        vm_fd
+            .set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm_fd
+            .create_irq_chip()
+            .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm_fd
+            .create_pit2(pit)
+            .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        timings.record("vm + irqchip", &mut t);
+
+        for (slot, region) in memory.iter().enumerate() {
+            let host = memory
+                .get_host_address(region.start_addr())
+                .map_err(Error::GuestMemory)?;
+            let mem_region = kvm_bindings::kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `memory`, which the `Vm` keeps for
+            // as long as the VM fd exists; the guest address ranges do not overlap.
+            unsafe { vm_fd.set_user_memory_region(mem_region) }
+                .map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+        timings.record("memory mapping", &mut t);
+
+        // Devices.
+        let serial_irq = EventFdTrigger::new()?;
+        vm_fd
+            .register_irqfd(serial_irq.eventfd(), COM1_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let serial_out = b
+            .serial_out
+            .unwrap_or_else(|| Box::new(UnbufferedStdout) as Box<dyn Write + Send>);
+        let serial = SerialDevice::new(serial_irq, serial_out)?;
+        let serial_drained = serial
+            .input_drained_evt()
+            .try_clone()
+            .map_err(Error::EventFd)?;
+        let serial = Arc::new(Mutex::new(serial));
+        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let panic_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let i8042 = I8042::new(EventFdTrigger::from(
+            reset_evt.try_clone().map_err(Error::EventFd)?,
+        ));
+        let pvpanic = PvPanic::new(EventFdTrigger::from(
+            panic_evt.try_clone().map_err(Error::EventFd)?,
+        ));
+        let boot_timer = BootTimer::new(process_start());
+        let boot_time = boot_timer.handle();
+
+        let mut pio = Bus::new();
+        pio.insert(serial.clone() as SharedDevice, COM1_BASE, 8)?;
+        pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
+        pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)?;
+        pio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_PORT, 1)?;
+        let io = Arc::new(DeviceIo {
+            pio,
+            mmio: Bus::new(),
+        });
+        timings.record("devices", &mut t);
+
+        // vCPUs.
+        let mut cpuid = ember_vcpu::cpuid::supported(&kvm)?;
+        let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        for id in 0..config.vcpus {
+            let vcpu = Vcpu::new(&vm_fd, id)?;
+            let tsc_khz = vcpu.tsc_khz();
+            ember_vcpu::cpuid::normalize(&mut cpuid, id, config.vcpus, tsc_khz)?;
+            vcpu.configure(&cpuid, &boot)?;
+            vcpus.push(vcpu);
+        }
+        timings.record("vcpu setup", &mut t);
+
+        let handle = VmHandle {
+            stop_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            input_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            input: Arc::new(Mutex::new(VecDeque::new())),
+        };
+
+        Ok(Vm {
+            _kvm: kvm,
+            vm_fd,
+            memory,
+            layout,
+            kernel,
+            protocol,
+            vcpus,
+            io,
+            serial,
+            serial_drained,
+            serial_in: b.serial_in,
+            reset_evt,
+            panic_evt,
+            boot_time,
+            handle,
+            timings,
+        })
+    }
+
+    /// A handle to feed the console or stop the VM from another thread.
+    pub fn handle(&self) -> VmHandle {
+        self.handle.clone()
+    }
+
+    /// The guest memory layout in use.
+    pub fn layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// The loaded kernel (format, entry points, protocols offered).
+    pub fn kernel(&self) -> &LoadedKernel {
+        &self.kernel
+    }
+
+    /// The boot protocol the vCPUs will enter through.
+    pub fn boot_protocol(&self) -> BootProtocol {
+        self.protocol
+    }
+
+    /// How long each start-up phase took.
+    pub fn timings(&self) -> &StartupTimings {
+        &self.timings
+    }
+
+    /// The guest memory.
+    pub fn memory(&self) -> &GuestMemoryMmap {
+        &self.memory
+    }
+
+    /// Runs the VM until the guest resets, powers off, fails, or the VM is stopped.
+    ///
+    /// Every vCPU thread is joined before this returns.
+    pub fn run(self) -> Result<VmOutcome, Error> {
+        ember_vcpu::kick::init()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let first_run: Arc<OnceLock<Duration>> = Arc::new(OnceLock::new());
+        let results: Arc<Mutex<Vec<VmExit>>> = Arc::new(Mutex::new(Vec::new()));
+
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
+            let io = self.io.clone();
+            let thread_stop = stop.clone();
+            let memory = self.memory.clone();
+            let exit_evt = match vcpu_exit_evt.try_clone() {
+                Ok(evt) => evt,
+                Err(e) => {
+                    stop_and_join(&stop, threads);
+                    return Err(Error::EventFd(e));
+                }
+            };
+            let results = results.clone();
+            let first_run = first_run.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let _ = first_run.set(process_start().elapsed());
+                    let exit = match vcpu.run(io.as_ref(), &thread_stop) {
+                        Ok(reason) => vcpu_stop_to_exit(&vcpu, &memory, reason),
+                        Err(e) => VmExit::VcpuError(e.to_string()),
+                    };
+                    lock(&results).push(exit);
+                    let _ = exit_evt.write(1);
+                });
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    stop_and_join(&stop, threads);
+                    return Err(Error::Thread(e));
+                }
+            }
+        }
+
+        let loop_result = event_loop(
+            &self.handle,
+            &self.serial,
+            &self.serial_drained,
+            self.serial_in,
+            &self.reset_evt,
+            &self.panic_evt,
+            &vcpu_exit_evt,
+            &results,
+        );
+        stop_and_join(&stop, threads);
+        let exit = loop_result?;
+        drop(self.vm_fd);
+        Ok(VmOutcome {
+            exit,
+            boot_time: self.boot_time.get().copied(),
+            first_run: first_run.get().copied(),
+            unhandled_io: self.io.pio.unhandled() + self.io.mmio.unhandled(),
+        })
+    }
+}
+
+fn stop_and_join(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::SeqCst);
+    for t in &threads {
+        // A thread that already finished cannot be signalled; ignore that error.
+        let _ = ember_vcpu::kick::kick(t.as_pthread_t());
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+fn vcpu_stop_to_exit(vcpu: &Vcpu, memory: &GuestMemoryMmap, reason: VcpuStop) -> VmExit {
+    match reason {
+        VcpuStop::Stopped => VmExit::Stopped,
+        VcpuStop::Halted => VmExit::VcpuError("vCPU halted with interrupts off".into()),
+        VcpuStop::Shutdown => VmExit::TripleFault,
+        VcpuStop::SystemEvent { kind } => match kind {
+            kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => VmExit::Poweroff,
+            kvm_bindings::KVM_SYSTEM_EVENT_RESET => VmExit::Reset,
+            kvm_bindings::KVM_SYSTEM_EVENT_CRASH => VmExit::GuestPanic,
+            other => VmExit::VcpuError(format!("unknown KVM system event {other}")),
+        },
+        VcpuStop::EmulationFailure { rip, insn } => {
+            let insn = if insn.is_empty() {
+                vcpu.emulation_failure_bytes(memory).unwrap_or_default()
+            } else {
+                insn
+            };
+            VmExit::EmulationFailure { rip, insn }
+        }
+        other => VmExit::VcpuError(format!("{other:?}")),
+    }
+}
+
+/// Writes the boot-protocol structures and returns the vCPU entry state.
+fn write_boot_params(
+    memory: &GuestMemoryMmap,
+    layout: &MemoryLayout,
+    kernel: &LoadedKernel,
+    protocol: BootProtocol,
+    cmdline: &str,
+    initrd: Option<(GuestAddress, u64)>,
+) -> Result<BootRegs, Error> {
+    let cmdline_addr = GuestAddress(CMDLINE_ADDR);
+    let cmdline_size =
+        ember_loader::load_cmdline(memory, cmdline, cmdline_addr, CMDLINE_MAX_SIZE as usize)?;
+    let e820 = layout.e820();
+    let (mode, gdt) = match protocol {
+        BootProtocol::Pvh => {
+            let entry = kernel.pvh_entry.ok_or_else(|| Error::ProtocolNotOffered {
+                protocol,
+                kernel: Default::default(),
+            })?;
+            ember_boot::write_pvh_start_info(
+                memory,
+                GuestAddress(PVH_START_INFO_ADDR),
+                GuestAddress(PVH_MEMMAP_ADDR),
+                &ember_boot::PvhBootParams {
+                    cmdline_addr,
+                    initrd,
+                    memmap: &e820,
+                    rsdp_addr: None,
+                },
+            )?;
+            (
+                EntryMode::Pvh {
+                    entry: entry.0,
+                    start_info: PVH_START_INFO_ADDR,
+                },
+                ember_boot::gdt::PROTECTED_MODE,
+            )
+        }
+        BootProtocol::Linux64 => {
+            ember_boot::write_zero_page(
+                memory,
+                GuestAddress(ZERO_PAGE_ADDR),
+                &ember_boot::LinuxBootParams {
+                    setup_header: kernel.setup_header,
+                    cmdline_addr,
+                    cmdline_size,
+                    initrd,
+                    e820: &e820,
+                },
+            )?;
+            let pml4 = ember_boot::paging::write_identity_page_tables(memory)?;
+            (
+                EntryMode::Linux64 {
+                    entry: kernel.linux64_entry.0,
+                    zero_page: ZERO_PAGE_ADDR,
+                    pml4: pml4.0,
+                },
+                ember_boot::gdt::LONG_MODE,
+            )
+        }
+    };
+    ember_boot::gdt::write_gdt(memory, GuestAddress(GDT_ADDR), &gdt)?;
+    ember_boot::gdt::write_idt(memory, GuestAddress(IDT_ADDR))?;
+    Ok(BootRegs {
+        mode,
+        gdt_addr: GDT_ADDR,
+        gdt,
+        idt_addr: IDT_ADDR,
+        stack_top: BOOT_STACK_TOP,
+    })
+}
+
+const TOKEN_STOP: u64 = 1;
+const TOKEN_INPUT: u64 = 2;
+const TOKEN_SERIAL_DRAINED: u64 = 3;
+const TOKEN_STDIN: u64 = 4;
+const TOKEN_RESET: u64 = 5;
+const TOKEN_PANIC: u64 = 6;
+const TOKEN_VCPU_EXIT: u64 = 7;
+
+/// Moves queued console input into the UART's FIFO as far as it has room.
+fn pump_input(serial: &Mutex<SerialDevice>, input: &Mutex<VecDeque<u8>>) {
+    let mut queue = lock(input);
+    if queue.is_empty() {
+        return;
+    }
+    let mut serial = lock(serial);
+    let room = serial.input_space().min(queue.len());
+    if room == 0 {
+        return;
+    }
+    let chunk: Vec<u8> = queue.drain(..room).collect();
+    if let Ok(taken) = serial.enqueue_input(&chunk) {
+        // Put back what the FIFO did not take, in order.
+        for &b in chunk[taken..].iter().rev() {
+            queue.push_front(b);
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn event_loop(
+    handle: &VmHandle,
+    serial: &Mutex<SerialDevice>,
+    serial_drained: &EventFd,
+    serial_in: Option<RawFd>,
+    reset_evt: &EventFd,
+    panic_evt: &EventFd,
+    vcpu_exit_evt: &EventFd,
+    results: &Mutex<Vec<VmExit>>,
+) -> Result<VmExit, Error> {
+    let epoll = Epoll::new().map_err(Error::Epoll)?;
+    let add = |fd: RawFd, token: u64| {
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+            .map_err(Error::Epoll)
+    };
+    add(handle.stop_evt.as_raw_fd(), TOKEN_STOP)?;
+    add(handle.input_evt.as_raw_fd(), TOKEN_INPUT)?;
+    add(serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED)?;
+    add(reset_evt.as_raw_fd(), TOKEN_RESET)?;
+    add(panic_evt.as_raw_fd(), TOKEN_PANIC)?;
+    add(vcpu_exit_evt.as_raw_fd(), TOKEN_VCPU_EXIT)?;
+    let mut stdin_open = false;
+    if let Some(fd) = serial_in {
+        // Regular files cannot be polled; a fd that epoll refuses is simply not read.
+        stdin_open = add(fd, TOKEN_STDIN).is_ok();
+    }
+
+    let mut events = vec![EpollEvent::default(); 8];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(Error::Epoll(e)),
+        };
+        for ev in &events[..n] {
+            match ev.data() {
+                TOKEN_STOP => return Ok(VmExit::Stopped),
+                TOKEN_RESET => return Ok(VmExit::Reset),
+                TOKEN_PANIC => return Ok(VmExit::GuestPanic),
+                TOKEN_VCPU_EXIT => {
+                    let _ = vcpu_exit_evt.read();
+                    if let Some(exit) = lock(results).first().cloned() {
+                        return Ok(exit);
+                    }
+                }
+                TOKEN_INPUT => {
+                    let _ = handle.input_evt.read();
+                    pump_input(serial, &handle.input);
+                }
+                TOKEN_SERIAL_DRAINED => {
+                    let _ = serial_drained.read();
+                    pump_input(serial, &handle.input);
+                }
+                TOKEN_STDIN if stdin_open => {
+                    if let Some(fd) = serial_in {
+                        let mut buf = [0u8; 256];
+                        // SAFETY: `buf` is a valid writable buffer of the given length and `fd`
+                        // is a descriptor the caller promised stays open while the VM runs.
+                        let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                        if got > 0 {
+                            lock(&handle.input).extend(&buf[..got as usize]);
+                            pump_input(serial, &handle.input);
+                        } else if got == 0
+                            || std::io::Error::last_os_error().kind()
+                                != std::io::ErrorKind::WouldBlock
+                        {
+                            // End of input (or an error): stop watching it; the guest runs on.
+                            let _ = epoll.ctl(
+                                ControlOperation::Delete,
+                                fd,
+                                EpollEvent::default(),
+                            );
+                            stdin_open = false;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! Ember's reference quick-boot VMM.
+//!
+//! ```text
+//! cargo run --release --example microvm -- --kernel target/probe/probe.elf --cmdline "probe=memmap,serial"
+//! ```
+//!
+//! Stdin feeds the serial console (raw mode when it is a terminal, restored on every exit
+//! path); the guest's reset or poweroff ends the process with status 0; an emulation failure,
+//! triple fault or guest panic ends it with status 1 and a message on stderr.
+
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ember_vmm::{BootProtocolChoice, Vm, VmConfig};
+
+#[derive(Parser, Debug)]
+#[command(name = "microvm", about = "Boot a microVM with Ember")]
+struct Args {
+    /// Kernel image (ELF vmlinux with or without PVH note, or bzImage).
+    #[arg(long)]
+    kernel: Option<PathBuf>,
+    /// Initramfs image.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Number of vCPUs.
+    #[arg(long)]
+    vcpus: Option<u8>,
+    /// Boot protocol to force (default: PVH when the kernel offers it).
+    #[arg(long, value_parser = ["pvh", "linux64"])]
+    boot_protocol: Option<String>,
+    /// JSON VM configuration; the other flags override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Print the VMM's start-up phases on stderr.
+    #[arg(long)]
+    timings: bool,
+}
+
+/// Puts a terminal into raw mode and restores it when dropped.
+struct RawTerminal {
+    fd: i32,
+    saved: libc::termios,
+}
+
+impl RawTerminal {
+    fn enable(fd: i32) -> Option<RawTerminal> {
+        // SAFETY: isatty only inspects the descriptor.
+        if unsafe { libc::isatty(fd) } != 1 {
+            return None;
+        }
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid terminal fd.
+        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: `saved` is a valid termios to write into.
+        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
+            return None;
+        }
+        let mut raw = saved;
+        // SAFETY: cfmakeraw only modifies the struct it is given.
+        unsafe { libc::cfmakeraw(&mut raw) };
+        // Keep output post-processing so the host terminal still maps \n to \r\n.
+        raw.c_oflag = saved.c_oflag;
+        // SAFETY: `raw` is a valid termios derived from the current one.
+        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
+            return None;
+        }
+        Some(RawTerminal { fd, saved })
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        // SAFETY: restores the attributes read from the same fd in `enable`.
+        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
+    }
+}
+
+fn build_config(args: &Args) -> Result<VmConfig, String> {
+    let mut config = match (&args.config, &args.kernel) {
+        (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
+        (None, Some(kernel)) => VmConfig::new(kernel),
+        (None, None) => return Err("give --kernel or --config".into()),
+    };
+    if let Some(k) = &args.kernel {
+        config.kernel = k.clone();
+    }
+    if let Some(i) = &args.initrd {
+        config.initrd = Some(i.clone());
+    }
+    if let Some(c) = &args.cmdline {
+        config.cmdline = c.clone();
+    }
+    if let Some(m) = args.memory_mib {
+        config.memory_mib = m;
+    }
+    if let Some(v) = args.vcpus {
+        config.vcpus = v;
+    }
+    match args.boot_protocol.as_deref() {
+        Some("pvh") => config.boot_protocol = Some(BootProtocolChoice::Pvh),
+        Some("linux64") => config.boot_protocol = Some(BootProtocolChoice::Linux64),
+        _ => {}
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+fn main() -> ExitCode {
+    let _ = ember_vmm::process_start();
+    let args = Args::parse();
+    let config = match build_config(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("microvm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let stdin = std::io::stdin();
+    let vm = match Vm::builder(config)
+        .serial_input_fd(stdin.as_raw_fd())
+        .build()
+    {
+        Ok(vm) => vm,
+        Err(e) => {
+            eprintln!("microvm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if args.timings {
+        for (phase, d) in &vm.timings().phases {
+            eprintln!("microvm: start-up {phase:<15} {:>9.3} ms", d.as_secs_f64() * 1e3);
+        }
+    }
+    let outcome = {
+        let _raw = RawTerminal::enable(stdin.as_raw_fd());
+        vm.run()
+    };
+    match outcome {
+        Ok(outcome) => {
+            if let Some(t) = outcome.boot_time {
+                eprintln!("microvm: boot timer: {:.3} ms after VMM start", t.as_secs_f64() * 1e3);
+            }
+            if args.timings {
+                if let Some(t) = outcome.first_run {
+                    eprintln!("microvm: first KVM_RUN {:.3} ms after VMM start", t.as_secs_f64() * 1e3);
+                }
+            }
+            if outcome.exit.is_clean() {
+                eprintln!("microvm: {}", outcome.exit);
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("microvm: VM ended: {}", outcome.exit);
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("microvm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

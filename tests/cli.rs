@@ -1,0 +1,134 @@
+//! The reference VMM binary (`examples/microvm.rs`): exit statuses and messages a user sees.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+use ember_test_support::{kvm_or_skip, probe_elf};
+
+fn microvm() -> PathBuf {
+    // target/<profile>/deps/cli-<hash> -> target/<profile>/examples/microvm
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap();
+    let bin = profile_dir.join("examples/microvm");
+    assert!(bin.exists(), "{} not built (cargo test builds examples)", bin.display());
+    bin
+}
+
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(microvm())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn probe_reset_exits_zero_and_reports_boot_timer() {
+    if !kvm_or_skip("probe_reset_exits_zero_and_reports_boot_timer") {
+        return;
+    }
+    let kernel = probe_elf();
+    let out = run(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "probe=boottimer,cmdline",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stdout.contains("PROBE boottimer ok"), "{stdout}");
+    assert!(stdout.contains("PROBE done checks=2 failed=0"), "{stdout}");
+    assert!(stderr.contains("boot timer:"), "{stderr}");
+    assert!(stderr.contains("guest reset"), "{stderr}");
+}
+
+#[test]
+fn stdin_feeds_the_serial_console() {
+    if !kvm_or_skip("stdin_feeds_the_serial_console") {
+        return;
+    }
+    let kernel = probe_elf();
+    let out = run(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "probe=serial probe.echo=fromstdin",
+        ],
+        b"fromstdin\n",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("echo=fromstdin"), "{stdout}");
+}
+
+#[test]
+fn config_file_and_flag_override() {
+    if !kvm_or_skip("config_file_and_flag_override") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("vm.json");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{{"kernel": "{}", "memory_mib": 64, "cmdline": "probe=memmap"}}"#,
+            probe_elf().display()
+        ),
+    )
+    .unwrap();
+    let out = run(
+        &["--config", cfg.to_str().unwrap(), "--memory-mib", "96"],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    // 96 MiB from the flag, not 64 from the file.
+    assert!(stdout.contains("0x100000-0x6000000"), "{stdout}");
+}
+
+#[test]
+fn user_errors_are_messages_not_panics() {
+    for (args, needle) in [
+        (vec!["--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux"),
+        (vec![], "--kernel"),
+        (vec!["--config", "/nonexistent/vm.json"], "/nonexistent/vm.json"),
+        (vec!["--kernel", "/dev/null", "--vcpus", "0"], "vCPU"),
+        (vec!["--kernel", "/dev/null", "--memory-mib", "1"], "memory"),
+    ] {
+        let out = run(&args, b"");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn minimal_example_boots_the_probe() {
+    if !kvm_or_skip("minimal_example_boots_the_probe") {
+        return;
+    }
+    let bin = microvm().with_file_name("minimal");
+    let out = Command::new(bin)
+        .arg(probe_elf())
+        .arg("probe=memmap,cmdline,serial")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("PROBE start entry=linux64"), "{stdout}");
+    assert!(stdout.contains("PROBE done checks=3 failed=0"), "{stdout}");
+    assert!(stderr.contains("guest reset"), "{stderr}");
+}

@@ -1,0 +1,133 @@
+//! Bad user input gives a typed error with a clear message, never a panic.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use ember_test_support::{kvm_or_skip, probe_elf};
+use ember_vmm::{Error, Vm, VmConfig};
+
+fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+    path
+}
+
+fn build_err(config: VmConfig) -> Error {
+    match Vm::builder(config).build() {
+        Ok(_) => panic!("building the VM should have failed"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn missing_kernel() {
+    let err = build_err(VmConfig::new("/nonexistent/vmlinux"));
+    assert!(matches!(err, Error::Loader(ember_loader::Error::Open { .. })), "{err:?}");
+    assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    let path = temp_file("not-a-kernel", &[0x5a; 8192]);
+    let err = build_err(VmConfig::new(&path));
+    assert!(matches!(err, Error::Loader(ember_loader::Error::NotAKernel { .. })), "{err:?}");
+    assert!(err.to_string().contains("not-a-kernel"), "{err}");
+}
+
+#[test]
+fn truncated_elf_kernel() {
+    let probe = std::fs::read(probe_elf()).unwrap();
+    let path = temp_file("truncated.elf", &probe[..100]);
+    let err = build_err(VmConfig::new(&path));
+    assert!(matches!(err, Error::Loader(_)), "{err:?}");
+}
+
+#[test]
+fn memory_too_small() {
+    let mut cfg = VmConfig::new(probe_elf());
+    cfg.memory_mib = 4;
+    let err = build_err(cfg);
+    assert!(matches!(err, Error::Memory(ember_memory::Error::TooSmall { .. })), "{err:?}");
+}
+
+#[test]
+fn initramfs_that_does_not_fit() {
+    let dir = std::env::temp_dir().join(format!("ember-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("huge-initrd");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(200 << 20).unwrap(); // sparse, 200 MiB
+    let mut cfg = VmConfig::new(probe_elf());
+    cfg.memory_mib = 64;
+    cfg.initrd = Some(path);
+    let err = build_err(cfg);
+    assert!(matches!(err, Error::Loader(_) | Error::Memory(_)), "{err:?}");
+    assert!(err.to_string().to_lowercase().contains("initr"), "{err}");
+}
+
+#[test]
+fn command_line_too_long() {
+    let mut cfg = VmConfig::new(probe_elf());
+    cfg.cmdline = "x".repeat(5000);
+    let err = build_err(cfg);
+    assert!(
+        matches!(err, Error::Loader(ember_loader::Error::CmdlineTooLong { .. })),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn kvm_not_accessible() {
+    let err = match Vm::builder(VmConfig::new(probe_elf()))
+        .kvm_path("/nonexistent/kvm")
+        .build()
+    {
+        Ok(_) => panic!("should fail"),
+        Err(e) => e,
+    };
+    assert!(matches!(err, Error::KvmOpen { .. }), "{err:?}");
+    assert!(err.to_string().contains("/nonexistent/kvm"), "{err}");
+}
+
+#[test]
+fn too_many_vcpus() {
+    let mut cfg = VmConfig::new(probe_elf());
+    cfg.vcpus = 0;
+    assert!(matches!(build_err(cfg), Error::Config(_)));
+}
+
+/// The probe ELF with its PVH note's type changed, so it offers only the Linux 64-bit entry.
+fn probe_without_pvh_note() -> PathBuf {
+    let mut elf = std::fs::read(probe_elf()).unwrap();
+    let name = elf
+        .windows(4)
+        .position(|w| w == b"Xen\0")
+        .expect("probe has a Xen note");
+    // Note header: namesz, descsz, type (u32 each) right before the name.
+    elf[name - 4..name].copy_from_slice(&0u32.to_le_bytes());
+    temp_file("probe-no-pvh.elf", &elf)
+}
+
+#[test]
+fn pvh_forced_on_a_kernel_without_the_note() {
+    let mut cfg = VmConfig::new(probe_without_pvh_note());
+    cfg.boot_protocol = Some(ember_vmm::BootProtocolChoice::Pvh);
+    let err = build_err(cfg);
+    assert!(matches!(err, Error::ProtocolNotOffered { .. }), "{err:?}");
+}
+
+#[test]
+fn kernel_without_pvh_note_boots_through_linux64() {
+    if !kvm_or_skip("kernel_without_pvh_note_boots_through_linux64") {
+        return;
+    }
+    let mut cfg = VmConfig::new(probe_without_pvh_note());
+    cfg.cmdline = "probe=cmdline".into();
+    let opts = ember_test_support::ProbeOptions::new("cmdline");
+    let run = ember_test_support::boot_with_config(cfg, &opts).unwrap();
+    run.expect_all_ok("cmdline");
+    let start = run.lines.iter().find(|l| l.check == "start").unwrap();
+    assert_eq!(start.get("entry"), Some("linux64"));
+}

@@ -1,0 +1,91 @@
+//! The probe guest also boots under QEMU's `microvm` machine, so VMMs can be compared on the
+//! same guest. Skipped (loudly) only where QEMU is not installed; `cargo xtask test` installs it.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ember_test_support::{kvm_or_skip, probe_elf, ProbeLine, Status};
+
+fn qemu() -> Option<&'static str> {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    found.then_some("qemu-system-x86_64")
+}
+
+fn boot_under_qemu(memory_mib: u64, checks: &str) -> (String, Vec<ProbeLine>) {
+    let qemu = qemu().unwrap();
+    let child = Command::new(qemu)
+        .args([
+            "-M",
+            "microvm",
+            "-enable-kvm",
+            "-cpu",
+            "host,-arch-capabilities",
+            "-m",
+        ])
+        .arg(memory_mib.to_string())
+        .args([
+            "-nodefaults",
+            "-no-user-config",
+            "-nographic",
+            "-serial",
+            "stdio",
+            "-no-reboot",
+            "-kernel",
+        ])
+        .arg(probe_elf())
+        .arg("-append")
+        .arg(format!("probe={checks} probe.exits=3000"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start qemu");
+    // Bound the run: QEMU exits on the probe's reset (-no-reboot); kill it if it does not.
+    let pid = child.id();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(60));
+        // SAFETY: kill(2) on a pid we spawned; harmless if it already exited.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let out = child.wait_with_output().unwrap();
+    drop(watchdog);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines = text.lines().filter_map(ProbeLine::parse).collect();
+    (text, lines)
+}
+
+#[test]
+fn probe_boots_under_qemu_microvm() {
+    if !kvm_or_skip("probe_boots_under_qemu_microvm") {
+        return;
+    }
+    if qemu().is_none() {
+        eprintln!("\n*** SKIPPED probe_boots_under_qemu_microvm: qemu-system-x86_64 is not installed (cargo xtask test installs it) ***\n");
+        return;
+    }
+    for mib in [128u64, 4608] {
+        let checks = "memmap,cmdline,boottimer,serial,exitloop";
+        let (text, lines) = boot_under_qemu(mib, checks);
+        for check in checks.split(',') {
+            let line = lines.iter().find(|l| l.check == check);
+            assert!(
+                matches!(line, Some(l) if l.status == Status::Ok),
+                "{check} under QEMU with {mib} MiB: {line:?}\n{text}"
+            );
+        }
+        let done = lines.iter().find(|l| l.check == "done").expect("done line");
+        assert_eq!(done.get("failed"), Some("0"), "{text}");
+        let memmap = lines.iter().find(|l| l.check == "memmap").unwrap();
+        let ram = memmap.get("ram").unwrap();
+        // QEMU's own map: RAM at 1 MiB, and above 4 GiB for the large guest.
+        assert!(ram.contains("0x100000-"), "{ram}");
+        if mib > 3072 {
+            assert!(ram.contains("0x100000000-"), "{ram}");
+        }
+    }
+}
