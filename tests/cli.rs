@@ -132,3 +132,27 @@ fn minimal_example_boots_the_probe() {
     assert!(stdout.contains("PROBE done checks=3 failed=0"), "{stdout}");
     assert!(stderr.contains("guest reset"), "{stderr}");
 }
+
+#[test]
+fn emulation_failure_exits_non_zero_with_a_clear_message() {
+    if !kvm_or_skip("emulation_failure_exits_non_zero_with_a_clear_message") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("popcnt.elf");
+    std::fs::write(
+        &kernel,
+        ember_test_support::tiny_elf_kernel(ember_test_support::POPCNT_THEN_RESET),
+    )
+    .unwrap();
+    let out = run(&["--kernel", kernel.to_str().unwrap()], b"");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("guest reset") {
+        eprintln!("note: ring 0 is native here; popcnt executed");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("emulation failure"), "{stderr}");
+    assert!(stderr.contains("rip 0x100000"), "{stderr}");
+}

@@ -131,3 +131,35 @@ fn kernel_without_pvh_note_boots_through_linux64() {
     let start = run.lines.iter().find(|l| l.check == "start").unwrap();
     assert_eq!(start.get("entry"), Some("linux64"));
 }
+
+#[test]
+fn guest_emulation_failure_is_reported_with_rip_and_bytes() {
+    if !kvm_or_skip("guest_emulation_failure_is_reported_with_rip_and_bytes") {
+        return;
+    }
+    let kernel = temp_file(
+        "popcnt.elf",
+        &ember_test_support::tiny_elf_kernel(ember_test_support::POPCNT_THEN_RESET),
+    );
+    let run = ember_test_support::boot_with_config(
+        VmConfig::new(&kernel),
+        &ember_test_support::ProbeOptions::new(""),
+    )
+    .unwrap();
+    match &run.outcome.exit {
+        ember_vmm::VmExit::EmulationFailure { rip, insn } => {
+            assert_eq!(*rip, 0x10_0000);
+            assert_eq!(&insn[..4], &[0xf3, 0x0f, 0xb8, 0xc1]);
+            let msg = run.outcome.exit.to_string();
+            assert!(msg.contains("emulation failure") && msg.contains("0x100000"), "{msg}");
+            assert!(msg.contains("f3 0f b8 c1"), "{msg}");
+        }
+        ember_vmm::VmExit::Reset => {
+            // popcnt ran: only acceptable where KVM runs guest ring 0 natively.
+            let probe = ember_test_support::boot_probe(&ember_test_support::ProbeOptions::new("ring0")).unwrap();
+            assert_eq!(probe.expect_ok("ring0").get("native"), Some("yes"));
+            eprintln!("note: ring 0 is native here; popcnt executed, no emulation failure to see");
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+}

@@ -121,7 +121,13 @@ impl ProbeLine {
             other => Status::Other(other.to_string()),
         };
         let mut fields = BTreeMap::new();
-        let mut remaining = rest.as_str();
+        // Lines like `PROBE start entry=pvh ring=3` have fields where a status would be.
+        let field_text = if status_word.contains('=') {
+            format!("{status_word} {rest}")
+        } else {
+            rest.clone()
+        };
+        let mut remaining = field_text.trim_end();
         while !remaining.is_empty() {
             if let Some(text) = remaining.strip_prefix("text=") {
                 fields.insert("text".to_string(), text.to_string());
@@ -157,6 +163,9 @@ pub struct ProbeOptions {
     pub serial_input: Option<Vec<u8>>,
     /// Stop the VM (and fail) after this long.
     pub timeout: Duration,
+    /// Stop the VM as soon as the console output contains this text (the run then ends with
+    /// [`VmExit::Stopped`]); used to end a Linux boot once what the test needs was printed.
+    pub stop_when: Option<String>,
 }
 
 impl ProbeOptions {
@@ -169,6 +178,7 @@ impl ProbeOptions {
             protocol: None,
             serial_input: None,
             timeout: Duration::from_secs(60),
+            stop_when: None,
         }
     }
 
@@ -273,7 +283,12 @@ impl ProbeRun {
 struct Console {
     buf: Arc<Mutex<Vec<u8>>>,
     reply: Option<Vec<u8>>,
+    stop_when: Option<Vec<u8>>,
     handle: Arc<Mutex<Option<VmHandle>>>,
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 const WAITING_INPUT: &[u8] = b"PROBE serial waiting-input";
@@ -282,9 +297,17 @@ impl Write for Console {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         buf.extend_from_slice(data);
+        if data.contains(&b'\n') {
+            if let Some(needle) = &self.stop_when {
+                if contains(&buf, needle) {
+                    if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+                        h.stop();
+                    }
+                }
+            }
+        }
         if self.reply.is_some() && data.contains(&b'\n') {
-            let seen = buf.windows(WAITING_INPUT.len()).any(|w| w == WAITING_INPUT);
-            if seen {
+            if contains(&buf, WAITING_INPUT) {
                 if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
                     if let Some(reply) = self.reply.take() {
                         h.send_serial(&reply);
@@ -317,6 +340,7 @@ pub fn boot_with_config(
     let console = Console {
         buf: buf.clone(),
         reply: opts.serial_input.clone(),
+        stop_when: opts.stop_when.as_ref().map(|s| s.as_bytes().to_vec()),
         handle: handle_slot.clone(),
     };
     let cmdline = config.cmdline.clone();
@@ -373,8 +397,53 @@ mod tests {
         assert_eq!(l.get("entries"), Some("2"));
         let l = ProbeLine::parse("PROBE cmdline ok len=20 text=probe=cmdline foo=bar").unwrap();
         assert_eq!(l.get("text"), Some("probe=cmdline foo=bar"));
+        let l = ProbeLine::parse("PROBE start entry=pvh ring=3").unwrap();
+        assert_eq!(l.get("entry"), Some("pvh"));
+        assert_eq!(l.get("ring"), Some("3"));
         let l = ProbeLine::parse("PROBE serial FAIL loopback mismatch").unwrap();
         assert_eq!(l.status, Status::Fail);
         assert!(ProbeLine::parse("Linux version 6.1").is_none());
     }
 }
+
+/// A minimal x86_64 ELF kernel (no PVH note) whose 64-bit entry at 1 MiB runs `code`.
+///
+/// Used to make a guest do one precise thing in ring 0, e.g. execute an instruction the host's
+/// KVM cannot emulate.
+pub fn tiny_elf_kernel(code: &[u8]) -> Vec<u8> {
+    const LOAD: u64 = 0x10_0000;
+    const CODE_OFFSET: u64 = 0x1000;
+    let mut elf = vec![0u8; CODE_OFFSET as usize];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little endian
+    elf[6] = 1; // version
+    elf[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    elf[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+    elf[20..24].copy_from_slice(&1u32.to_le_bytes());
+    elf[24..32].copy_from_slice(&LOAD.to_le_bytes()); // e_entry
+    elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+    elf[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
+    elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+    elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+    let ph = &mut elf[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R+X
+    ph[8..16].copy_from_slice(&CODE_OFFSET.to_le_bytes());
+    ph[16..24].copy_from_slice(&LOAD.to_le_bytes());
+    ph[24..32].copy_from_slice(&LOAD.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[48..56].copy_from_slice(&0x1000u64.to_le_bytes());
+    elf.extend_from_slice(code);
+    elf
+}
+
+/// `popcnt eax, ecx` then an i8042 reset: refused by KVM's ring-0 emulator on hosts that
+/// emulate guest ring 0 (an emulation failure at 1 MiB), a plain reset elsewhere.
+pub const POPCNT_THEN_RESET: &[u8] = &[
+    0xf3, 0x0f, 0xb8, 0xc1, // popcnt eax, ecx
+    0xb0, 0xfe, // mov al, 0xfe
+    0xe6, 0x64, // out 0x64, al
+    0xf4, // hlt
+];

@@ -1,0 +1,211 @@
+//! Linux tier: a real kernel, which no one here wrote, parses what Ember hands it.
+//!
+//! On hosts whose KVM emulates guest ring 0 (PVM, as on Ember's development machines) no VMM
+//! gets Linux to init, so these tests boot the kernel's *early* boot and assert on what it
+//! prints: the version banner, the command line Ember passed, and `BIOS-e820:` lines equal to
+//! the map Ember built. The full boot to init runs only where ring 0 is native (detected with
+//! the probe's `ring0` check).
+//!
+//! Artifacts come from `cargo xtask guest` (`.cache/guest/` or `$EMBER_CACHE/guest/`). Without
+//! them these tests skip with a message, unless `EMBER_LINUX_TESTS=1` (set by
+//! `cargo xtask test --linux`), where a missing artifact fails.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ember_memory::{E820Kind, MemoryLayout};
+use ember_test_support::{
+    boot_probe, boot_with_config, kvm_or_skip, workspace_root, ProbeOptions, ProbeRun,
+};
+use ember_vmm::{BootProtocolChoice, VmConfig, VmExit};
+
+/// Kernel parameters for hosts whose KVM emulates guest ring 0: they keep the kernel away
+/// from the instructions that emulator refuses (see docs/guest.md, "Host-compatibility").
+const HOST_COMPAT: &str = "noxsave clearcpuid=popcnt,cx16,smap,smep,xsave,avx,avx2";
+
+fn guest_dir() -> PathBuf {
+    match std::env::var_os("EMBER_CACHE") {
+        Some(dir) => PathBuf::from(dir).join("guest"),
+        None => workspace_root().join(".cache/guest"),
+    }
+}
+
+/// The artifact's path, or `None` (with a message) when it is missing and the Linux tier was
+/// not asked for.
+fn artifact(name: &str, test: &str) -> Option<PathBuf> {
+    let path = guest_dir().join(name);
+    if path.exists() {
+        return Some(path);
+    }
+    if std::env::var("EMBER_LINUX_TESTS").as_deref() == Ok("1") {
+        panic!(
+            "{} is missing; `cargo xtask guest` should have built it",
+            path.display()
+        );
+    }
+    eprintln!(
+        "\n*** SKIPPED {test}: {} not found; run `cargo xtask guest` or `cargo xtask test --linux` ***\n",
+        path.display()
+    );
+    None
+}
+
+/// The e820 lines Linux prints for Ember's layout (`BIOS-e820: [mem 0x...-0x...] usable`).
+fn expected_e820_lines(layout: &MemoryLayout) -> Vec<String> {
+    layout
+        .e820()
+        .iter()
+        .map(|e| {
+            let kind = match e.kind {
+                E820Kind::Ram => "usable",
+                E820Kind::Reserved => "reserved",
+            };
+            format!(
+                "BIOS-e820: [mem {:#018x}-{:#018x}] {kind}",
+                e.addr,
+                e.addr + e.size - 1
+            )
+        })
+        .collect()
+}
+
+fn printed_e820_lines(output: &str) -> Vec<String> {
+    output
+        .lines()
+        .filter_map(|l| l.find("BIOS-e820: ").map(|i| l[i..].trim_end().to_string()))
+        .collect()
+}
+
+/// Boots `kernel` until the kernel has printed past its memory map, then stops it.
+fn early_boot(kernel: PathBuf, protocol: Option<BootProtocolChoice>, memory_mib: u64) -> ProbeRun {
+    let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {HOST_COMPAT} ember.test=early");
+    let mut config = VmConfig::new(kernel);
+    config.cmdline = cmdline;
+    config.memory_mib = memory_mib;
+    config.boot_protocol = protocol;
+    let mut opts = ProbeOptions::new("");
+    // "Zone ranges:" follows the e820 dump and the command line in setup_arch().
+    opts.stop_when = Some("Zone ranges:".into());
+    opts.timeout = Duration::from_secs(50);
+    let started = Instant::now();
+    let run = boot_with_config(config, &opts).expect("VM builds and runs");
+    eprintln!(
+        "early boot ({protocol:?}, {memory_mib} MiB) reached `Zone ranges:` in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    run
+}
+
+fn assert_early_boot(run: &ProbeRun) {
+    let out = &run.output;
+    assert_eq!(
+        run.outcome.exit,
+        VmExit::Stopped,
+        "the kernel should still be running when the test stops it; console:\n{out}"
+    );
+    assert!(out.contains("Linux version 6.1"), "no banner; console:\n{out}");
+    assert!(
+        out.contains(&format!("Command line: {}", run.cmdline)),
+        "command line not echoed; console:\n{out}"
+    );
+    assert_eq!(
+        printed_e820_lines(out),
+        expected_e820_lines(&run.layout),
+        "the kernel's e820 map differs from Ember's; console:\n{out}"
+    );
+    assert!(out.contains("Zone ranges:"), "{out}");
+}
+
+#[test]
+fn vmlinux_early_boot_through_pvh() {
+    if !kvm_or_skip("vmlinux_early_boot_through_pvh") {
+        return;
+    }
+    let Some(kernel) = artifact("vmlinux", "vmlinux_early_boot_through_pvh") else {
+        return;
+    };
+    let run = early_boot(kernel, Some(BootProtocolChoice::Pvh), 256);
+    assert_early_boot(&run);
+}
+
+#[test]
+fn vmlinux_early_boot_through_linux64() {
+    if !kvm_or_skip("vmlinux_early_boot_through_linux64") {
+        return;
+    }
+    let Some(kernel) = artifact("vmlinux", "vmlinux_early_boot_through_linux64") else {
+        return;
+    };
+    let run = early_boot(kernel, Some(BootProtocolChoice::Linux64), 4608);
+    assert_early_boot(&run);
+}
+
+#[test]
+fn bzimage_early_boot() {
+    if !kvm_or_skip("bzimage_early_boot") {
+        return;
+    }
+    let Some(kernel) = artifact("bzImage", "bzimage_early_boot") else {
+        return;
+    };
+    let run = early_boot(kernel, None, 512);
+    assert_early_boot(&run);
+}
+
+#[test]
+fn debian_cloud_bzimage_early_boot() {
+    if !kvm_or_skip("debian_cloud_bzimage_early_boot") {
+        return;
+    }
+    let path = guest_dir().join("debian-cloud-bzImage");
+    if !path.exists() {
+        eprintln!(
+            "\n*** SKIPPED debian_cloud_bzimage_early_boot: {} not found (cargo xtask guest --debian-cloud) ***\n",
+            path.display()
+        );
+        return;
+    }
+    let run = early_boot(path, None, 512);
+    let out = &run.output;
+    assert!(out.contains("Linux version"), "{out}");
+    assert_eq!(printed_e820_lines(out), expected_e820_lines(&run.layout), "{out}");
+}
+
+/// Whether this host's KVM runs guest ring 0 natively, judged by the probe's `ring0` check.
+fn ring0_is_native() -> bool {
+    let run = boot_probe(&ProbeOptions::new("ring0")).expect("probe boots");
+    let line = run.expect_ok("ring0");
+    line.get("native") == Some("yes")
+}
+
+#[test]
+fn full_boot_to_init_where_ring0_is_native() {
+    if !kvm_or_skip("full_boot_to_init_where_ring0_is_native") {
+        return;
+    }
+    if !ring0_is_native() {
+        eprintln!(
+            "\n*** SKIPPED full_boot_to_init_where_ring0_is_native: this host's KVM emulates guest ring 0 \
+             (probe ring0 check: native=no); no VMM reaches init here (see docs/guest.md) ***\n"
+        );
+        return;
+    }
+    let (Some(kernel), Some(initrd)) = (
+        artifact("vmlinux", "full_boot_to_init"),
+        artifact("initramfs.cpio", "full_boot_to_init"),
+    ) else {
+        return;
+    };
+    let mut config = VmConfig::new(kernel);
+    config.initrd = Some(initrd);
+    config.memory_mib = 256;
+    config.cmdline = "console=ttyS0 reboot=k panic=-1 ember.cmd=echo_EMBER-ECHO_$((6*7))".into();
+    let mut opts = ProbeOptions::new("");
+    opts.timeout = Duration::from_secs(120);
+    let run = boot_with_config(config, &opts).unwrap();
+    let out = &run.output;
+    assert!(out.contains("EMBER-INIT-OK"), "{out}");
+    assert!(out.contains("EMBER-ECHO 42") || out.contains("EMBER-ECHO_42"), "{out}");
+    assert_eq!(run.outcome.exit, VmExit::Reset, "reboot -f should end the VMM; {out}");
+    assert!(run.outcome.boot_time.is_some(), "/init writes the boot timer");
+}
