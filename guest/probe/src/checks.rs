@@ -1,0 +1,645 @@
+//! The checks, run in ring 3 in the order the command line names them.
+
+use core::arch::asm;
+use core::sync::atomic::Ordering;
+
+use crate::arch::{self, inb, outb, rdtsc};
+use crate::bootinfo::{self, MAX_CMDLINE, TYPE_RAM};
+use crate::console::{self, Line, LSR, LSR_DR, LSR_THRE, MCR, RBR_THR, SCR};
+use crate::setup::{BOOT_INFO, ENTRY, MAPPED_END};
+
+/// Checks run when the command line has no `probe=` parameter.
+const DEFAULT_CHECKS: [&[u8]; 6] = [
+    b"memmap",
+    b"cmdline",
+    b"boottimer",
+    b"serial",
+    b"exitloop",
+    b"ring0",
+];
+/// Most checks taken from `probe=`.
+const MAX_CHECKS: usize = 32;
+/// Default `probe.exits`.
+const DEFAULT_EXITS: u64 = 100_000;
+/// `dec; jnz` iterations for the ring0 check (about 25 ms when emulated).
+const RING0_ITERS: u64 = 20_000;
+/// Boot-timer port.
+const BOOT_TIMER_PORT: u16 = 0x510;
+/// Exit-loop port (nothing mapped there).
+const EXIT_PORT: u16 = 0x511;
+/// i8042 command/status port.
+const I8042_CMD: u16 = 0x64;
+/// TSC frequency assumed for timeouts when CPUID does not tell it.
+const FALLBACK_TSC_KHZ: u64 = 3_000_000;
+
+/// Parameters from the command line.
+struct Params<'a> {
+    checks: [&'a [u8]; MAX_CHECKS],
+    n_checks: usize,
+    too_many: bool,
+    exits: Option<&'a [u8]>,
+    exit_ring: Option<&'a [u8]>,
+    echo: Option<&'a [u8]>,
+}
+
+impl<'a> Params<'a> {
+    fn parse(cmdline: &'a [u8]) -> Self {
+        let mut p = Params {
+            checks: [&[]; MAX_CHECKS],
+            n_checks: 0,
+            too_many: false,
+            exits: None,
+            exit_ring: None,
+            echo: None,
+        };
+        let mut list: Option<&'a [u8]> = None;
+        for tok in cmdline.split(|&b| b == b' ' || b == b'\t' || b == b'\n' || b == b'\r') {
+            if let Some(v) = tok.strip_prefix(b"probe=") {
+                list = Some(v);
+            } else if let Some(v) = tok.strip_prefix(b"probe.exits=") {
+                p.exits = Some(v);
+            } else if let Some(v) = tok.strip_prefix(b"probe.exitring=") {
+                p.exit_ring = Some(v);
+            } else if let Some(v) = tok.strip_prefix(b"probe.echo=") {
+                p.echo = Some(v);
+            }
+        }
+        match list {
+            Some(list) => {
+                for name in list.split(|&b| b == b',').filter(|n| !n.is_empty()) {
+                    if p.n_checks == MAX_CHECKS {
+                        p.too_many = true;
+                        break;
+                    }
+                    p.checks[p.n_checks] = name;
+                    p.n_checks += 1;
+                }
+            }
+            None => {
+                for name in DEFAULT_CHECKS {
+                    p.checks[p.n_checks] = name;
+                    p.n_checks += 1;
+                }
+            }
+        }
+        p
+    }
+}
+
+/// What the checks share.
+struct Ctx<'a> {
+    entry: u64,
+    info: u64,
+    cmdline: &'a [u8],
+    params: Params<'a>,
+    tsc: bool,
+    tsc_khz: Option<u64>,
+    checks: u64,
+    failed: u64,
+}
+
+/// Ring-3 main: parse the command line, run the checks, report, reset.
+pub fn run() -> ! {
+    console::init();
+    let entry = ENTRY.load(Ordering::Relaxed);
+    let info = BOOT_INFO.load(Ordering::Relaxed);
+    let mut buf = [0u8; MAX_CMDLINE + 1];
+    let len = bootinfo::read_cmdline(bootinfo::cmdline_addr(entry, info), &mut buf);
+    let cmdline = &buf[..len];
+
+    Line::new("start")
+        .s("entry=")
+        .s(if entry == arch::ENTRY_PVH {
+            "pvh"
+        } else {
+            "linux64"
+        })
+        .s(" ring=")
+        .dec(u64::from(arch::cpl()))
+        .end();
+
+    let (tsc, tsc_khz) = detect_tsc();
+    let mut ctx = Ctx {
+        entry,
+        info,
+        cmdline,
+        params: Params::parse(cmdline),
+        tsc,
+        tsc_khz,
+        checks: 0,
+        failed: 0,
+    };
+    if ctx.params.too_many {
+        Line::new("cmdline")
+            .s("skip more than 32 checks in probe=, the rest are ignored")
+            .end();
+    }
+    for i in 0..ctx.params.n_checks {
+        let name = ctx.params.checks[i];
+        ctx.checks += 1;
+        let failed = match name {
+            b"memmap" => ctx.memmap(),
+            b"cmdline" => ctx.cmdline(),
+            b"boottimer" => ctx.boottimer(),
+            b"serial" => ctx.serial(),
+            b"exitloop" => ctx.exitloop(),
+            b"ring0" => ctx.ring0(),
+            b"reset" => ctx.reset_check(),
+            b"fault" => ctx.fault(),
+            _ => {
+                Line::new_bytes(name).s("skip unknown check").end();
+                false
+            }
+        };
+        if failed {
+            ctx.failed += 1;
+        }
+    }
+    ctx.done();
+    ctx.reset()
+}
+
+/// Whether the CPU has a TSC, and its frequency in kHz if CPUID tells it.
+fn detect_tsc() -> (bool, Option<u64>) {
+    let (max_basic, _, _, _) = arch::cpuid(0, 0);
+    let (_, _, ecx1, edx1) = arch::cpuid(1, 0);
+    let tsc = edx1 & (1 << 4) != 0;
+    if !tsc {
+        return (false, None);
+    }
+    // Hypervisor timing leaf 0x40000010 (EAX = TSC kHz), if the hypervisor range has it.
+    if ecx1 & (1 << 31) != 0 {
+        let (max_hv, _, _, _) = arch::cpuid(0x4000_0000, 0);
+        if (0x4000_0010..0x5000_0000).contains(&max_hv) {
+            let (khz, _, _, _) = arch::cpuid(0x4000_0010, 0);
+            if khz != 0 {
+                return (true, Some(u64::from(khz)));
+            }
+        }
+    }
+    // CPUID 0x15: TSC/crystal ratio and crystal frequency.
+    if max_basic >= 0x15 {
+        let (den, num, crystal_hz, _) = arch::cpuid(0x15, 0);
+        if den != 0 && num != 0 && crystal_hz != 0 {
+            let hz = u64::from(crystal_hz) * u64::from(num) / u64::from(den);
+            return (true, Some(hz / 1000));
+        }
+    }
+    // CPUID 0x16: processor base frequency in MHz.
+    if max_basic >= 0x16 {
+        let (mhz, _, _, _) = arch::cpuid(0x16, 0);
+        let mhz = mhz & 0xffff;
+        if mhz != 0 {
+            return (true, Some(u64::from(mhz) * 1000));
+        }
+    }
+    (true, None)
+}
+
+/// Writes `pattern`, then its complement, to the 8 bytes at `addr`, reads each back and
+/// restores the original value. Returns the two values read.
+fn test_word(addr: u64, pattern: u64) -> (u64, u64) {
+    let first: u64;
+    let second: u64;
+    // SAFETY: `addr` is inside a RAM entry of the memory map and identity mapped with U=1.
+    // The original value is restored at once; nothing else runs meanwhile (IF=0, one vCPU).
+    // Done in assembly because the address may be 0, which Rust pointers must not be.
+    unsafe {
+        asm!(
+            "mov {orig}, qword ptr [{addr}]",
+            "mov qword ptr [{addr}], {pat}",
+            "mov {first}, qword ptr [{addr}]",
+            "not {pat}",
+            "mov qword ptr [{addr}], {pat}",
+            "mov {second}, qword ptr [{addr}]",
+            "mov qword ptr [{addr}], {orig}",
+            addr = in(reg) addr,
+            pat = inout(reg) pattern => _,
+            orig = out(reg) _,
+            first = out(reg) first,
+            second = out(reg) second,
+            options(nostack, preserves_flags),
+        );
+    }
+    (first, second)
+}
+
+impl Ctx<'_> {
+    fn tsc_khz_or_guess(&self) -> u64 {
+        self.tsc_khz.unwrap_or(FALLBACK_TSC_KHZ)
+    }
+
+    /// Busy-waits about `ms` milliseconds of TSC time (native in ring 3).
+    fn wait_ms(&self, ms: u64) {
+        let cycles = self.tsc_khz_or_guess() * ms;
+        let t0 = rdtsc();
+        while rdtsc().wrapping_sub(t0) < cycles {
+            core::hint::spin_loop();
+        }
+    }
+
+    fn memmap(&mut self) -> bool {
+        let map = match bootinfo::memmap(self.entry, self.info) {
+            Ok(map) => map,
+            Err(why) => {
+                Line::new("memmap").s("FAIL ").s(why).end();
+                return true;
+            }
+        };
+        let mapped_end = MAPPED_END.load(Ordering::Relaxed);
+        let mut tested = 0u64;
+        for r in map.entries[..map.count]
+            .iter()
+            .filter(|r| r.kind == TYPE_RAM)
+        {
+            if r.size < 8 {
+                continue;
+            }
+            let Some(end) = r.addr.checked_add(r.size) else {
+                Line::new("memmap")
+                    .s("FAIL ram entry at ")
+                    .hex(r.addr)
+                    .s(" overflows")
+                    .end();
+                return true;
+            };
+            if end > mapped_end {
+                Line::new("memmap")
+                    .s("FAIL ram ")
+                    .hex(r.addr)
+                    .s("-")
+                    .hex(end)
+                    .s(" beyond the probe's identity map (ends at ")
+                    .hex(mapped_end)
+                    .s(")")
+                    .end();
+                return true;
+            }
+            let addrs = [r.addr, r.addr + ((r.size / 2) & !7), end - 8];
+            for a in addrs {
+                let pattern = 0x5a5a_0000_0000_a5a5 ^ (a << 16);
+                let (first, second) = test_word(a, pattern);
+                if first != pattern || second != !pattern {
+                    let (wrote, read) = if first != pattern {
+                        (pattern, first)
+                    } else {
+                        (!pattern, second)
+                    };
+                    Line::new("memmap")
+                        .s("FAIL addr=")
+                        .hex(a)
+                        .s(" wrote=")
+                        .hex(wrote)
+                        .s(" read=")
+                        .hex(read)
+                        .end();
+                    return true;
+                }
+            }
+            tested += 1;
+        }
+        let mut line = Line::new("memmap");
+        line.s("ok source=")
+            .s(map.source)
+            .s(" entries=")
+            .dec(map.count as u64)
+            .s(" ram=");
+        let mut first = true;
+        for r in map.entries[..map.count]
+            .iter()
+            .filter(|r| r.kind == TYPE_RAM)
+        {
+            if !first {
+                line.s(",");
+            }
+            first = false;
+            line.hex(r.addr).s("-").hex(r.addr.wrapping_add(r.size));
+        }
+        line.s(" tested=").dec(tested).end();
+        false
+    }
+
+    fn cmdline(&mut self) -> bool {
+        if self.cmdline.len() >= MAX_CMDLINE {
+            Line::new("cmdline")
+                .s("FAIL longer than ")
+                .dec(MAX_CMDLINE as u64)
+                .s(" bytes or not NUL-terminated")
+                .end();
+            return true;
+        }
+        Line::new("cmdline")
+            .s("ok len=")
+            .dec(self.cmdline.len() as u64)
+            .s(" text=")
+            .b(self.cmdline)
+            .end();
+        false
+    }
+
+    fn boottimer(&mut self) -> bool {
+        outb(BOOT_TIMER_PORT, 0);
+        Line::new("boottimer").s("ok port=0x510").end();
+        false
+    }
+
+    fn serial(&mut self) -> bool {
+        // Scratch register round trip.
+        let saved = inb(SCR);
+        for v in [0xa5u8, 0x5a] {
+            outb(SCR, v);
+            let got = inb(SCR);
+            if got != v {
+                outb(SCR, saved);
+                Line::new("serial")
+                    .s("FAIL scratch wrote=")
+                    .hex(u64::from(v))
+                    .s(" read=")
+                    .hex(u64::from(got))
+                    .end();
+                return true;
+            }
+        }
+        outb(SCR, saved);
+
+        // Keep host input that is already waiting (it belongs to the echo test).
+        let mut input = [0u8; 256];
+        let mut n_in = 0usize;
+        let mut guard = 0;
+        while inb(LSR) & LSR_DR != 0 && guard < 4096 {
+            let b = inb(RBR_THR);
+            if n_in < input.len() {
+                input[n_in] = b;
+                n_in += 1;
+            }
+            guard += 1;
+        }
+
+        // Loopback: MCR bit 4 routes THR to RBR inside the UART.
+        let mcr = inb(MCR);
+        outb(MCR, mcr | 0x10);
+        let test_byte = 0x5au8;
+        let mut polls = 0u32;
+        while inb(LSR) & LSR_THRE == 0 && polls < 100_000 {
+            polls += 1;
+        }
+        outb(RBR_THR, test_byte);
+        let t0 = rdtsc();
+        let limit = self.tsc_khz_or_guess() * 100; // 100 ms
+        let mut got: Option<u8> = None;
+        while rdtsc().wrapping_sub(t0) < limit {
+            if inb(LSR) & LSR_DR != 0 {
+                let b = inb(RBR_THR);
+                if b == test_byte {
+                    got = Some(b);
+                    break;
+                }
+                // Host input that raced with the switch to loopback mode.
+                if n_in < input.len() {
+                    input[n_in] = b;
+                    n_in += 1;
+                }
+            }
+        }
+        outb(MCR, mcr);
+        if got.is_none() {
+            Line::new("serial")
+                .s("FAIL loopback: wrote ")
+                .hex(u64::from(test_byte))
+                .s(" to THR with MCR.LOOP set, nothing came back in RBR within 100 ms")
+                .end();
+            return true;
+        }
+
+        // Host input echo.
+        let Some(want) = self.params.echo else {
+            Line::new("serial")
+                .s("ok scratch=ok loopback=ok echo=none")
+                .end();
+            return false;
+        };
+        Line::new("serial").s("waiting-input").end();
+        let mut line = [0u8; 256];
+        let mut len = 0usize;
+        let mut pos = 0usize;
+        let t0 = rdtsc();
+        let limit = self.tsc_khz_or_guess() * 10_000; // 10 s
+        let mut complete = false;
+        loop {
+            let b = if pos < n_in {
+                pos += 1;
+                input[pos - 1]
+            } else if inb(LSR) & LSR_DR != 0 {
+                inb(RBR_THR)
+            } else {
+                if rdtsc().wrapping_sub(t0) >= limit {
+                    break;
+                }
+                continue;
+            };
+            match b {
+                b'\n' => {
+                    complete = true;
+                    break;
+                }
+                b'\r' => {}
+                _ => {
+                    if len < line.len() {
+                        line[len] = b;
+                        len += 1;
+                    }
+                }
+            }
+        }
+        let got = &line[..len];
+        if !complete {
+            Line::new("serial")
+                .s("FAIL echo: no newline within 10 s, got ")
+                .dec(len as u64)
+                .s(" bytes '")
+                .b(got)
+                .s("' want '")
+                .b(want)
+                .s("'")
+                .end();
+            return true;
+        }
+        if got != want {
+            Line::new("serial")
+                .s("FAIL echo: got '")
+                .b(got)
+                .s("' want '")
+                .b(want)
+                .s("'")
+                .end();
+            return true;
+        }
+        Line::new("serial")
+            .s("ok scratch=ok loopback=ok echo=")
+            .b(want)
+            .end();
+        false
+    }
+
+    fn exitloop(&mut self) -> bool {
+        let exits = match self.params.exits {
+            None => DEFAULT_EXITS,
+            Some(text) => match parse_u64(text) {
+                Some(v) => v,
+                None => {
+                    Line::new("exitloop")
+                        .s("FAIL bad probe.exits=")
+                        .b(text)
+                        .end();
+                    return true;
+                }
+            },
+        };
+        if exits == 0 {
+            Line::new("exitloop").s("skip probe.exits=0").end();
+            return false;
+        }
+        let ring = match self.params.exit_ring {
+            None | Some(b"0") => 0,
+            Some(b"3") => 3,
+            Some(other) => {
+                Line::new("exitloop")
+                    .s("FAIL bad probe.exitring=")
+                    .b(other)
+                    .s(" (0 or 3)")
+                    .end();
+                return true;
+            }
+        };
+        let cycles = if ring == 0 {
+            arch::gate_out_loop(EXIT_PORT, exits)
+        } else {
+            arch::out_loop(EXIT_PORT, exits)
+        };
+        let mut line = Line::new("exitloop");
+        line.s("ok exits=")
+            .dec(exits)
+            .s(" cycles_per_exit=")
+            .dec(cycles / exits)
+            .s(" tsc_khz=");
+        match self.tsc_khz {
+            Some(khz) => {
+                let ns_total = u128::from(cycles) * 1_000_000 / u128::from(khz);
+                let ns_per_exit = (ns_total / u128::from(exits)) as u64;
+                let per_sec = if cycles == 0 {
+                    0
+                } else {
+                    (u128::from(exits) * u128::from(khz) * 1000 / u128::from(cycles)) as u64
+                };
+                line.dec(khz)
+                    .s(" ns_per_exit=")
+                    .dec(ns_per_exit)
+                    .s(" exits_per_sec=")
+                    .dec(per_sec);
+            }
+            None => {
+                line.s("unknown");
+            }
+        }
+        line.end();
+        false
+    }
+
+    fn ring0(&mut self) -> bool {
+        if !self.tsc {
+            Line::new("ring0")
+                .s("skip no TSC (CPUID.1:EDX.TSC=0)")
+                .end();
+            return false;
+        }
+        let r0 = arch::gate_ring0_loop(RING0_ITERS);
+        let mut r3 = u64::MAX;
+        for _ in 0..5 {
+            r3 = r3.min(arch::local_loop(RING0_ITERS));
+        }
+        if r0 == 0 || r3 == 0 || r3 == u64::MAX {
+            Line::new("ring0").s("skip TSC does not advance").end();
+            return false;
+        }
+        let native = r0 < 10 * r3;
+        Line::new("ring0")
+            .s("ok native=")
+            .s(if native { "yes" } else { "no" })
+            .s(" ring0_cycles_per_iter=")
+            .fix2(r0, RING0_ITERS)
+            .s(" ring3_cycles_per_iter=")
+            .fix2(r3, RING0_ITERS)
+            .s(" ratio=")
+            .fix2(r0, r3)
+            .end();
+        false
+    }
+
+    /// The `fault` check (not in the spec's list; for testing a VMM's panic handling): a
+    /// deliberate page fault on an unmapped address. The exception handler reports it as
+    /// `PROBE panic exception 14 ...`, writes pvpanic and resets; this never returns.
+    fn fault(&mut self) -> bool {
+        let addr = MAPPED_END.load(Ordering::Relaxed) + 0x1000;
+        // SAFETY: none; the read faults on purpose (the address is beyond the identity map)
+        // and the exception handler ends the VM.
+        let _ = unsafe { core::ptr::read_volatile(addr as *const u64) };
+        Line::new("fault")
+            .s("FAIL reading an unmapped address did not fault")
+            .end();
+        true
+    }
+
+    /// The `reset` check: report, print the summary so far, then reset at once.
+    fn reset_check(&mut self) -> bool {
+        Line::new("reset")
+            .s("ok via=")
+            .s(if i8042_present() {
+                "i8042"
+            } else {
+                "triple-fault"
+            })
+            .end();
+        self.done();
+        self.reset()
+    }
+
+    fn done(&self) {
+        Line::new("done")
+            .s("checks=")
+            .dec(self.checks)
+            .s(" failed=")
+            .dec(self.failed)
+            .end();
+    }
+
+    /// Ends the VM: i8042 reset (then wait for the VMM to stop us), else triple fault.
+    fn reset(&self) -> ! {
+        if i8042_present() {
+            outb(I8042_CMD, 0xfe);
+            self.wait_ms(500);
+        }
+        arch::gate_reset()
+    }
+}
+
+/// An i8042 status register that reads 0xff means nothing is decoding the port.
+fn i8042_present() -> bool {
+    inb(I8042_CMD) != 0xff
+}
+
+/// Decimal (or `0x` hex) `u64`.
+fn parse_u64(text: &[u8]) -> Option<u64> {
+    let (digits, radix) = match text.strip_prefix(b"0x") {
+        Some(hex) => (hex, 16),
+        None => (text, 10),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for &c in digits {
+        let d = (c as char).to_digit(radix)?;
+        v = v.checked_mul(u64::from(radix))?.checked_add(u64::from(d))?;
+    }
+    Some(v)
+}
