@@ -334,6 +334,9 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
 }
 
 /// Boot GDT and IDT.
+pub mod acpi;
+pub mod mptable;
+
 pub mod gdt {
     use super::{write_obj, write_slice, Error};
     use vm_memory::{GuestAddress, GuestMemoryBackend};

@@ -55,11 +55,13 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod boot_timer;
+pub mod acpi_pm;
 mod bus;
 pub mod fuzz;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{Bus, BusDevice, SharedDevice, MAX_ACCESS_LEN};
 

@@ -82,6 +82,7 @@
 
 pub mod cpuid;
 pub mod kick;
+pub mod template;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

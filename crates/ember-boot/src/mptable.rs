@@ -1,0 +1,1 @@
+//! Intel MultiProcessor Specification table for kernels built without ACPI (being written).
