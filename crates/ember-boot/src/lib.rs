@@ -333,10 +333,10 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
     write_obj(mem, "PVH start info", start_info_addr, start_info)
 }
 
-/// Boot GDT and IDT.
 pub mod acpi;
 pub mod mptable;
 
+/// Boot GDT and IDT.
 pub mod gdt {
     use super::{write_obj, write_slice, Error};
     use vm_memory::{GuestAddress, GuestMemoryBackend};
