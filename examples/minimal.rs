@@ -66,6 +66,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         cmdline_size,
         initrd: None,
         e820: &e820,
+        acpi_rsdp_addr: None,
     };
     write_zero_page(&mem, GuestAddress(ZERO_PAGE_ADDR), &params)?;
     let pml4 = paging::write_identity_page_tables(&mem)?;

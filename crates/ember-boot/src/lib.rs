@@ -33,6 +33,7 @@
 //!     cmdline_size: 12,
 //!     initrd: None,
 //!     e820: &e820,
+//!     acpi_rsdp_addr: None,
 //! };
 //! write_zero_page(&mem, GuestAddress(ZERO_PAGE_ADDR), &linux)?;
 //! assert_eq!(mem.read_obj::<u16>(GuestAddress(ZERO_PAGE_ADDR + 0x1fe)).unwrap(), 0xaa55);
@@ -184,6 +185,8 @@ pub struct LinuxBootParams<'a> {
     pub initrd: Option<(GuestAddress, u64)>,
     /// Memory map (at most [`MAX_E820_ENTRIES`] entries).
     pub e820: &'a [E820Entry],
+    /// Guest address of the ACPI RSDP (`acpi_rsdp_addr`, boot protocol 2.14+), if any.
+    pub acpi_rsdp_addr: Option<GuestAddress>,
 }
 
 /// Builds the zero page for `p` (without writing it).
@@ -222,6 +225,8 @@ pub fn build_zero_page(p: &LinuxBootParams) -> Result<boot_params, Error> {
     params.ext_ramdisk_image = (initrd_addr >> 32) as u32;
     params.hdr.ramdisk_size = initrd_size as u32;
     params.ext_ramdisk_size = (initrd_size >> 32) as u32;
+
+    params.acpi_rsdp_addr = p.acpi_rsdp_addr.map_or(0, |a| a.0);
 
     // Checked above: at most E820_MAX_ENTRIES_ZEROPAGE (128) entries.
     params.e820_entries = p.e820.len() as u8;
@@ -467,6 +472,7 @@ mod tests {
             cmdline_size: 42,
             initrd: Some((GuestAddress(0x3c0_0000), 0x12_3456)),
             e820: &e820,
+            acpi_rsdp_addr: None,
         };
         // Garbage first, to see every written field and that the rest is zeroed.
         m.write_slice(&[0x5a; 4096], GuestAddress(ZERO_PAGE_ADDR))
@@ -527,6 +533,7 @@ mod tests {
             cmdline_size: 2048,
             initrd: Some((GuestAddress(0x2_0000_1000), 0x1_0000_0002)),
             e820: &e820,
+            acpi_rsdp_addr: None,
         };
         write_zero_page(&m, GuestAddress(ZERO_PAGE_ADDR), &p).unwrap();
         let z = ZERO_PAGE_ADDR;
@@ -551,6 +558,21 @@ mod tests {
     }
 
     #[test]
+    fn zero_page_acpi_rsdp_addr() {
+        let m = mem(16 * MIB);
+        let p = LinuxBootParams {
+            setup_header: None,
+            cmdline_addr: GuestAddress(CMDLINE_ADDR),
+            cmdline_size: 1,
+            initrd: None,
+            e820: &[],
+            acpi_rsdp_addr: Some(GuestAddress(0xe0000)),
+        };
+        write_zero_page(&m, GuestAddress(ZERO_PAGE_ADDR), &p).unwrap();
+        assert_eq!(rd::<u64>(&m, ZERO_PAGE_ADDR + 0x070), 0xe0000);
+    }
+
+    #[test]
     fn zero_page_no_initrd() {
         let m = mem(16 * MIB);
         let p = LinuxBootParams {
@@ -559,6 +581,7 @@ mod tests {
             cmdline_size: 1,
             initrd: None,
             e820: &[],
+            acpi_rsdp_addr: None,
         };
         write_zero_page(&m, GuestAddress(ZERO_PAGE_ADDR), &p).unwrap();
         assert_eq!(rd::<u32>(&m, ZERO_PAGE_ADDR + 0x218), 0);
@@ -581,6 +604,7 @@ mod tests {
             cmdline_size: 1,
             initrd: None,
             e820: &full,
+            acpi_rsdp_addr: None,
         };
         write_zero_page(&m, GuestAddress(ZERO_PAGE_ADDR), &p).unwrap();
         assert_eq!(rd::<u8>(&m, ZERO_PAGE_ADDR + 0x1e8), 128);
@@ -609,6 +633,7 @@ mod tests {
             cmdline_size: 1,
             initrd: None,
             e820: &[],
+            acpi_rsdp_addr: None,
         };
         // Straddles the end of memory.
         let err = write_zero_page(&m, GuestAddress(16 * MIB - 100), &p).unwrap_err();

@@ -611,6 +611,7 @@ fn write_boot_params(
                     cmdline_size,
                     initrd,
                     e820: &e820,
+                    acpi_rsdp_addr: None,
                 },
             )?;
             let pml4 = ember_boot::paging::write_identity_page_tables(memory)?;
