@@ -9,6 +9,7 @@
 //! triple fault or guest panic ends it with status 1 and a message on stderr.
 
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -82,6 +83,36 @@ impl Drop for RawTerminal {
     }
 }
 
+/// The running VM's stop descriptor, for the signal handler (-1: none).
+static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+/// The signal that asked the VMM to stop (0: none).
+static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop_signal(signum: libc::c_int) {
+    STOP_SIGNAL.store(signum, Ordering::SeqCst);
+    let fd = STOP_FD.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is the
+        // VM's stop eventfd, open for the lifetime of the run.
+        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// SIGTERM and SIGINT stop the VM; the normal exit path then restores the terminal.
+fn install_stop_signals() {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: the handler only does async-signal-safe work (atomics and write(2)).
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(sig, &action, std::ptr::null_mut());
+        }
+    }
+}
+
 fn build_config(args: &Args) -> Result<VmConfig, String> {
     let mut config = match (&args.config, &args.kernel) {
         (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
@@ -138,10 +169,14 @@ fn main() -> ExitCode {
             eprintln!("microvm: start-up {phase:<15} {:>9.3} ms", d.as_secs_f64() * 1e3);
         }
     }
+    STOP_FD.store(vm.handle().stop_fd(), Ordering::SeqCst);
+    install_stop_signals();
     let outcome = {
         let _raw = RawTerminal::enable(stdin.as_raw_fd());
         vm.run()
     };
+    STOP_FD.store(-1, Ordering::SeqCst);
+    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
     match outcome {
         Ok(outcome) => {
             if let Some(t) = outcome.boot_time {
@@ -151,6 +186,10 @@ fn main() -> ExitCode {
                 if let Some(t) = outcome.first_run {
                     eprintln!("microvm: first KVM_RUN {:.3} ms after VMM start", t.as_secs_f64() * 1e3);
                 }
+            }
+            if signal != 0 {
+                eprintln!("microvm: stopped by signal {signal}");
+                return ExitCode::from(128u8.wrapping_add(signal as u8));
             }
             if outcome.exit.is_clean() {
                 eprintln!("microvm: {}", outcome.exit);

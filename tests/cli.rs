@@ -156,3 +156,85 @@ fn emulation_failure_exits_non_zero_with_a_clear_message() {
     assert!(stderr.contains("emulation failure"), "{stderr}");
     assert!(stderr.contains("rip 0x100000"), "{stderr}");
 }
+
+/// Opens a pseudo-terminal pair: (controller, terminal).
+fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::unix::io::FromRawFd;
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: openpty writes two fds into the given ints; name/termios/winsize may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(controller),
+            std::fs::File::from_raw_fd(terminal),
+        )
+    }
+}
+
+fn termios_of(f: &std::fs::File) -> libc::termios {
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: termios is plain data filled by tcgetattr on a valid terminal fd.
+    unsafe {
+        let mut t: libc::termios = std::mem::zeroed();
+        assert_eq!(libc::tcgetattr(f.as_raw_fd(), &mut t), 0);
+        t
+    }
+}
+
+#[test]
+fn sigterm_stops_within_a_second_and_restores_the_terminal() {
+    if !kvm_or_skip("sigterm_stops_within_a_second_and_restores_the_terminal") {
+        return;
+    }
+    use std::io::{BufRead, BufReader};
+    use std::time::{Duration, Instant};
+
+    let (_controller, terminal) = open_pty();
+    let before = termios_of(&terminal);
+    // A guest that runs for minutes: ten million exits.
+    let mut child = Command::new(microvm())
+        .args(["--kernel", probe_elf().to_str().unwrap()])
+        .args(["--cmdline", "probe=cmdline,exitloop probe.exits=10000000"])
+        .stdin(terminal.try_clone().unwrap())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "guest output ended early");
+        if line.contains("PROBE cmdline ok") {
+            break;
+        }
+    }
+    // The VMM has the terminal in raw mode now.
+    let during = termios_of(&terminal);
+    assert_ne!(during.c_lflag & libc::ICANON, before.c_lflag & libc::ICANON);
+
+    let sent = Instant::now();
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(sent.elapsed() < Duration::from_secs(1), "VMM still running 1 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    let after = termios_of(&terminal);
+    assert_eq!(after.c_lflag, before.c_lflag, "terminal local modes not restored");
+    assert_eq!(after.c_iflag, before.c_iflag, "terminal input modes not restored");
+}

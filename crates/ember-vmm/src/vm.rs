@@ -138,6 +138,12 @@ impl VmHandle {
         let _ = self.stop_evt.write(1);
     }
 
+    /// A descriptor that stops the VM when an 8-byte native-endian non-zero integer is written
+    /// to it. Writing is async-signal-safe, so a SIGTERM handler may use it.
+    pub fn stop_fd(&self) -> RawFd {
+        self.stop_evt.as_raw_fd()
+    }
+
     /// Queues bytes for the guest's serial console.
     pub fn send_serial(&self, bytes: &[u8]) {
         lock(&self.input).extend(bytes.iter().copied());
