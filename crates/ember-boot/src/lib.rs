@@ -113,6 +113,32 @@ pub enum Error {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
+    /// The number of vCPUs is outside `1..=max` (ACPI MADT, MP table).
+    #[error("{count} vCPUs requested, but the firmware tables describe 1 to {max}")]
+    InvalidVcpuCount {
+        /// Number of vCPUs requested.
+        count: u8,
+        /// Maximum number of vCPUs.
+        max: u8,
+    },
+    /// A device given to the ACPI table builder cannot be described.
+    #[error("ACPI device #{index} cannot be described: {reason}")]
+    InvalidAcpiDevice {
+        /// Index of the device in [`acpi::AcpiConfig::devices`].
+        index: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Firmware tables do not fit the guest memory region reserved for them.
+    #[error("the {what} need {size} bytes, but only {available} bytes are reserved for them")]
+    TablesTooLarge {
+        /// Which tables ("ACPI tables" or "MP table").
+        what: &'static str,
+        /// Bytes needed.
+        size: u64,
+        /// Bytes available.
+        available: u64,
+    },
     /// An address computation overflowed `u64`.
     #[error(
         "the {what} at guest address {addr:#x} would extend past the end of the address space"
@@ -491,17 +517,17 @@ mod tests {
         assert_eq!(rd::<u32>(&m, z + 0x21c), 0x12_3456); // ramdisk_size
         assert_eq!(rd::<u32>(&m, z + 0x0c0), 0); // ext_ramdisk_image
         assert_eq!(rd::<u32>(&m, z + 0x0c4), 0); // ext_ramdisk_size
-        assert_eq!(rd::<u8>(&m, z + 0x1e8), 3); // e820_entries
+        assert_eq!(rd::<u8>(&m, z + 0x1e8), e820.len() as u8); // e820_entries
         for (i, e) in e820.iter().enumerate() {
             let at = z + 0x2d0 + 20 * i as u64;
             assert_eq!(rd::<u64>(&m, at), e.addr);
             assert_eq!(rd::<u64>(&m, at + 8), e.size);
-            assert_eq!(rd::<u32>(&m, at + 16), 1);
+            assert_eq!(rd::<u32>(&m, at + 16), u32::from(e.kind));
         }
-        assert_eq!(rd::<u64>(&m, z + 0x2d0 + 20 * 2), 0x1_0000_0000);
-        assert_eq!(rd::<u64>(&m, z + 0x2d0 + 20 * 2 + 8), 0x5000_0000);
-        // The 4th e820 slot and unrelated fields are zero.
-        assert_eq!(rd::<[u8; 20]>(&m, z + 0x2d0 + 60), [0; 20]);
+        assert_eq!(rd::<u64>(&m, z + 0x2d0 + 20 * 3), 0x1_0000_0000);
+        assert_eq!(rd::<u64>(&m, z + 0x2d0 + 20 * 3 + 8), 0x5000_0000);
+        // The 5th e820 slot and unrelated fields are zero.
+        assert_eq!(rd::<[u8; 20]>(&m, z + 0x2d0 + 80), [0; 20]);
         assert_eq!(rd::<u8>(&m, z + 0x1f1), 0); // setup_sects
         assert_eq!(rd::<u64>(&m, z), 0);
         assert_eq!(rd::<u64>(&m, z + 4088), 0);
@@ -663,9 +689,9 @@ mod tests {
         )
         .unwrap();
         let s = PVH_START_INFO_ADDR;
-        let modlist = PVH_MEMMAP_ADDR + 3 * 24;
+        let modlist = PVH_MEMMAP_ADDR + 4 * 24;
         assert_eq!(
-            pvh_modlist_addr(GuestAddress(PVH_MEMMAP_ADDR), 3).unwrap(),
+            pvh_modlist_addr(GuestAddress(PVH_MEMMAP_ADDR), 4).unwrap(),
             GuestAddress(modlist)
         );
         assert_eq!(rd::<u32>(&m, s), 0x336e_c578); // magic
@@ -676,13 +702,13 @@ mod tests {
         assert_eq!(rd::<u64>(&m, s + 24), CMDLINE_ADDR); // cmdline_paddr
         assert_eq!(rd::<u64>(&m, s + 32), 0xe_0000); // rsdp_paddr
         assert_eq!(rd::<u64>(&m, s + 40), PVH_MEMMAP_ADDR); // memmap_paddr
-        assert_eq!(rd::<u32>(&m, s + 48), 3); // memmap_entries
+        assert_eq!(rd::<u32>(&m, s + 48), 4); // memmap_entries
         assert_eq!(rd::<u32>(&m, s + 52), 0); // reserved
         for (i, e) in e820.iter().enumerate() {
             let at = PVH_MEMMAP_ADDR + 24 * i as u64;
             assert_eq!(rd::<u64>(&m, at), e.addr);
             assert_eq!(rd::<u64>(&m, at + 8), e.size);
-            assert_eq!(rd::<u32>(&m, at + 16), 1);
+            assert_eq!(rd::<u32>(&m, at + 16), u32::from(e.kind));
             assert_eq!(rd::<u32>(&m, at + 20), 0);
         }
         assert_eq!(rd::<u64>(&m, modlist), 0x3c0_0000); // paddr
@@ -716,8 +742,8 @@ mod tests {
         assert_eq!(rd::<u32>(&m, s + 12), 0); // nr_modules
         assert_eq!(rd::<u64>(&m, s + 16), 0); // modlist_paddr
         assert_eq!(rd::<u64>(&m, s + 32), 0); // rsdp_paddr
-        assert_eq!(rd::<u32>(&m, s + 48), 2);
-        assert_eq!(rd::<u64>(&m, PVH_MEMMAP_ADDR + 24 + 8), 15 * MIB);
+        assert_eq!(rd::<u32>(&m, s + 48), 3);
+        assert_eq!(rd::<u64>(&m, PVH_MEMMAP_ADDR + 2 * 24 + 8), 15 * MIB);
         // The start info struct is 56 bytes; the memmap follows at 0x40.
         assert_eq!(rd::<u64>(&m, s + 56), 0x5a5a_5a5a_5a5a_5a5a);
     }

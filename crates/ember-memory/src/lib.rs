@@ -29,9 +29,10 @@
 //! assert_eq!(layout.ram_end(), 128 * MIB);
 //!
 //! let e820 = layout.e820();
-//! assert_eq!(e820.len(), 2);
+//! assert_eq!(e820.len(), 3);
 //! assert_eq!((e820[0].addr, e820[0].size, e820[0].kind), (0, EBDA_START, E820Kind::Ram));
-//! assert_eq!((e820[1].addr, e820[1].size), (HIMEM_START, 128 * MIB - HIMEM_START));
+//! assert_eq!((e820[1].addr, e820[1].kind), (EBDA_START, E820Kind::Reserved));
+//! assert_eq!((e820[2].addr, e820[2].size), (HIMEM_START, 128 * MIB - HIMEM_START));
 //!
 //! // A 1 MiB initrd above a kernel that ends at 20 MiB goes at the top of low RAM.
 //! let initrd = layout.initrd_addr(MIB, 20 * MIB)?;
@@ -257,14 +258,20 @@ impl MemoryLayout {
         ranges
     }
 
-    /// The guest memory map (RAM entries only), for the zero page's e820
-    /// table and the PVH memory map.
+    /// The guest memory map, for the zero page's e820 table and the PVH memory map: RAM below
+    /// the EBDA, the legacy area `[EBDA_START, 1 MiB)` as reserved (it holds the MP table and
+    /// the ACPI tables), RAM from 1 MiB to the MMIO gap, and RAM above 4 GiB if any.
     pub fn e820(&self) -> Vec<E820Entry> {
         let mut map = vec![
             E820Entry {
                 addr: 0,
                 size: EBDA_START,
                 kind: E820Kind::Ram,
+            },
+            E820Entry {
+                addr: EBDA_START,
+                size: HIMEM_START - EBDA_START,
+                kind: E820Kind::Reserved,
             },
             E820Entry {
                 addr: HIMEM_START,
@@ -351,6 +358,14 @@ mod tests {
         }
     }
 
+    fn legacy() -> E820Entry {
+        E820Entry {
+            addr: 0x9_fc00,
+            size: 0x10_0000 - 0x9_fc00,
+            kind: E820Kind::Reserved,
+        }
+    }
+
     #[test]
     fn layout_128m() {
         let l = MemoryLayout::new(128 * MIB).unwrap();
@@ -360,7 +375,7 @@ mod tests {
         assert_eq!(l.ram_ranges(), vec![(GuestAddress(0), 0x800_0000usize)]);
         assert_eq!(
             l.e820(),
-            vec![ram(0, 0x9_fc00), ram(0x10_0000, 0x800_0000 - 0x10_0000)]
+            vec![ram(0, 0x9_fc00), legacy(), ram(0x10_0000, 0x800_0000 - 0x10_0000)]
         );
         assert_eq!(l.mmio32_window(), (0xd000_0000, 0xfec0_0000 - 0xd000_0000));
     }
@@ -381,6 +396,7 @@ mod tests {
             l.e820(),
             vec![
                 ram(0, 0x9_fc00),
+                legacy(),
                 ram(0x10_0000, 0xd000_0000 - 0x10_0000),
                 ram(0x1_0000_0000, 0x1000_0000)
             ]
@@ -403,6 +419,7 @@ mod tests {
             l.e820(),
             vec![
                 ram(0, 0x9_fc00),
+                legacy(),
                 ram(0x10_0000, 0xd000_0000 - 0x10_0000),
                 ram(0x1_0000_0000, 0x5000_0000)
             ]
@@ -415,7 +432,7 @@ mod tests {
     fn exactly_mmio32_start_has_no_high_ram() {
         let l = MemoryLayout::new(MMIO32_START).unwrap();
         assert_eq!(l.ram_ranges().len(), 1);
-        assert_eq!(l.e820().len(), 2);
+        assert_eq!(l.e820().len(), 3);
         assert_eq!(l.ram_end(), MMIO32_START);
     }
 
