@@ -29,6 +29,9 @@ pub const USER_DS: u16 = 0x28 | 3;
 pub const USER_CS: u16 = 0x30 | 3;
 /// TSS selector.
 pub const TSS_SEL: u16 = 0x38;
+/// Kernel code selector, 32-bit (used once by application processors on their way to long
+/// mode).
+pub const KERNEL_CS32: u16 = 0x18;
 /// GDT entries (the TSS descriptor takes two).
 pub const GDT_ENTRIES: usize = 9;
 
@@ -49,6 +52,10 @@ pub const SVC_CPUID: u64 = 2;
 pub const SVC_OUT_LOOP: u64 = 3;
 /// Gate service: write `RSI` bytes at `RDI` to COM1 from ring 0 (polling LSR.THRE).
 pub const SVC_SERIAL_WRITE: u64 = 4;
+/// Gate service: `cli; hlt` forever (how application processors stop).
+pub const SVC_PARK: u64 = 5;
+/// Gate service: 32-bit store of ESI to the address in RDI from ring 0 (an MMIO write).
+pub const SVC_MMIO_WRITE32: u64 = 6;
 
 extern "C" {
     pub static mut probe_pml4: [u64; 512];
@@ -208,11 +215,22 @@ global_asm!(
     "    je .Lsvc_out_loop",
     "    cmp rax, 4",
     "    je .Lsvc_write",
+    "    cmp rax, 6",
+    "    je .Lsvc_mmio_write",
+    "    cmp rax, 5",
+    "    je .Lsvc_park",
     // Service 0 (and anything unknown): reset.
     "    mov al, 0xfe",
     "    out 0x64, al",
     "    lidt [rip + probe_null_idtr]",
     "    ud2",                                // #UD -> no IDT -> triple fault
+    ".Lsvc_park:",
+    "    cli",
+    "    hlt",
+    "    jmp .Lsvc_park",
+    ".Lsvc_mmio_write:",
+    "    mov dword ptr [rdi], esi",
+    "    iretq",
     ".Lsvc_loop:",
     "    mov rcx, rdi",
     "    rdtsc",
@@ -287,7 +305,7 @@ global_asm!(
     "    .quad 0",
     "    .quad 0x00af9b000000ffff",           // 0x08 kernel code, 64-bit
     "    .quad 0x00cf93000000ffff",           // 0x10 kernel data
-    "    .quad 0",                            // 0x18 unused
+    "    .quad 0x00cf9b000000ffff",           // 0x18 kernel code, 32-bit (AP start-up)
     "    .quad 0x00cffb000000ffff",           // 0x20 user code, 32-bit, DPL 3 (unused; Linux layout)
     "    .quad 0x00cff3000000ffff",           // 0x28 user data, DPL 3
     "    .quad 0x00affb000000ffff",           // 0x30 user code, 64-bit, DPL 3
@@ -351,6 +369,24 @@ pub fn inb(port: u16) -> u8 {
         asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
     }
     value
+}
+
+/// Writes a 16-bit value to an I/O port.
+#[inline(always)]
+pub fn outw(port: u16, value: u16) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
+}
+
+/// Writes a 32-bit value to an I/O port.
+#[inline(always)]
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as for `outb`.
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads the time-stamp counter.
@@ -473,6 +509,7 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> (u32, u32, u32, u32) {
             inout("eax") SVC_CPUID as u32 => a,
             inout("edi") leaf => c,
             inout("esi") subleaf => b,
+            out("ecx") _,
             out("edx") d,
             out("r8") _,
             options(nomem),
@@ -494,6 +531,27 @@ pub fn gate_serial_write(bytes: &[u8]) {
             out("rcx") _,
             out("rdx") _,
             options(readonly),
+        );
+    }
+}
+
+/// Stops this CPU for good: ring 0 runs `cli; hlt` in a loop.
+pub fn gate_park() -> ! {
+    // SAFETY: the park service never returns.
+    unsafe { asm!("int 0x80", in("rax") SVC_PARK, options(noreturn)) }
+}
+
+/// A 32-bit MMIO store done by ring 0 (one gate round trip), for comparison with the same
+/// store from ring 3.
+pub fn gate_mmio_write32(addr: u64, value: u32) {
+    // SAFETY: the handler does one store to `addr`, which the caller chose as a device
+    // register inside the identity map.
+    unsafe {
+        asm!(
+            "int 0x80",
+            inout("rax") SVC_MMIO_WRITE32 => _,
+            in("rdi") addr,
+            in("rsi") u64::from(value),
         );
     }
 }

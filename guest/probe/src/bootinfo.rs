@@ -152,6 +152,21 @@ pub fn ram_end_hint(entry: u64, info: u64) -> u64 {
     end
 }
 
+/// Physical address of the memory-map table (0 if unknown).
+pub fn memmap_table_addr(entry: u64, info: u64) -> u64 {
+    if info == 0 {
+        0
+    } else if entry == arch::ENTRY_PVH {
+        if rd32(info + SI_MAGIC) == PVH_MAGIC {
+            rd64(info + SI_MEMMAP)
+        } else {
+            0
+        }
+    } else {
+        info + BP_E820_TABLE
+    }
+}
+
 /// Physical address of the command line (0 if none).
 pub fn cmdline_addr(entry: u64, info: u64) -> u64 {
     if info == 0 {

@@ -33,7 +33,8 @@ const I8042_CMD: u16 = 0x64;
 const FALLBACK_TSC_KHZ: u64 = 3_000_000;
 
 /// Parameters from the command line.
-struct Params<'a> {
+pub(crate) struct Params<'a> {
+    cmdline: &'a [u8],
     checks: [&'a [u8]; MAX_CHECKS],
     n_checks: usize,
     too_many: bool,
@@ -45,6 +46,7 @@ struct Params<'a> {
 impl<'a> Params<'a> {
     fn parse(cmdline: &'a [u8]) -> Self {
         let mut p = Params {
+            cmdline,
             checks: [&[]; MAX_CHECKS],
             n_checks: 0,
             too_many: false,
@@ -84,18 +86,40 @@ impl<'a> Params<'a> {
         }
         p
     }
+
+    /// Command-line words, split on white space.
+    pub(crate) fn words(&self) -> impl Iterator<Item = &'a [u8]> {
+        self.cmdline
+            .split(|&b| b == b' ' || b == b'\t' || b == b'\n' || b == b'\r')
+            .filter(|w| !w.is_empty())
+    }
+
+    /// The value of the last `key=value` word, if any (`key` includes the `=`).
+    pub(crate) fn get(&self, key: &[u8]) -> Option<&'a [u8]> {
+        self.words().filter_map(|w| w.strip_prefix(key)).last()
+    }
+
+    /// `key=N` as a number (decimal or 0x hex); `Err` carries the bad text.
+    pub(crate) fn num(&self, key: &[u8], default: u64) -> Result<u64, &'a [u8]> {
+        match self.get(key) {
+            None => Ok(default),
+            Some(v) => parse_u64(v).ok_or(v),
+        }
+    }
 }
 
 /// What the checks share.
-struct Ctx<'a> {
-    entry: u64,
-    info: u64,
+pub(crate) struct Ctx<'a> {
+    pub(crate) entry: u64,
+    pub(crate) info: u64,
     cmdline: &'a [u8],
-    params: Params<'a>,
+    pub(crate) params: Params<'a>,
     tsc: bool,
-    tsc_khz: Option<u64>,
-    checks: u64,
-    failed: u64,
+    pub(crate) tsc_khz: Option<u64>,
+    pub(crate) checks: u64,
+    pub(crate) failed: u64,
+    /// TSC cycles of 16 4 KiB reads with a ring-3 notify and with a gate notify (`blk`).
+    pub(crate) notify_cycles: [u64; 2],
 }
 
 /// Ring-3 main: parse the command line, run the checks, report, reset.
@@ -128,6 +152,7 @@ pub fn run() -> ! {
         tsc_khz,
         checks: 0,
         failed: 0,
+        notify_cycles: [0; 2],
     };
     if ctx.params.too_many {
         Line::new("cmdline")
@@ -146,6 +171,13 @@ pub fn run() -> ! {
             b"ring0" => ctx.ring0(),
             b"reset" => ctx.reset_check(),
             b"fault" => ctx.fault(),
+            b"acpi" => ctx.acpi(),
+            b"cpuid" => ctx.cpuid(),
+            b"smp" => ctx.smp(),
+            b"poweroff" => ctx.poweroff(),
+            b"virtio" => ctx.virtio(),
+            b"blk" => ctx.blk(),
+            b"hostile" => ctx.hostile(),
             _ => {
                 Line::new_bytes(name).s("skip unknown check").end();
                 false
@@ -225,12 +257,12 @@ fn test_word(addr: u64, pattern: u64) -> (u64, u64) {
 }
 
 impl Ctx<'_> {
-    fn tsc_khz_or_guess(&self) -> u64 {
+    pub(crate) fn tsc_khz_or_guess(&self) -> u64 {
         self.tsc_khz.unwrap_or(FALLBACK_TSC_KHZ)
     }
 
     /// Busy-waits about `ms` milliseconds of TSC time (native in ring 3).
-    fn wait_ms(&self, ms: u64) {
+    pub(crate) fn wait_ms(&self, ms: u64) {
         let cycles = self.tsc_khz_or_guess() * ms;
         let t0 = rdtsc();
         while rdtsc().wrapping_sub(t0) < cycles {
@@ -603,7 +635,7 @@ impl Ctx<'_> {
         self.reset()
     }
 
-    fn done(&self) {
+    pub(crate) fn done(&self) {
         Line::new("done")
             .s("checks=")
             .dec(self.checks)
@@ -613,7 +645,7 @@ impl Ctx<'_> {
     }
 
     /// Ends the VM: i8042 reset (then wait for the VMM to stop us), else triple fault.
-    fn reset(&self) -> ! {
+    pub(crate) fn reset(&self) -> ! {
         if i8042_present() {
             outb(I8042_CMD, 0xfe);
             self.wait_ms(500);
@@ -628,7 +660,7 @@ fn i8042_present() -> bool {
 }
 
 /// Decimal (or `0x` hex) `u64`.
-fn parse_u64(text: &[u8]) -> Option<u64> {
+pub(crate) fn parse_u64(text: &[u8]) -> Option<u64> {
     let (digits, radix) = match text.strip_prefix(b"0x") {
         Some(hex) => (hex, 16),
         None => (text, 10),

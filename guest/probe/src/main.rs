@@ -12,13 +12,19 @@
 #![no_std]
 #![no_main]
 
+mod acpi;
 mod arch;
+mod blk;
 mod bootinfo;
 mod checks;
 mod console;
 #[cfg(not(target_os = "none"))]
 mod mem;
+mod phys;
+mod platform;
 mod setup;
+mod smp;
+mod virtio;
 
 use core::panic::PanicInfo;
 

@@ -25,6 +25,23 @@ const PT_FLAGS: u64 = 0x7;
 const PDE_FLAGS: u64 = 0x87;
 
 static mut IDT: [u64; 2 * (arch::GATE_VECTOR + 1)] = [0; 2 * (arch::GATE_VECTOR + 1)];
+/// IDT limit (as loaded by `lidt`).
+pub const IDT_LIMIT: u16 = ((arch::GATE_VECTOR + 1) * 16 - 1) as u16;
+
+/// Address of the IDT (application processors load the same one).
+pub fn idt_base() -> u64 {
+    (&raw const IDT) as u64
+}
+
+/// The low and high quadwords of a 64-bit available-TSS descriptor.
+pub fn tss_descriptor(base: u64, limit: u64) -> (u64, u64) {
+    let low = (limit & 0xffff)
+        | ((base & 0xff_ffff) << 16)
+        | (0x89 << 40)
+        | (((limit >> 16) & 0xf) << 48)
+        | (((base >> 24) & 0xff) << 56);
+    (low, base >> 32)
+}
 
 /// Size of the 64-bit TSS proper.
 const TSS_SIZE: usize = 104;
@@ -102,17 +119,11 @@ unsafe fn load_gdt_and_tss() {
     tss.add((TSS_SIZE + IO_BITMAP_SIZE) / 4)
         .write_volatile(0xff);
 
-    let base = tss as u64;
-    let limit = TSS_LIMIT;
-    let low = (limit & 0xffff)
-        | ((base & 0xff_ffff) << 16)
-        | (0x89 << 40)
-        | (((limit >> 16) & 0xf) << 48)
-        | (((base >> 24) & 0xff) << 56);
+    let (low, high) = tss_descriptor(tss as u64, TSS_LIMIT);
     let gdt = (&raw mut arch::probe_gdt).cast::<u64>();
 
     gdt.add(TSS_SEL_INDEX).write_volatile(low);
-    gdt.add(TSS_SEL_INDEX + 1).write_volatile(base >> 32);
+    gdt.add(TSS_SEL_INDEX + 1).write_volatile(high);
 
     let ptr = DescriptorTablePointer {
         limit: (arch::GDT_ENTRIES * 8 - 1) as u16,
@@ -158,7 +169,7 @@ unsafe fn load_idt() {
         0xee,
     );
     let ptr = DescriptorTablePointer {
-        limit: ((arch::GATE_VECTOR + 1) * 16 - 1) as u16,
+        limit: IDT_LIMIT,
         base: idt as u64,
     };
     asm!("lidt [{0}]", in(reg) &raw const ptr, options(nostack, preserves_flags));
