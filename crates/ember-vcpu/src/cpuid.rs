@@ -33,6 +33,11 @@ pub const APIC_BUS_KHZ: u32 = 1_000_000;
 /// `KVMKVMKVM\0\0\0` as the three little-endian signature registers EBX, ECX, EDX.
 const KVM_SIGNATURE: [u32; 3] = [0x4b4d_564b, 0x564b_4d56, 0x0000_004d];
 
+/// Leaf 0x8000_0008: address sizes, and (AMD) core count in ECX.
+pub const EXT_ADDRESS_SIZES_LEAF: u32 = 0x8000_0008;
+/// Leaf 0x8000_001e: AMD extended APIC id, core and node ids.
+pub const AMD_EXT_APIC_ID_LEAF: u32 = 0x8000_001e;
+
 /// Extended topology level types (leaf 0xb / 0x1f ECX bits 8..=15).
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -51,6 +56,16 @@ fn id_bits(n: u32) -> u32 {
     } else {
         32 - (n - 1).leading_zeros()
     }
+}
+
+/// Whether the vendor string of leaf 0 (EBX, EDX, ECX) is AMD's or Hygon's.
+fn is_amd(entries: &[kvm_cpuid_entry2]) -> bool {
+    const AMD: [u32; 3] = [0x6874_7541, 0x6974_6e65, 0x444d_4163]; // "AuthenticAMD"
+    const HYGON: [u32; 3] = [0x6f67_7948, 0x6e65_476e, 0x656e_6975]; // "HygonGenuine"
+    entries
+        .iter()
+        .find(|e| e.function == 0)
+        .is_some_and(|e| [AMD, HYGON].contains(&[e.ebx, e.edx, e.ecx]))
 }
 
 fn find_mut(entries: &mut [kvm_cpuid_entry2], function: u32) -> Option<&mut kvm_cpuid_entry2> {
@@ -90,22 +105,31 @@ fn topology_entries(function: u32, x2apic_id: u32, nr_vcpus: u32) -> [kvm_cpuid_
 /// - leaf 0xb (and 0x1f if KVM reports it), rewritten as subleaf 0 = SMT level (shift 0, 1
 ///   thread), subleaf 1 = core level (shift = ceil(log2(`nr_vcpus`)), `nr_vcpus` threads),
 ///   subleaf 2 = terminator; EDX = x2APIC id = `vcpu_id` in all of them;
+/// - leaf 0x8000_0008 (if present) ECX bits 0..=7 = `nr_vcpus - 1` (cores per package) and
+///   bits 12..=15 = ceil(log2(`nr_vcpus`)) (APIC id bits for the core), other ECX bits kept
+///   (AMD's layout; the bits are reserved, and ignored, on Intel);
+/// - AMD/Hygon only, leaf 0x8000_001e (if present): EAX = extended APIC id = `vcpu_id`,
+///   EBX = core id `vcpu_id` with 1 thread per core, ECX = node 0 of 1;
 /// - KVM signature leaf 0x4000_0000 kept; with `tsc_khz = Some(khz)` the timing leaf
 ///   0x4000_0010 is set to EAX = `khz`, EBX = [`APIC_BUS_KHZ`] and the signature leaf's EAX
 ///   (highest hypervisor leaf) raised to at least 0x4000_0010 (the signature leaf is added with
 ///   the KVM signature if the table has none).
 ///
+/// So the package is `nr_vcpus` single-threaded cores, APIC id = x2APIC id = `vcpu_id`,
+/// matching the MADT / MP table (APIC ids 0..`nr_vcpus`).
+///
 /// Leaves KVM did not report are not added (except the ones above), so the guest sees nothing
-/// KVM cannot give. Errors: [`Error::InvalidTopology`] when `nr_vcpus == 0` or
-/// `vcpu_id >= nr_vcpus`; [`Error::CpuidTooLarge`] when the table would exceed
-/// `KVM_MAX_CPUID_ENTRIES`.
+/// KVM cannot give. Normalising a normalised table again (e.g. for another vCPU) gives the same
+/// result as normalising the original. Errors: [`Error::InvalidTopology`] when
+/// `nr_vcpus == 0`, `nr_vcpus >` [`MAX_VCPUS`](crate::MAX_VCPUS) or `vcpu_id >= nr_vcpus`;
+/// [`Error::CpuidTooLarge`] when the table would exceed `KVM_MAX_CPUID_ENTRIES`.
 pub fn normalize(
     cpuid: &mut CpuId,
     vcpu_id: u8,
     nr_vcpus: u8,
     tsc_khz: Option<u32>,
 ) -> Result<(), Error> {
-    if nr_vcpus == 0 || vcpu_id >= nr_vcpus {
+    if nr_vcpus == 0 || nr_vcpus > crate::MAX_VCPUS || vcpu_id >= nr_vcpus {
         return Err(Error::InvalidTopology { vcpu_id, nr_vcpus });
     }
     let id = u32::from(vcpu_id);
@@ -143,6 +167,20 @@ pub fn normalize(
         if wanted {
             entries.retain(|e| e.function != function);
             entries.extend(topology_entries(function, id, n));
+        }
+    }
+
+    if let Some(e) = find_mut(&mut entries, EXT_ADDRESS_SIZES_LEAF) {
+        e.ecx = (e.ecx & !0xf0ff) | (id_bits(n) << 12) | (n - 1);
+    }
+
+    if is_amd(&entries) {
+        if let Some(e) = find_mut(&mut entries, AMD_EXT_APIC_ID_LEAF) {
+            e.eax = id;
+            // Bits 8..=15: threads per core - 1 = 0; bits 0..=7: core id.
+            e.ebx = (e.ebx & !0xffff) | id;
+            // Bits 8..=10: nodes per processor - 1 = 0; bits 0..=7: node id 0.
+            e.ecx &= !0x7ff;
         }
     }
 
@@ -239,6 +277,7 @@ mod tests {
             ),
             entry(0x4000_0001, 0, 0x0100_7afb, 0, 0, 0),
             entry(0x8000_0000, 0, 0x8000_0008, 0, 0, 0),
+            entry(0x8000_0008, 0, 0x3930, 0, 0x0003_f0ff, 0),
         ])
         .unwrap()
     }
@@ -390,6 +429,103 @@ mod tests {
         ));
         // Unchanged on error.
         assert_eq!(c.as_slice(), synthetic().as_slice());
+    }
+
+    /// Everything the guest's topology enumeration reads, for vCPU `id` of `n`.
+    fn check_topology(c: &CpuId, id: u32, n: u32) {
+        let ctx = format!("vCPU {id} of {n}");
+        let l1 = get(c, 1, 0);
+        assert_eq!(l1.ebx >> 24, id, "{ctx}: leaf 1 EBX APIC id");
+        assert_eq!((l1.ebx >> 16) & 0xff, n, "{ctx}: leaf 1 EBX logical count");
+        assert_eq!(l1.edx & LEAF1_EDX_HTT != 0, n > 1, "{ctx}: HTT");
+        let smt = get(c, 0xb, 0);
+        assert_eq!(
+            (smt.eax, smt.ebx & 0xffff, smt.ecx, smt.edx),
+            (0, 1, 0x100, id),
+            "{ctx}: leaf 0xb.0"
+        );
+        let core = get(c, 0xb, 1);
+        assert_eq!(
+            (core.eax, core.ebx & 0xffff, core.ecx, core.edx),
+            (id_bits(n), n, 0x201, id),
+            "{ctx}: leaf 0xb.1"
+        );
+        assert!(
+            id < (1 << core.eax) || n == 1,
+            "{ctx}: APIC id fits the core shift"
+        );
+        let end = get(c, 0xb, 2);
+        assert_eq!((end.ebx, (end.ecx >> 8) & 0xff, end.edx), (0, 0, id));
+        for i in 0..4 {
+            assert_eq!(get(c, 4, i).eax >> 26, n - 1, "{ctx}: leaf 4.{i} cores");
+        }
+        let ext = get(c, EXT_ADDRESS_SIZES_LEAF, 0);
+        assert_eq!(ext.ecx & 0xff, n - 1, "{ctx}: 0x80000008 ECX cores");
+        assert_eq!((ext.ecx >> 12) & 0xf, id_bits(n), "{ctx}: ApicIdSize");
+        assert_eq!(
+            ext.ecx & 0x0003_0000,
+            0x0003_0000,
+            "{ctx}: other ECX bits kept"
+        );
+        assert_eq!(ext.eax, 0x3930);
+    }
+
+    #[test]
+    fn topology_for_1_2_4_32_vcpus() {
+        for n in [1u8, 2, 4, 32] {
+            for id in [0, n / 2, n - 1] {
+                let mut c = synthetic();
+                normalize(&mut c, id, n, None).unwrap();
+                check_topology(&c, u32::from(id), u32::from(n));
+                // Re-normalising a normalised table for another vCPU is the same as starting
+                // from the original.
+                let other = n - 1 - id;
+                let mut again = c.clone();
+                normalize(&mut again, other, n, None).unwrap();
+                let mut fresh = synthetic();
+                normalize(&mut fresh, other, n, None).unwrap();
+                assert_eq!(again.as_slice(), fresh.as_slice(), "{id}->{other} of {n}");
+            }
+        }
+        assert_eq!(
+            get(
+                &{
+                    let mut c = synthetic();
+                    normalize(&mut c, 31, 32, None).unwrap();
+                    c
+                },
+                0xb,
+                1
+            )
+            .eax,
+            5
+        );
+    }
+
+    #[test]
+    fn more_than_max_vcpus_is_invalid() {
+        let mut c = synthetic();
+        assert!(matches!(
+            normalize(&mut c, 0, crate::MAX_VCPUS + 1, None),
+            Err(Error::InvalidTopology { nr_vcpus: 33, .. })
+        ));
+        normalize(&mut c, crate::MAX_VCPUS - 1, crate::MAX_VCPUS, None).unwrap();
+    }
+
+    #[test]
+    fn amd_extended_apic_id_leaf() {
+        let amd_vendor = entry(0, 0, 0x10, 0x6874_7541, 0x444d_4163, 0x6974_6e65);
+        let ext = entry(AMD_EXT_APIC_ID_LEAF, 0, 7, 0x0000_0107, 0x0000_0301, 0);
+        let mut c = CpuId::from_entries(&[amd_vendor, entry(1, 0, 0, 0, 0, 0), ext]).unwrap();
+        normalize(&mut c, 5, 8, None).unwrap();
+        let e = get(&c, AMD_EXT_APIC_ID_LEAF, 0);
+        assert_eq!((e.eax, e.ebx, e.ecx), (5, 5, 0));
+        // Not AMD: left alone.
+        let intel = entry(0, 0, 0x10, 0x756e_6547, 0x6c65_746e, 0x4965_6e69);
+        let mut c = CpuId::from_entries(&[intel, entry(1, 0, 0, 0, 0, 0), ext]).unwrap();
+        normalize(&mut c, 5, 8, None).unwrap();
+        let e = get(&c, AMD_EXT_APIC_ID_LEAF, 0);
+        assert_eq!((e.eax, e.ebx, e.ecx), (7, 0x107, 0x301));
     }
 
     #[test]

@@ -1,9 +1,14 @@
-//! ember-vcpu: one KVM vCPU of an Ember microVM, from creation to the exit loop.
+//! ember-vcpu: the KVM vCPUs of an Ember microVM, from creation to the exit loop.
 //!
-//! - [`cpuid`]: the per-vCPU CPUID table ([`cpuid::supported`] + [`cpuid::normalize`]);
+//! - [`cpuid`]: the per-vCPU CPUID table ([`cpuid::supported`] + [`cpuid::normalize`]: APIC
+//!   id, topology of `n` single-threaded cores, hypervisor and timing leaves);
+//! - [`template`]: CPU templates (`host`, `minimal`, `emulated-ring0` or JSON), CPUID and MSR
+//!   masks applied on top of what KVM supports;
 //! - [`Vcpu::configure`]: CPUID, boot MSRs, FPU, general and special registers for the chosen
 //!   [`EntryMode`] (PVH 32-bit protected mode or the 64-bit Linux boot protocol), and the local
 //!   APIC's LINT0/LINT1 when the VM has an in-kernel irqchip;
+//! - [`Vcpu::configure_ap`]: an application processor that waits in the in-kernel local APIC
+//!   for the guest's INIT/SIPI;
 //! - [`Vcpu::run`]: `KVM_RUN` in a loop, dispatching port and MMIO exits to an [`IoHandler`]
 //!   without allocating, until something the VMM has to decide about happens ([`VcpuStop`]);
 //! - [`kick`]: stop a running vCPU from another thread (set the `stop` flag, then kick).
@@ -18,9 +23,23 @@
 //! 2. if the VM uses an in-kernel irqchip, create it (`VmFd::create_irq_chip`) **before** any
 //!    vCPU: KVM refuses to create it afterwards, and only vCPUs created after it get an
 //!    in-kernel local APIC;
-//! 3. [`Vcpu::new`], then [`Vcpu::configure`] (it programs LINT0 = ExtINT and LINT1 = NMI when
-//!    the vCPU has an in-kernel LAPIC and skips that otherwise);
-//! 4. [`kick::init`] once, then [`Vcpu::run`] on the vCPU's thread.
+//! 3. for each vCPU id `0..n` ([`MAX_VCPUS`] at most): [`Vcpu::new`], optionally
+//!    [`Vcpu::set_msr_modifiers`] with the template's MSRs, its CPUID table
+//!    ([`CpuTemplate::vcpu_cpuid`](template::CpuTemplate::vcpu_cpuid): supported → normalised
+//!    for this id → template), then [`Vcpu::configure`] for vCPU 0 (it programs LINT0 = ExtINT
+//!    and LINT1 = NMI when the vCPU has an in-kernel LAPIC and skips that otherwise) and
+//!    [`Vcpu::configure_ap`] for the others;
+//! 4. [`kick::init`] once, then [`Vcpu::run`] on each vCPU's own thread ([`Vcpu`] is `Send`);
+//!    APs block inside `KVM_RUN` until the guest starts them.
+//!
+//! # SMP
+//!
+//! vCPU `i` has APIC id `i` (the MADT lists 0..n). vCPU 0 is the bootstrap processor and
+//! enters the kernel with the boot registers. The others start the way they do on hardware:
+//! the guest sends INIT and a STARTUP IPI through its local APIC (ICR at 0xfee00300); KVM's
+//! in-kernel LAPIC resets the AP and starts it in real mode at `vector * 0x1000`. On the PVM
+//! host this takes about 0.1 ms for one AP and 3 ms for 31 (broadcast), measured by
+//! `tests/smp.rs`.
 //!
 //! Without an in-kernel irqchip, `HLT` exits to user space ([`VcpuStop::Halted`]); with one,
 //! KVM handles it and waits for an interrupt.
@@ -29,14 +48,18 @@
 //!
 //! On hosts where `/dev/kvm` is PVM, guest ring 0 is emulated by KVM's instruction emulator,
 //! which refuses some instructions (XSAVE family, `cmpxchg16b`, `popcnt`, `int3`, `fwait`,
-//! `clac`, ...). Such a refusal ends [`Vcpu::run`] with [`VcpuStop::EmulationFailure`], with
-//! the instruction bytes taken from the kernel's exit report (or, if the kernel did not give
-//! them, from [`Vcpu::emulation_failure_bytes`]).
+//! `clac`, ...; `tests/emulator.rs` lists them). Such a refusal ends [`Vcpu::run`] with
+//! [`VcpuStop::EmulationFailure`], with the instruction bytes taken from the kernel's exit
+//! report (or, if the kernel did not give them, from [`Vcpu::emulation_failure_bytes`]). The
+//! `emulated-ring0` [template] hides the features behind them; where the host's KVM overrides
+//! CPUID bits anyway, [`template::overridden_bits`] and [`template::linux_clearcpuid`] give the
+//! kernel parameters that hide them from Linux.
 //!
 //! # Example
 //!
 //! ```no_run
 //! use std::sync::atomic::AtomicBool;
+//! use ember_vcpu::template::CpuTemplate;
 //! use ember_vcpu::{cpuid, BootRegs, EntryMode, IoHandler, Vcpu, VcpuStop};
 //!
 //! struct Console;
@@ -53,9 +76,12 @@
 //! let kvm = kvm_ioctls::Kvm::new()?;
 //! let vm = kvm.create_vm()?;
 //! // ... register guest memory, create the irqchip, load the kernel, write GDT/IDT/start info ...
-//! let mut table = cpuid::supported(&kvm)?;
+//! let supported = cpuid::supported(&kvm)?;
+//! let template = CpuTemplate::by_name("emulated-ring0")?; // or CpuTemplate::from_json(..)
 //! let mut vcpu = Vcpu::new(&vm, 0)?;
-//! cpuid::normalize(&mut table, 0, 1, vcpu.tsc_khz())?;
+//! vcpu.set_msr_modifiers(&template.msrs)?;
+//! // supported -> cpuid::normalize (vCPU 0 of 1) -> template
+//! let table = template.vcpu_cpuid(&supported, 0, 1, vcpu.tsc_khz())?;
 //! vcpu.configure(
 //!     &table,
 //!     &BootRegs {
@@ -87,8 +113,9 @@ pub mod template;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, CpuId, Msrs,
+    kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, kvm_sregs, CpuId, Msrs,
     KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    KVM_MP_STATE_UNINITIALIZED,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
@@ -107,7 +134,8 @@ pub enum Error {
     /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("KVM_GET_SUPPORTED_CPUID failed: {0}")]
     GetSupportedCpuid(#[source] kvm_ioctls::Error),
-    /// The vCPU id / count pair passed to [`cpuid::normalize`] is impossible.
+    /// The vCPU id / count pair passed to [`cpuid::normalize`] is impossible, or [`Vcpu::new`]
+    /// got an id of [`MAX_VCPUS`] or more (then `nr_vcpus` = [`MAX_VCPUS`]).
     #[error("invalid vCPU topology: vCPU id {vcpu_id} of {nr_vcpus} vCPUs")]
     InvalidTopology {
         /// The vCPU id.
@@ -173,6 +201,77 @@ pub enum Error {
     /// `pthread_kill` failed.
     #[error("cannot kick vCPU thread: {0}")]
     Kick(#[source] std::io::Error),
+    /// [`Vcpu::configure_ap`] on a vCPU without an in-kernel local APIC (APs wait for
+    /// INIT/SIPI in the in-kernel LAPIC).
+    #[error("vCPU {id} has no in-kernel local APIC: create the irqchip before the vCPUs")]
+    NoInKernelLapic {
+        /// The vCPU id.
+        id: u8,
+    },
+    /// [`Vcpu::configure_ap`] on vCPU 0, which KVM treats as the bootstrap processor.
+    #[error("vCPU {id} is the bootstrap processor; configure it with Vcpu::configure")]
+    NotAnAp {
+        /// The vCPU id.
+        id: u8,
+    },
+    /// No built-in CPU template has this name.
+    #[error("unknown CPU template {name:?} (built-in: host, minimal, emulated-ring0)")]
+    UnknownTemplate {
+        /// The name asked for.
+        name: String,
+    },
+    /// A CPU template's JSON could not be parsed.
+    #[error("invalid CPU template JSON: {0}")]
+    TemplateJson(#[source] serde_json::Error),
+    /// A CPU template file could not be read.
+    #[error("cannot read CPU template {path:?}: {source}")]
+    TemplateFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A CPU template is inconsistent (see
+    /// [`CpuTemplate::validate`](template::CpuTemplate::validate)).
+    #[error("invalid CPU template {template:?}: {reason}")]
+    InvalidTemplate {
+        /// The template's name.
+        template: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A CPU template sets CPUID bits that KVM does not offer (templates may only take
+    /// features away).
+    #[error(
+        "CPU template {template:?} sets bits {bits:#010x} of CPUID leaf {leaf:#x}{} {register}, \
+         which KVM does not offer",
+        subleaf.map(|s| format!(".{s}")).unwrap_or_default()
+    )]
+    TemplateSetsUnsupported {
+        /// The template's name.
+        template: String,
+        /// The leaf.
+        leaf: u32,
+        /// The subleaf of the modifier (`None` = all).
+        subleaf: Option<u32>,
+        /// The register.
+        register: template::Register,
+        /// The bits KVM does not offer.
+        bits: u32,
+    },
+    /// An MSR modifier sets bits of an MSR that KVM does not report as set (or the MSR does not
+    /// exist for this vCPU).
+    #[error(
+        "MSR modifier sets bits {bits:#x} of MSR {index:#x} that KVM does not offer on vCPU {id}"
+    )]
+    MsrUnsupported {
+        /// The vCPU id.
+        id: u8,
+        /// The MSR.
+        index: u32,
+        /// The bits.
+        bits: u64,
+    },
 }
 
 /// The VMM's side of port I/O and MMIO exits. Called on the vCPU thread, once per exit, from
@@ -277,6 +376,12 @@ pub mod msr {
     pub const IA32_MISC_ENABLE: u32 = 0x1a0;
     /// IA32_MISC_ENABLE bit 0: fast strings.
     pub const MISC_ENABLE_FAST_STRING: u64 = 1;
+    /// IA32_MISC_ENABLE bit 11: branch trace storage unavailable.
+    pub const MISC_ENABLE_BTS_UNAVAILABLE: u64 = 1 << 11;
+    /// IA32_MISC_ENABLE bit 12: processor event based sampling unavailable.
+    pub const MISC_ENABLE_PEBS_UNAVAILABLE: u64 = 1 << 12;
+    /// IA32_ARCH_CAPABILITIES (read-only for the guest; KVM sets its value).
+    pub const IA32_ARCH_CAPABILITIES: u32 = 0x10a;
     /// IA32_MTRR_DEF_TYPE.
     pub const MTRR_DEF_TYPE: u32 = 0x2ff;
     /// MTRRs enabled (bit 11) with default type write-back (6).
@@ -332,6 +437,8 @@ pub mod lapic {
     pub const LVT_LINT0: usize = 0x350;
     /// LVT LINT1 register offset.
     pub const LVT_LINT1: usize = 0x360;
+    /// LVT mask bit.
+    pub const LVT_MASKED: u32 = 1 << 16;
     /// Delivery mode NMI.
     pub const DELIVERY_NMI: u32 = 4;
     /// Delivery mode ExtINT.
@@ -378,21 +485,60 @@ pub fn segment_from_gdt_entry(entry: u64, table_index: u8) -> kvm_segment {
     }
 }
 
+/// The largest number of vCPUs of an Ember VM (ids, and APIC ids, 0..32).
+pub const MAX_VCPUS: u8 = 32;
+
 /// One KVM vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    msr_modifiers: Vec<template::MsrModifier>,
 }
 
 impl Vcpu {
     /// Creates vCPU `id` (`KVM_CREATE_VCPU`; the id is also its APIC id). Create the in-kernel
-    /// irqchip, if any, before this (see the crate docs).
+    /// irqchip, if any, before this (see the crate docs). vCPU 0 is the bootstrap processor
+    /// ([`Vcpu::configure`]), the others are application processors ([`Vcpu::configure_ap`]).
+    ///
+    /// Errors: [`Error::InvalidTopology`] for `id >= MAX_VCPUS`; [`Error::CreateVcpu`].
     pub fn new(vm: &VmFd, id: u8) -> Result<Self, Error> {
+        if id >= MAX_VCPUS {
+            return Err(Error::InvalidTopology {
+                vcpu_id: id,
+                nr_vcpus: MAX_VCPUS,
+            });
+        }
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|source| Error::CreateVcpu { id, source })?;
-        Ok(Vcpu { fd, id })
+        Ok(Vcpu {
+            fd,
+            id,
+            msr_modifiers: Vec::new(),
+        })
+    }
+
+    /// Stores the MSR part of a CPU template ([`CpuTemplate::msrs`](template::CpuTemplate));
+    /// [`Vcpu::configure`] and [`Vcpu::configure_ap`] apply it right after the boot MSRs.
+    ///
+    /// Errors: [`Error::InvalidTemplate`] for an MSR templates may not modify (see
+    /// [`template::msr_settable_bits`]). Whether KVM offers the bits is checked when they are
+    /// applied.
+    pub fn set_msr_modifiers(&mut self, modifiers: &[template::MsrModifier]) -> Result<(), Error> {
+        template::CpuTemplate {
+            name: format!("vCPU {} MSRs", self.id),
+            cpuid: Vec::new(),
+            msrs: modifiers.to_vec(),
+        }
+        .validate()?;
+        self.msr_modifiers = modifiers.to_vec();
+        Ok(())
+    }
+
+    /// The MSR modifiers stored by [`Vcpu::set_msr_modifiers`].
+    pub fn msr_modifiers(&self) -> &[template::MsrModifier] {
+        &self.msr_modifiers
     }
 
     /// The vCPU id.
@@ -442,15 +588,78 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Sets [`msr::BOOT_MSRS`].
+    /// Sets up an application processor (vCPU id > 0) to wait for the guest's INIT/SIPI:
+    /// CPUID (`cpuid`, [normalised](cpuid::normalize) for this vCPU), the boot MSRs and the
+    /// template MSRs ([`Vcpu::set_msr_modifiers`]), the FPU as in [`Vcpu::configure`], the local
+    /// APIC's LINT0 = ExtINT and LINT1 = NMI delivery modes with the mask bits left as KVM's
+    /// reset put them (masked on APs: only the BSP takes the PIC's ExtINT, as in Firecracker;
+    /// the guest programs its own LVTs), and `KVM_MP_STATE_UNINITIALIZED`.
+    ///
+    /// The general and segment registers are left in their reset state: the in-kernel LAPIC
+    /// holds the vCPU (`KVM_RUN` blocks) until the guest sends INIT and then a STARTUP IPI with
+    /// vector `v`; the vCPU then starts in real mode at `v * 0x1000` (CS = `v << 8`, IP = 0).
+    /// INIT keeps CPUID, MSRs and FPU state. Run the vCPU with [`Vcpu::run`] on its own thread
+    /// from the start, like the BSP.
+    ///
+    /// Errors: [`Error::NotAnAp`] for vCPU 0 (KVM's bootstrap processor, which never waits for
+    /// a SIPI); [`Error::NoInKernelLapic`] without an in-kernel irqchip; [`Error::Ioctl`] /
+    /// [`Error::SetMsrs`] / [`Error::MsrUnsupported`].
+    pub fn configure_ap(&self, cpuid: &CpuId) -> Result<(), Error> {
+        if self.id == 0 {
+            return Err(Error::NotAnAp { id: self.id });
+        }
+        if !self.has_in_kernel_lapic()? {
+            return Err(Error::NoInKernelLapic { id: self.id });
+        }
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.ioctl_err("KVM_SET_CPUID2"))?;
+        self.setup_msrs()?;
+        self.setup_fpu()?;
+        self.setup_lapic()?;
+        self.fd
+            .set_mp_state(kvm_mp_state {
+                mp_state: KVM_MP_STATE_UNINITIALIZED,
+            })
+            .map_err(self.ioctl_err("KVM_SET_MP_STATE"))
+    }
+
+    /// The CPUID table KVM actually uses for this vCPU (`KVM_GET_CPUID2`). Compare it with the
+    /// table passed to [`Vcpu::configure`] using [`template::overridden_bits`]: some KVM builds
+    /// (PVM) override parts of it.
+    pub fn effective_cpuid(&self) -> Result<CpuId, Error> {
+        self.fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(self.ioctl_err("KVM_GET_CPUID2"))
+    }
+
+    /// The vCPU's multiprocessing state (`KVM_GET_MP_STATE`): `KVM_MP_STATE_RUNNABLE` (0),
+    /// `KVM_MP_STATE_UNINITIALIZED` (1, an AP waiting for INIT), `KVM_MP_STATE_INIT_RECEIVED`
+    /// (2, waiting for SIPI), `KVM_MP_STATE_HALTED` (3), ...
+    pub fn mp_state(&self) -> Result<u32, Error> {
+        self.fd
+            .get_mp_state()
+            .map(|s| s.mp_state)
+            .map_err(self.ioctl_err("KVM_GET_MP_STATE"))
+    }
+
+    /// Sets [`msr::BOOT_MSRS`], then applies the MSR modifiers of [`Vcpu::set_msr_modifiers`].
     pub fn setup_msrs(&self) -> Result<(), Error> {
         let entries = msr::BOOT_MSRS.map(|(index, data)| kvm_msr_entry {
             index,
             data,
             ..Default::default()
         });
-        // BOOT_MSRS has 11 entries, far below KVM_MAX_MSR_ENTRIES: cannot fail.
-        let msrs = Msrs::from_entries(&entries).expect("boot MSR list fits");
+        self.set_msr_entries(&entries)?;
+        for m in &self.msr_modifiers {
+            self.apply_msr_modifier(m)?;
+        }
+        Ok(())
+    }
+
+    fn set_msr_entries(&self, entries: &[kvm_msr_entry]) -> Result<(), Error> {
+        // At most the 11 boot MSRs, far below KVM_MAX_MSR_ENTRIES: cannot fail.
+        let msrs = Msrs::from_entries(entries).expect("MSR list fits");
         let set = self
             .fd
             .set_msrs(&msrs)
@@ -462,6 +671,55 @@ impl Vcpu {
                 set,
                 total: entries.len(),
             });
+        }
+        Ok(())
+    }
+
+    /// Reads one MSR (`KVM_GET_MSRS`); `None` if KVM does not have it for this vCPU.
+    pub fn get_msr(&self, index: u32) -> Result<Option<u64>, Error> {
+        // One entry: cannot fail.
+        let mut msrs = Msrs::from_entries(&[kvm_msr_entry {
+            index,
+            ..Default::default()
+        }])
+        .expect("one MSR fits");
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(self.ioctl_err("KVM_GET_MSRS"))?;
+        Ok((n == 1).then(|| msrs.as_slice()[0].data))
+    }
+
+    /// Read-modify-write of one MSR for a template modifier: `set` bits must already be set or
+    /// be in [`template::msr_settable_bits`]; an MSR KVM does not have is skipped when the
+    /// modifier only clears bits.
+    fn apply_msr_modifier(&self, m: &template::MsrModifier) -> Result<(), Error> {
+        let settable = template::msr_settable_bits(m.index).unwrap_or(0);
+        let Some(old) = self.get_msr(m.index)? else {
+            if m.set == 0 {
+                return Ok(());
+            }
+            return Err(Error::MsrUnsupported {
+                id: self.id,
+                index: m.index,
+                bits: m.set,
+            });
+        };
+        let missing = m.set & !old & !settable;
+        if missing != 0 {
+            return Err(Error::MsrUnsupported {
+                id: self.id,
+                index: m.index,
+                bits: missing,
+            });
+        }
+        let new = (old & !m.clear) | m.set;
+        if new != old {
+            self.set_msr_entries(&[kvm_msr_entry {
+                index: m.index,
+                data: new,
+                ..Default::default()
+            }])?;
         }
         Ok(())
     }
@@ -569,7 +827,9 @@ impl Vcpu {
     }
 
     /// Programs the local APIC: LINT0 delivery mode ExtINT (the legacy PIC's INTR), LINT1 NMI.
-    /// Needs the in-kernel irqchip (fails with [`Error::Ioctl`] otherwise).
+    /// Only the delivery modes change; the mask bits stay as KVM's reset left them (on the BSP
+    /// KVM leaves LINT0 unmasked, on APs every LVT is masked). Needs the in-kernel irqchip
+    /// (fails with [`Error::Ioctl`] otherwise).
     pub fn setup_lapic(&self) -> Result<(), Error> {
         let mut state = self
             .fd
@@ -599,7 +859,8 @@ impl Vcpu {
     /// `stop` is checked before every `KVM_RUN`. To stop a vCPU from another thread, set `stop`
     /// and then [`kick::kick`] the vCPU thread: that is race-free (see [`kick`]). Port I/O and
     /// MMIO exits go to `io` and the loop continues; `EINTR` (a kick or another signal) clears
-    /// `immediate_exit` and continues (and so re-checks `stop`).
+    /// `immediate_exit` and continues (and so re-checks `stop`); `EAGAIN` (an AP woken from
+    /// its wait for INIT/SIPI, see [`Vcpu::configure_ap`]) continues.
     pub fn run(&mut self, io: &dyn IoHandler, stop: &AtomicBool) -> Result<VcpuStop, Error> {
         let run_ptr: *mut kvm_run = self.fd.get_kvm_run();
         let _published = kick::RunGuard::enter(run_ptr);
@@ -620,6 +881,9 @@ impl Vcpu {
                 Ok(VcpuExit::Intr) => self.fd.set_kvm_immediate_exit(0),
                 Ok(other) => return Ok(VcpuStop::Unexpected(format!("{other:?}"))),
                 Err(e) if e.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
+                // An AP held by the in-kernel LAPIC (KVM_MP_STATE_UNINITIALIZED) returns EAGAIN
+                // when INIT/SIPI (or anything else) wakes it: just enter again.
+                Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(source) => {
                     return Err(Error::Run {
                         id: self.id,
