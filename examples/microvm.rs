@@ -34,6 +34,9 @@ struct Args {
     /// Number of vCPUs.
     #[arg(long)]
     vcpus: Option<u8>,
+    /// CPU template: host (default), minimal, emulated-ring0, or a JSON template file.
+    #[arg(long)]
+    cpu_template: Option<String>,
     /// Boot protocol to force (default: PVH when the kernel offers it).
     #[arg(long, value_parser = ["pvh", "linux64"])]
     boot_protocol: Option<String>,
@@ -133,6 +136,9 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
     }
     if let Some(v) = args.vcpus {
         config.vcpus = v;
+    }
+    if let Some(t) = &args.cpu_template {
+        config.cpu_template = Some(t.clone());
     }
     match args.boot_protocol.as_deref() {
         Some("pvh") => config.boot_protocol = Some(BootProtocolChoice::Pvh),

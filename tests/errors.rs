@@ -93,9 +93,25 @@ fn kvm_not_accessible() {
 
 #[test]
 fn too_many_vcpus() {
+    for n in [0, 33] {
+        let mut cfg = VmConfig::new(probe_elf());
+        cfg.vcpus = n;
+        let err = build_err(cfg);
+        assert!(matches!(err, Error::Config(_)), "{err:?}");
+        assert!(err.to_string().contains("1 to 32"), "{err}");
+    }
+}
+
+#[test]
+fn unknown_cpu_template() {
     let mut cfg = VmConfig::new(probe_elf());
-    cfg.vcpus = 0;
-    assert!(matches!(build_err(cfg), Error::Config(_)));
+    cfg.cpu_template = Some("pentium-pro".into());
+    let err = build_err(cfg);
+    assert!(err.to_string().contains("pentium-pro"), "{err}");
+    cfg = VmConfig::new(probe_elf());
+    cfg.cpu_template = Some("/nonexistent/template.json".into());
+    let err = build_err(cfg);
+    assert!(err.to_string().contains("/nonexistent/template.json"), "{err}");
 }
 
 /// The probe ELF with its PVH note's type changed, so it offers only the Linux 64-bit entry.

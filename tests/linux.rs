@@ -209,3 +209,52 @@ fn full_boot_to_init_where_ring0_is_native() {
     assert_eq!(run.outcome.exit, VmExit::Reset, "reboot -f should end the VMM; {out}");
     assert!(run.outcome.boot_time.is_some(), "/init writes the boot timer");
 }
+
+/// Boots the minimal kernel with `vcpus` until it has parsed the MADT and sized its CPU map.
+fn early_boot_smp(vcpus: u8) -> ProbeRun {
+    let kernel = guest_dir().join("vmlinux");
+    let mut config = VmConfig::new(kernel);
+    config.cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {HOST_COMPAT}");
+    config.memory_mib = 256;
+    config.vcpus = vcpus;
+    let mut opts = ProbeOptions::new("");
+    opts.stop_when = Some("smpboot: Allowing".into());
+    opts.timeout = Duration::from_secs(55);
+    let started = Instant::now();
+    let run = boot_with_config(config, &opts).expect("VM builds and runs");
+    eprintln!(
+        "early boot with {vcpus} vCPUs reached `smpboot: Allowing` in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    run
+}
+
+#[test]
+fn linux_finds_every_acpi_table_and_uses_the_madt_for_smp() {
+    if !kvm_or_skip("linux_finds_every_acpi_table_and_uses_the_madt_for_smp") {
+        return;
+    }
+    if artifact("vmlinux", "linux_finds_every_acpi_table_and_uses_the_madt_for_smp").is_none() {
+        return;
+    }
+    for vcpus in [2u8, 4] {
+        let run = early_boot_smp(vcpus);
+        let out = &run.output;
+        assert_eq!(run.outcome.exit, VmExit::Stopped, "{out}");
+        for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
+            assert!(
+                out.contains(&format!("ACPI: {table} 0x")),
+                "Linux did not list the {table} table; console:\n{out}"
+            );
+        }
+        assert!(out.contains("ACPI: Using ACPI (MADT) for SMP configuration information"), "{out}");
+        assert!(
+            out.contains(&format!("smpboot: Allowing {vcpus} CPUs, 0 hotplug CPUs")),
+            "{out}"
+        );
+        assert!(out.contains("ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2"), "{out}");
+        for bad in ["ACPI Error", "ACPI BIOS Error", "ACPI Warning", "Incorrect checksum", "Invalid"] {
+            assert!(!out.contains(bad), "Linux complained ({bad}); console:\n{out}");
+        }
+    }
+}

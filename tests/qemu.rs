@@ -17,11 +17,14 @@ fn qemu() -> Option<&'static str> {
 }
 
 fn boot_under_qemu(memory_mib: u64, checks: &str) -> (String, Vec<ProbeLine>) {
+    boot_under_qemu_with(memory_mib, checks, &["-M", "microvm"])
+}
+
+fn boot_under_qemu_with(memory_mib: u64, checks: &str, machine: &[&str]) -> (String, Vec<ProbeLine>) {
     let qemu = qemu().unwrap();
     let child = Command::new(qemu)
+        .args(machine)
         .args([
-            "-M",
-            "microvm",
             "-enable-kvm",
             "-cpu",
             "host,-arch-capabilities",
@@ -88,4 +91,28 @@ fn probe_boots_under_qemu_microvm() {
             assert!(ram.contains("0x100000000-"), "{ram}");
         }
     }
+}
+
+#[test]
+fn probe_reads_qemus_own_acpi_tables_and_starts_its_aps() {
+    if !kvm_or_skip("probe_reads_qemus_own_acpi_tables_and_starts_its_aps") {
+        return;
+    }
+    if qemu().is_none() {
+        eprintln!("\n*** SKIPPED probe_reads_qemus_own_acpi_tables_and_starts_its_aps: qemu-system-x86_64 is not installed ***\n");
+        return;
+    }
+    let checks = "acpi,smp,cpuid";
+    let (text, lines) = boot_under_qemu_with(256, checks, &["-M", "microvm,acpi=on", "-smp", "4"]);
+    for check in checks.split(',') {
+        let line = lines.iter().find(|l| l.check == check);
+        assert!(
+            matches!(line, Some(l) if l.status == Status::Ok),
+            "{check} under QEMU -smp 4: {line:?}\n{text}"
+        );
+    }
+    let acpi = lines.iter().find(|l| l.check == "acpi").unwrap();
+    assert_eq!(acpi.get("cpus"), Some("4"), "{text}");
+    let smp = lines.iter().find(|l| l.check == "smp").unwrap();
+    assert_eq!(smp.get("started"), Some("3"), "{text}");
 }

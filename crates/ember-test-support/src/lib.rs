@@ -159,6 +159,10 @@ pub struct ProbeOptions {
     pub memory_mib: u64,
     /// Force a boot protocol.
     pub protocol: Option<BootProtocolChoice>,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// CPU template name or JSON path (`None`: the default, `host`).
+    pub cpu_template: Option<String>,
     /// Bytes typed on the console once the probe prints `PROBE serial waiting-input`.
     pub serial_input: Option<Vec<u8>>,
     /// Stop the VM (and fail) after this long.
@@ -176,6 +180,8 @@ impl ProbeOptions {
             extra_cmdline: String::new(),
             memory_mib: 128,
             protocol: None,
+            vcpus: 1,
+            cpu_template: None,
             serial_input: None,
             timeout: Duration::from_secs(60),
             stop_when: None,
@@ -185,6 +191,18 @@ impl ProbeOptions {
     /// Sets the memory size.
     pub fn memory_mib(mut self, mib: u64) -> Self {
         self.memory_mib = mib;
+        self
+    }
+
+    /// Sets the vCPU count.
+    pub fn vcpus(mut self, n: u8) -> Self {
+        self.vcpus = n;
+        self
+    }
+
+    /// Selects a CPU template.
+    pub fn cpu_template(mut self, name: &str) -> Self {
+        self.cpu_template = Some(name.to_string());
         self
     }
 
@@ -219,6 +237,8 @@ impl ProbeOptions {
         cfg.cmdline = self.full_cmdline();
         cfg.memory_mib = self.memory_mib;
         cfg.boot_protocol = self.protocol;
+        cfg.vcpus = self.vcpus;
+        cfg.cpu_template = self.cpu_template.clone();
         cfg
     }
 }
@@ -269,10 +289,14 @@ impl ProbeRun {
             "probe did not finish cleanly: {done:?}; console:\n{}",
             self.output
         );
+        let expected = if checks.split(',').any(|c| c == "poweroff") {
+            VmExit::Poweroff
+        } else {
+            VmExit::Reset
+        };
         assert_eq!(
-            self.outcome.exit,
-            VmExit::Reset,
-            "VM should end by reset; console:\n{}",
+            self.outcome.exit, expected,
+            "VM should end by {expected:?}; console:\n{}",
             self.output
         );
     }

@@ -2,16 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
+use ember_vcpu::template::CpuTemplate;
 use serde::{Deserialize, Serialize};
 
 /// Command line used when the configuration does not give one.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// Guest memory used when the configuration does not give a size.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
-/// Largest number of vCPUs this version of Ember can start.
-///
-/// Multi-vCPU guests need ACPI/MP tables and AP start-up, which are not built yet.
-pub const MAX_VCPUS: u8 = 1;
+/// Largest number of vCPUs Ember starts.
+pub const MAX_VCPUS: u8 = 32;
 
 /// Boot protocol a user can ask for instead of the kernel's preferred one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,9 +45,17 @@ pub struct VmConfig {
     /// Guest memory in MiB.
     #[serde(default = "default_memory_mib")]
     pub memory_mib: u64,
-    /// Number of vCPUs (only 1 is supported so far).
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
     #[serde(default = "default_vcpus")]
     pub vcpus: u8,
+    /// CPU template: a built-in name (`host`, `minimal`, `emulated-ring0`) or the path of a
+    /// JSON template file. Default `host`.
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+    /// Describe the machine with ACPI tables (default). Without them the guest finds its CPUs
+    /// in the MP table and its virtio-mmio devices on the command line.
+    #[serde(default = "default_true")]
+    pub acpi: bool,
     /// Force a boot protocol; by default PVH is used when the kernel offers it.
     #[serde(default)]
     pub boot_protocol: Option<BootProtocolChoice>,
@@ -62,6 +69,9 @@ fn default_memory_mib() -> u64 {
 }
 fn default_vcpus() -> u8 {
     1
+}
+fn default_true() -> bool {
+    true
 }
 
 /// Errors in a configuration file or value.
@@ -78,8 +88,16 @@ pub enum ConfigError {
     /// The JSON is malformed or has unknown/mistyped fields.
     #[error("invalid VM config: {0}")]
     Json(#[from] serde_json::Error),
+    /// The CPU template is unknown or invalid.
+    #[error("CPU template `{name}`: {reason}")]
+    CpuTemplate {
+        /// The name or path given.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// The vCPU count is outside what Ember supports.
-    #[error("{requested} vCPUs requested; this Ember supports 1 to {max} (SMP is not built yet)")]
+    #[error("{requested} vCPUs requested; Ember supports 1 to {max}")]
     VcpuCount {
         /// What was asked for.
         requested: u8,
@@ -97,8 +115,30 @@ impl VmConfig {
             cmdline: default_cmdline(),
             memory_mib: default_memory_mib(),
             vcpus: default_vcpus(),
+            cpu_template: None,
+            acpi: true,
             boot_protocol: None,
         }
+    }
+
+    /// The CPU template this configuration selects (built-in name or JSON file).
+    pub fn cpu_template(&self) -> Result<CpuTemplate, ConfigError> {
+        let name = self.cpu_template.as_deref().unwrap_or("host");
+        if let Some(t) = CpuTemplate::builtin(name) {
+            return Ok(t);
+        }
+        let reason = if name.ends_with(".json") || name.contains('/') {
+            match CpuTemplate::from_file(Path::new(name)) {
+                Ok(t) => return Ok(t),
+                Err(e) => e.to_string(),
+            }
+        } else {
+            "no built-in template has that name (host, minimal, emulated-ring0) and it is not a .json file".to_string()
+        };
+        Err(ConfigError::CpuTemplate {
+            name: name.to_string(),
+            reason,
+        })
     }
 
     /// Parses a JSON configuration and validates it.
@@ -128,6 +168,7 @@ impl VmConfig {
                 max: MAX_VCPUS,
             });
         }
+        self.cpu_template()?;
         Ok(())
     }
 }
@@ -159,7 +200,7 @@ mod tests {
 
     #[test]
     fn vcpu_count_checked() {
-        for n in [0u8, 2, 33] {
+        for n in [0u8, 33, 200] {
             let err = VmConfig::from_json(&format!(r#"{{"kernel":"/k","vcpus":{n}}}"#)).unwrap_err();
             assert!(matches!(err, ConfigError::VcpuCount { requested, .. } if requested == n));
         }

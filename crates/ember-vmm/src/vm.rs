@@ -12,6 +12,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ember_boot::acpi::{AcpiConfig, AcpiDevice, SLEEP_CONTROL_PORT};
+use ember_devices::acpi_pm::AcpiPmRegisters;
 use ember_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use ember_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT};
@@ -30,6 +32,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{BootProtocolChoice, VmConfig};
 use crate::error::Error;
 use crate::process_start;
+
+/// Ports of the ACPI PM registers: sleep control, sleep status, reset.
+const ACPI_PM_LEN: u64 = 3;
 
 /// Address of the TSS KVM needs on Intel hosts (three pages below the BIOS area).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -249,6 +254,7 @@ pub struct Vm {
     serial_drained: EventFd,
     serial_in: Option<RawFd>,
     reset_evt: EventFd,
+    poweroff_evt: EventFd,
     panic_evt: EventFd,
     boot_time: Arc<OnceLock<Duration>>,
     handle: VmHandle,
@@ -305,9 +311,6 @@ impl Vm {
                 wanted
             }
         };
-        let boot = write_boot_params(&memory, &layout, &kernel, protocol, &config.cmdline, initrd)?;
-        timings.record("boot params", &mut t);
-
         let kvm_path = CString::new(b.kvm_path.as_os_str().as_bytes()).map_err(|_| {
             Error::KvmOpen {
                 path: b.kvm_path.clone(),
@@ -345,6 +348,9 @@ impl Vm {
         vm_fd
             .create_pit2(pit)
             .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+        vm_fd
+            .set_gsi_routing(&gsi_routing()?)
+            .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))?;
         timings.record("vm + irqchip", &mut t);
 
         for (slot, region) in memory.iter().enumerate() {
@@ -387,6 +393,11 @@ impl Vm {
         let pvpanic = PvPanic::new(EventFdTrigger::from(
             panic_evt.try_clone().map_err(Error::EventFd)?,
         ));
+        let poweroff_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let acpi_pm = AcpiPmRegisters::new(
+            EventFdTrigger::from(poweroff_evt.try_clone().map_err(Error::EventFd)?),
+            EventFdTrigger::from(reset_evt.try_clone().map_err(Error::EventFd)?),
+        );
         let boot_timer = BootTimer::new(process_start());
         let boot_time = boot_timer.handle();
 
@@ -395,21 +406,73 @@ impl Vm {
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
         pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)?;
         pio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_PORT, 1)?;
+        pio.insert(
+            Arc::new(Mutex::new(acpi_pm)),
+            u64::from(SLEEP_CONTROL_PORT),
+            ACPI_PM_LEN,
+        )?;
         let io = Arc::new(DeviceIo {
             pio,
             mmio: Bus::new(),
         });
         timings.record("devices", &mut t);
 
-        // vCPUs.
-        let mut cpuid = ember_vcpu::cpuid::supported(&kvm)?;
+        // vCPUs: created first, so that what KVM makes of the CPU template is known before the
+        // command line is written.
+        let template = config.cpu_template()?;
+        let supported = ember_vcpu::cpuid::supported(&kvm)?;
         let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+        let mut cpuids = Vec::with_capacity(usize::from(config.vcpus));
         for id in 0..config.vcpus {
-            let vcpu = Vcpu::new(&vm_fd, id)?;
-            let tsc_khz = vcpu.tsc_khz();
-            ember_vcpu::cpuid::normalize(&mut cpuid, id, config.vcpus, tsc_khz)?;
-            vcpu.configure(&cpuid, &boot)?;
+            let mut vcpu = Vcpu::new(&vm_fd, id)?;
+            cpuids.push(template.vcpu_cpuid(&supported, id, config.vcpus, vcpu.tsc_khz())?);
+            vcpu.set_msr_modifiers(&template.msrs)?;
             vcpus.push(vcpu);
+        }
+        let mut cmdline = config.cmdline.clone();
+        let host_compat = host_compat_params(&template, &vcpus[0], &cpuids[0])?;
+        if !host_compat.is_empty() {
+            cmdline.push(' ');
+            cmdline.push_str(&host_compat);
+        }
+        timings.record("vcpu create", &mut t);
+
+        // Firmware tables: ACPI (preferred by x86_64 kernels; Debian's has no MP-table parser)
+        // and an MP table for kernels built without ACPI.
+        let acpi_devices = [AcpiDevice::Uart {
+            port: COM1_BASE as u16,
+            irq: COM1_IRQ,
+        }];
+        let rsdp = if config.acpi {
+            Some(ember_boot::acpi::write_acpi_tables(
+                &memory,
+                &AcpiConfig {
+                    vcpus: config.vcpus,
+                    devices: &acpi_devices,
+                },
+            )?)
+        } else {
+            None
+        };
+        ember_boot::mptable::write_mptable(&memory, config.vcpus)?;
+        let boot = write_boot_params(
+            &memory,
+            &layout,
+            &kernel,
+            protocol,
+            &cmdline,
+            initrd,
+            rsdp,
+        )?;
+        timings.record("boot params", &mut t);
+
+
+        for (vcpu, cpuid) in vcpus.iter().zip(&cpuids) {
+            if vcpu.id() == 0 {
+                vcpu.configure(cpuid, &boot)?;
+            } else {
+                vcpu.configure_ap(cpuid)?;
+            }
         }
         timings.record("vcpu setup", &mut t);
 
@@ -432,6 +495,7 @@ impl Vm {
             serial_drained,
             serial_in: b.serial_in,
             reset_evt,
+            poweroff_evt,
             panic_evt,
             boot_time,
             handle,
@@ -519,6 +583,7 @@ impl Vm {
             &self.serial_drained,
             self.serial_in,
             &self.reset_evt,
+            &self.poweroff_evt,
             &self.panic_evt,
             &vcpu_exit_evt,
             &results,
@@ -533,6 +598,82 @@ impl Vm {
             unhandled_io: self.io.pio.unhandled() + self.io.mmio.unhandled(),
         })
     }
+}
+
+/// Number of IOAPIC input pins (GSIs 0..24).
+const IOAPIC_PINS: u32 = 24;
+
+/// The interrupt routing the firmware tables describe: ISA IRQs 0..15 on the PICs, GSIs on the
+/// IOAPIC pins with the same number, except the PIT's IRQ 0, which the MADT's interrupt
+/// source override (and the MP table) put on IOAPIC pin 2, as on PC hardware.
+fn gsi_routing() -> Result<kvm_bindings::KvmIrqRouting, Error> {
+    use kvm_bindings::{
+        kvm_irq_routing_entry, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+        KVM_IRQ_ROUTING_IRQCHIP,
+    };
+    let entry = |gsi: u32, irqchip: u32, pin: u32| {
+        let mut e = kvm_irq_routing_entry {
+            gsi,
+            type_: KVM_IRQ_ROUTING_IRQCHIP,
+            ..Default::default()
+        };
+        e.u.irqchip.irqchip = irqchip;
+        e.u.irqchip.pin = pin;
+        e
+    };
+    let mut entries = Vec::new();
+    for irq in 0..16u32 {
+        if irq == 2 {
+            continue; // the cascade
+        }
+        let chip = if irq < 8 {
+            KVM_IRQCHIP_PIC_MASTER
+        } else {
+            KVM_IRQCHIP_PIC_SLAVE
+        };
+        entries.push(entry(irq, chip, irq % 8));
+    }
+    for gsi in 0..IOAPIC_PINS {
+        match gsi {
+            0 => entries.push(entry(0, KVM_IRQCHIP_IOAPIC, 2)),
+            2 => {}
+            _ => entries.push(entry(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+        }
+    }
+    kvm_bindings::KvmIrqRouting::from_entries(&entries)
+        // Only fails for more entries than a kvm_irq_routing can hold, which 39 are not.
+        .map_err(|_| Error::Kvm("KVM_SET_GSI_ROUTING", kvm_ioctls::Error::new(libc::E2BIG)))
+}
+
+/// Kernel parameters for what a non-`host` CPU template asked to hide but this host's KVM
+/// shows the guest anyway (some PVM builds override CPUID; see
+/// [`ember_vcpu::template::overridden_bits`]). Empty for the `host` template and wherever KVM
+/// honours the table. A host-compatibility piece: see docs/guest.md.
+fn host_compat_params(
+    template: &ember_vcpu::template::CpuTemplate,
+    bsp: &Vcpu,
+    requested: &kvm_bindings::CpuId,
+) -> Result<String, Error> {
+    if template.name == "host" {
+        return Ok(String::new());
+    }
+    bsp.fd()
+        .set_cpuid2(requested)
+        .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+    let effective = bsp.effective_cpuid()?;
+    let overrides = ember_vcpu::template::overridden_bits(requested, &effective);
+    let mut words = Vec::new();
+    if overrides
+        .iter()
+        .any(|o| o.linux_names().contains(&"xsave"))
+    {
+        words.push("noxsave".to_string());
+    }
+    let names = ember_vcpu::template::linux_clearcpuid(&overrides);
+    if !names.is_empty() {
+        words.push(format!("clearcpuid={}", names.join(",")));
+    }
+    Ok(words.join(" "))
 }
 
 fn stop_and_join(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
@@ -577,6 +718,7 @@ fn write_boot_params(
     protocol: BootProtocol,
     cmdline: &str,
     initrd: Option<(GuestAddress, u64)>,
+    rsdp: Option<GuestAddress>,
 ) -> Result<BootRegs, Error> {
     let cmdline_addr = GuestAddress(CMDLINE_ADDR);
     let cmdline_size =
@@ -596,7 +738,7 @@ fn write_boot_params(
                     cmdline_addr,
                     initrd,
                     memmap: &e820,
-                    rsdp_addr: None,
+                    rsdp_addr: rsdp,
                 },
             )?;
             (
@@ -617,7 +759,7 @@ fn write_boot_params(
                     cmdline_size,
                     initrd,
                     e820: &e820,
-                    acpi_rsdp_addr: None,
+                    acpi_rsdp_addr: rsdp,
                 },
             )?;
             let pml4 = ember_boot::paging::write_identity_page_tables(memory)?;
@@ -649,6 +791,7 @@ const TOKEN_STDIN: u64 = 4;
 const TOKEN_RESET: u64 = 5;
 const TOKEN_PANIC: u64 = 6;
 const TOKEN_VCPU_EXIT: u64 = 7;
+const TOKEN_POWEROFF: u64 = 8;
 
 /// Moves queued console input into the UART's FIFO as far as it has room.
 fn pump_input(serial: &Mutex<SerialDevice>, input: &Mutex<VecDeque<u8>>) {
@@ -677,6 +820,7 @@ fn event_loop(
     serial_drained: &EventFd,
     serial_in: Option<RawFd>,
     reset_evt: &EventFd,
+    poweroff_evt: &EventFd,
     panic_evt: &EventFd,
     vcpu_exit_evt: &EventFd,
     results: &Mutex<Vec<VmExit>>,
@@ -696,6 +840,7 @@ fn event_loop(
     add(serial_drained.as_raw_fd(), TOKEN_SERIAL_DRAINED)?;
     add(reset_evt.as_raw_fd(), TOKEN_RESET)?;
     add(panic_evt.as_raw_fd(), TOKEN_PANIC)?;
+    add(poweroff_evt.as_raw_fd(), TOKEN_POWEROFF)?;
     add(vcpu_exit_evt.as_raw_fd(), TOKEN_VCPU_EXIT)?;
     let mut stdin_open = false;
     if let Some(fd) = serial_in {
@@ -715,6 +860,7 @@ fn event_loop(
                 TOKEN_STOP => return Ok(VmExit::Stopped),
                 TOKEN_RESET => return Ok(VmExit::Reset),
                 TOKEN_PANIC => return Ok(VmExit::GuestPanic),
+                TOKEN_POWEROFF => return Ok(VmExit::Poweroff),
                 TOKEN_VCPU_EXIT => {
                     let _ = vcpu_exit_evt.read();
                     if let Some(exit) = lock(results).first().cloned() {
