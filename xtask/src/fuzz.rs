@@ -6,7 +6,7 @@ use std::process::Command;
 use crate::{run_cmd, workspace_root};
 
 /// Every fuzz target, in the order they run.
-pub const TARGETS: &[&str] = &["loader_kernel", "pio_bus"];
+pub const TARGETS: &[&str] = &["loader_kernel", "pio_bus", "virtio_blk", "virtio_mmio"];
 
 pub fn run(args: &[String]) -> Result<(), String> {
     let mut seconds = 60u64;

@@ -54,8 +54,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub mod boot_timer;
 pub mod acpi_pm;
+pub mod boot_timer;
 mod bus;
 pub mod fuzz;
 pub mod i8042;

@@ -1,1 +1,333 @@
-//! virtio-mmio transport and virtio devices (being written).
+//! The virtio-mmio transport (virtio 1.x, "modern", register layout version 2) and virtio
+//! devices behind it.
+//!
+//! * [`VirtioDevice`]: the small trait a device implements (features, config space, activation
+//!   with its queues, queue processing, reset). Queues are [`virtio_queue::Queue`]s over
+//!   [`vm_memory::GuestMemoryMmap`].
+//! * [`MmioTransport`]: the register file of one device (virtio spec 1.x §4.2.2) as a
+//!   [`BusDevice`](crate::BusDevice) for the MMIO bus, with the device status state machine,
+//!   feature negotiation and queue setup. It validates the queues against guest memory before
+//!   activating the device.
+//! * [`Interrupt`]: the shared interrupt status register plus the irqfd the transport and its
+//!   device raise interrupts through.
+//! * [`block::Block`]: virtio-blk on a raw image file.
+//! * [`testing`]: a guest-side driver (register handshake, split virtqueue rings in guest
+//!   memory) used by the unit tests, the benchmark, the fuzz targets and the example below.
+//! * [`fuzz`]: input decoders and invariant checks for the `virtio_blk` and `virtio_mmio` fuzz
+//!   targets.
+//!
+//! # Threading model
+//!
+//! The crate knows nothing about KVM. The transport exposes one [`EventFd`] per queue
+//! ([`MmioTransport::queue_notify_evts`]) which the VMM registers as a KVM ioeventfd at
+//! `base + QUEUE_NOTIFY_OFFSET` (4 bytes, datamatch = queue index); the interrupt
+//! [`crate::EventFdTrigger`] given to [`MmioTransport::new`] is registered as an
+//! irqfd for the device's GSI. vCPU threads only touch registers (the guest's QueueNotify write
+//! never does device work on the vCPU thread: without an ioeventfd it just signals the same
+//! eventfd). The VMM's event loop polls the notify eventfds and calls
+//! [`MmioTransport::process_notification`], which is where requests are executed.
+//!
+//! # Example
+//!
+//! A virtio-blk disk on a 1 MiB image, driven through its registers by the test driver exactly
+//! like a guest would, reading sector 1:
+//!
+//! ```
+//! use ember_devices::virtio::block::{Block, BlockConfig};
+//! use ember_devices::virtio::testing::{self, Buf, GuestQueue};
+//! use ember_devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+//! use ember_devices::EventFdTrigger;
+//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use vmm_sys_util::tempfile::TempFile;
+//!
+//! let image = TempFile::new().unwrap();
+//! let mut data = vec![0u8; 1 << 20];
+//! data[512..1024].fill(0xab);
+//! std::fs::write(image.as_path(), &data).unwrap();
+//!
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let block = Block::new(BlockConfig {
+//!     path: image.as_path().to_path_buf(),
+//!     read_only: false,
+//!     serial: Some("disk0".into()),
+//! })
+//! .unwrap();
+//! let counters = block.counters_handle();
+//! let irq = EventFdTrigger::new().unwrap();
+//! let mut dev = MmioTransport::new(Box::new(block), mem.clone(), irq.try_clone().unwrap()).unwrap();
+//!
+//! // The guest: handshake and queue 0 setup.
+//! let mut q = GuestQueue::new(&mem, 16, GuestAddress(0x1000)).unwrap();
+//! testing::driver_init(&mut dev, &[&q], None).unwrap();
+//!
+//! // A read request: header, one 512-byte data buffer, status byte.
+//! testing::write_blk_header(&mem, GuestAddress(0x8000), testing::BLK_T_IN, 1).unwrap();
+//! q.add_chain(&[
+//!     Buf::readable(0x8000, 16),
+//!     Buf::writable(0x9000, 512),
+//!     Buf::writable(0xa000, 1),
+//! ])
+//! .unwrap();
+//! testing::write_reg(&mut dev, QUEUE_NOTIFY_OFFSET, 0); // the guest kicks queue 0...
+//! assert_eq!(dev.queue_notify_evts()[0].read().unwrap(), 1); // ...which only signals the eventfd.
+//!
+//! // The VMM's event loop.
+//! dev.process_notification(0);
+//! assert_eq!(q.pop_used(), Some((0, 513)));
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0xa000)).unwrap(), 0); // VIRTIO_BLK_S_OK
+//! assert_eq!(mem.read_obj::<u8>(GuestAddress(0x9000)).unwrap(), 0xab);
+//! assert_eq!(counters.snapshot().reads, 1);
+//! assert_eq!(irq.read().unwrap(), 1); // one interrupt
+//! ```
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::EventFdTrigger;
+
+pub mod block;
+pub mod fuzz;
+mod mmio;
+pub mod testing;
+
+#[cfg(test)]
+mod tests;
+
+pub use mmio::{regs, MmioTransport, TransportCounters};
+
+/// Size of one virtio-mmio register window.
+pub const MMIO_WINDOW: u64 = 0x1000;
+/// Offset of the QueueNotify register inside the window (where the VMM registers the per-queue
+/// ioeventfds, 4 bytes wide, datamatch = queue index).
+pub const QUEUE_NOTIFY_OFFSET: u64 = 0x50;
+/// Offset of the device-specific configuration space inside the window.
+pub const CONFIG_SPACE_OFFSET: u64 = 0x100;
+/// Value of the MagicValue register ("virt" in little endian).
+pub const MMIO_MAGIC: u32 = 0x7472_6976;
+/// Value of the Version register: 2 = virtio 1.x ("modern") register layout.
+pub const MMIO_VERSION: u32 = 2;
+/// Value of the VendorID register ("EMBR" in little endian).
+pub const VENDOR_ID: u32 = 0x5242_4d45;
+/// Device type of virtio-blk.
+pub const TYPE_BLOCK: u32 = 2;
+
+/// Feature bit (as a mask): the device conforms to virtio 1.x. Every device must offer it and
+/// the transport refuses FEATURES_OK without it.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// Feature bit (as a mask): indirect descriptor tables.
+pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// Bits of the InterruptStatus register.
+pub mod interrupt_status {
+    /// The device used a buffer in at least one virtqueue.
+    pub const USED_BUFFER: u32 = 1;
+    /// The device configuration changed (or the device needs a reset).
+    pub const CONFIG_CHANGE: u32 = 2;
+}
+
+/// Bits of the device status register (virtio spec 1.x §2.1).
+pub mod status {
+    /// The guest found the device.
+    pub const ACKNOWLEDGE: u32 = 1;
+    /// The guest knows how to drive the device.
+    pub const DRIVER: u32 = 2;
+    /// The driver is set up and ready to drive the device.
+    pub const DRIVER_OK: u32 = 4;
+    /// Feature negotiation is complete.
+    pub const FEATURES_OK: u32 = 8;
+    /// The device hit an error it cannot recover from; the driver must reset it.
+    pub const DEVICE_NEEDS_RESET: u32 = 64;
+    /// The driver gave up on the device.
+    pub const FAILED: u32 = 128;
+}
+
+/// Errors of the virtio transport and devices.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Creating an eventfd failed.
+    #[error("eventfd: {0}")]
+    EventFd(#[source] io::Error),
+    /// Signalling an eventfd (interrupt) failed.
+    #[error("failed to signal an eventfd: {0}")]
+    Trigger(#[source] io::Error),
+    /// The device declared no queues.
+    #[error("a virtio device needs at least one queue")]
+    NoQueues,
+    /// The device declared an invalid maximum queue size (must be a power of two in 1..=32768).
+    #[error("queue {index}: invalid maximum size {size}")]
+    InvalidQueueMaxSize {
+        /// Queue index.
+        index: usize,
+        /// The refused size.
+        size: u16,
+    },
+    /// `activate` got a different number of queues than the device declared.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Declared number of queues.
+        expected: usize,
+        /// Number of queues passed.
+        got: usize,
+    },
+    /// No such queue.
+    #[error("no queue {0}")]
+    InvalidQueue(usize),
+    /// The device is not activated.
+    #[error("the device is not activated")]
+    NotActivated,
+    /// A queue is in a state the device cannot continue from (e.g. the driver moved the
+    /// available index by more than the queue size); the device needs a reset.
+    #[error("queue {queue} is broken: {source}")]
+    QueueBroken {
+        /// Queue index.
+        queue: usize,
+        /// What virtio-queue reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// Opening a disk image failed.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// The image path.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The disk image is not a regular file or block device, or its size cannot be read.
+    #[error("disk image {path}: {why}")]
+    BadImage {
+        /// The image path.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// The block device serial is longer than 20 bytes.
+    #[error("block device serial is {len} bytes long; at most 20 fit")]
+    SerialTooLong {
+        /// Length of the refused serial.
+        len: usize,
+    },
+}
+
+impl Error {
+    /// Whether the error leaves the device unusable until the driver resets it (the transport
+    /// then sets `DEVICE_NEEDS_RESET`).
+    pub fn needs_reset(&self) -> bool {
+        matches!(self, Error::QueueBroken { .. })
+    }
+}
+
+impl From<crate::Error> for Error {
+    fn from(e: crate::Error) -> Self {
+        match e {
+            crate::Error::Trigger(e) => Error::Trigger(e),
+            crate::Error::EventFd(e) => Error::EventFd(e),
+            other => Error::EventFd(io::Error::other(other.to_string())),
+        }
+    }
+}
+
+/// A virtio device behind a transport.
+///
+/// The transport calls `activate` once the driver set DRIVER_OK (with every queue the driver
+/// enabled already validated against guest memory), `process_queue` from the VMM's event loop
+/// when the driver notified a queue, and `reset` when the driver writes 0 to the status register.
+/// None of the methods may panic on guest-controlled input.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (DeviceID register), e.g. [`TYPE_BLOCK`].
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue (their number is the number of queues). Each must be a
+    /// power of two in `1..=32768`.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The feature bits the device offers (must include [`VIRTIO_F_VERSION_1`]).
+    fn features(&self) -> u64;
+    /// Reads `data.len()` bytes of the device configuration space at `offset`. Bytes beyond the
+    /// configuration structure read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// A driver write of `data` to the configuration space at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device with the negotiated features and its queues (one per entry of
+    /// [`queue_max_sizes`](VirtioDevice::queue_max_sizes), in order; queues the driver did not
+    /// enable are not ready).
+    fn activate(
+        &mut self,
+        mem: GuestMemoryMmap,
+        acked_features: u64,
+        queues: Vec<virtio_queue::Queue>,
+        interrupt: Interrupt,
+    ) -> Result<(), Error>;
+    /// Processes everything available on queue `index`. Called by the VMM's event loop (through
+    /// [`MmioTransport::process_notification`]) when that queue's notify eventfd fired, never on
+    /// a vCPU thread.
+    fn process_queue(&mut self, index: usize) -> Result<(), Error>;
+    /// Returns the device to its pre-activation state (drops the queues, memory and interrupt).
+    fn reset(&mut self);
+}
+
+#[derive(Debug)]
+struct InterruptInner {
+    status: AtomicU32,
+    irq: EventFdTrigger,
+}
+
+/// The interrupt of one virtio-mmio device: the InterruptStatus register shared between the
+/// transport (guest reads and acknowledges it) and the device (sets bits), plus the irqfd
+/// trigger. Cloning gives another handle on the same state.
+#[derive(Clone, Debug)]
+pub struct Interrupt(Arc<InterruptInner>);
+
+impl Interrupt {
+    /// An interrupt raising `irq` (the VMM registers its eventfd as an irqfd).
+    pub fn new(irq: EventFdTrigger) -> Self {
+        Interrupt(Arc::new(InterruptInner {
+            status: AtomicU32::new(0),
+            irq,
+        }))
+    }
+
+    fn raise(&self, bit: u32) -> Result<(), Error> {
+        self.0.status.fetch_or(bit, Ordering::AcqRel);
+        self.0.irq.write(1).map_err(Error::Trigger)
+    }
+
+    /// Sets the "used buffer" bit and raises the interrupt.
+    pub fn signal_used_queue(&self) -> Result<(), Error> {
+        self.raise(interrupt_status::USED_BUFFER)
+    }
+
+    /// Sets the "configuration change" bit and raises the interrupt.
+    pub fn signal_config(&self) -> Result<(), Error> {
+        self.raise(interrupt_status::CONFIG_CHANGE)
+    }
+
+    /// The current InterruptStatus value.
+    pub fn status(&self) -> u32 {
+        self.0.status.load(Ordering::Acquire)
+    }
+
+    /// Clears the bits set in `bits` (InterruptACK).
+    pub fn ack(&self, bits: u32) {
+        self.0.status.fetch_and(!bits, Ordering::AcqRel);
+    }
+
+    /// Clears the whole status (device reset).
+    pub fn clear(&self) {
+        self.0.status.store(0, Ordering::Release);
+    }
+
+    /// The irqfd trigger.
+    pub fn trigger(&self) -> &EventFdTrigger {
+        &self.0.irq
+    }
+
+    /// The irqfd eventfd.
+    pub fn eventfd(&self) -> &EventFd {
+        self.0.irq.eventfd()
+    }
+}
