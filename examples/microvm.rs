@@ -34,6 +34,12 @@ struct Args {
     /// Number of vCPUs.
     #[arg(long)]
     vcpus: Option<u8>,
+    /// A virtio-blk disk: `path[,ro][,id=serial]` (repeatable).
+    #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]")]
+    disks: Vec<String>,
+    /// Do not write ACPI tables (the guest then finds virtio devices on the command line).
+    #[arg(long)]
+    no_acpi: bool,
     /// CPU template: host (default), minimal, emulated-ring0, or a JSON template file.
     #[arg(long)]
     cpu_template: Option<String>,
@@ -136,6 +142,12 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
     }
     if let Some(v) = args.vcpus {
         config.vcpus = v;
+    }
+    for d in &args.disks {
+        config.disks.push(d.parse().map_err(|e: ember_vmm::ConfigError| e.to_string())?);
+    }
+    if args.no_acpi {
+        config.acpi = false;
     }
     if let Some(t) = &args.cpu_template {
         config.cpu_template = Some(t.clone());

@@ -116,3 +116,67 @@ fn probe_reads_qemus_own_acpi_tables_and_starts_its_aps() {
     let smp = lines.iter().find(|l| l.check == "smp").unwrap();
     assert_eq!(smp.get("started"), Some("3"), "{text}");
 }
+
+#[test]
+fn probe_drives_qemus_virtio_blk_too() {
+    if !kvm_or_skip("probe_drives_qemus_virtio_blk_too") {
+        return;
+    }
+    if qemu().is_none() {
+        eprintln!("\n*** SKIPPED probe_drives_qemus_virtio_blk_too: qemu-system-x86_64 is not installed ***\n");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-qemu-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let rw = dir.join("rw.img");
+    let ro = dir.join("ro.img");
+    ember_test_support::write_blk_image(&rw, 8192, 0x5a).unwrap();
+    ember_test_support::write_blk_image(&ro, 8192, 0x5a).unwrap();
+    let drive = |id: &str, path: &std::path::Path, ro: bool| {
+        format!(
+            "id={id},file={},format=raw,if=none{}",
+            path.display(),
+            if ro { ",readonly=on" } else { "" }
+        )
+    };
+    let (d0, d1) = (drive("d0", &rw, false), drive("d1", &ro, true));
+    let checks = "virtio,blk";
+    let (text, lines) = boot_under_qemu_with(
+        256,
+        &format!("{checks} probe.blk.iops_n=200 probe.blk.mib_n=4"),
+        &[
+            "-M",
+            "microvm,acpi=on",
+            "-global",
+            "virtio-mmio.force-legacy=false",
+            "-drive",
+            &d0,
+            "-device",
+            "virtio-blk-device,drive=d0,serial=RWDISK",
+            "-drive",
+            &d1,
+            "-device",
+            "virtio-blk-device,drive=d1,serial=RODISK",
+        ],
+    );
+    let virtio = lines.iter().find(|l| l.check == "virtio").expect("virtio line");
+    assert_eq!(virtio.status, Status::Ok, "{text}");
+    assert_eq!(virtio.get("devices"), Some("2"), "{text}");
+    let blk: Vec<_> = lines.iter().filter(|l| l.check == "blk").collect();
+    assert_eq!(blk.len(), 2, "{text}");
+    assert!(blk.iter().all(|l| l.status == Status::Ok), "{text}");
+    let ids: Vec<_> = blk.iter().map(|l| l.get("id").unwrap_or("")).collect();
+    assert!(ids.contains(&"RWDISK") && ids.contains(&"RODISK"), "{text}");
+    // QEMU's writes landed in the image exactly as Ember's do.
+    let bytes = std::fs::read(&rw).unwrap();
+    let written = 128 * 512..384 * 512;
+    let wrong = bytes
+        .iter()
+        .enumerate()
+        .filter(|(i, &b)| {
+            let seed = if written.contains(i) { 0xa5 } else { 0x5a };
+            b != ember_test_support::blk_pattern_byte(*i as u64, seed)
+        })
+        .count();
+    assert_eq!(wrong, 0, "{text}");
+}

@@ -163,6 +163,10 @@ pub struct ProbeOptions {
     pub vcpus: u8,
     /// CPU template name or JSON path (`None`: the default, `host`).
     pub cpu_template: Option<String>,
+    /// virtio-blk disks.
+    pub disks: Vec<ember_vmm::DiskConfig>,
+    /// Write ACPI tables (default true).
+    pub acpi: bool,
     /// Bytes typed on the console once the probe prints `PROBE serial waiting-input`.
     pub serial_input: Option<Vec<u8>>,
     /// Stop the VM (and fail) after this long.
@@ -182,6 +186,8 @@ impl ProbeOptions {
             protocol: None,
             vcpus: 1,
             cpu_template: None,
+            disks: Vec::new(),
+            acpi: true,
             serial_input: None,
             timeout: Duration::from_secs(60),
             stop_when: None,
@@ -197,6 +203,16 @@ impl ProbeOptions {
     /// Sets the vCPU count.
     pub fn vcpus(mut self, n: u8) -> Self {
         self.vcpus = n;
+        self
+    }
+
+    /// Adds a virtio-blk disk.
+    pub fn disk(mut self, path: &Path, read_only: bool, id: Option<&str>) -> Self {
+        self.disks.push(ember_vmm::DiskConfig {
+            path: path.to_path_buf(),
+            read_only,
+            id: id.map(str::to_string),
+        });
         self
     }
 
@@ -239,6 +255,8 @@ impl ProbeOptions {
         cfg.boot_protocol = self.protocol;
         cfg.vcpus = self.vcpus;
         cfg.cpu_template = self.cpu_template.clone();
+        cfg.disks = self.disks.clone();
+        cfg.acpi = self.acpi;
         cfg
     }
 }
@@ -471,3 +489,17 @@ pub const POPCNT_THEN_RESET: &[u8] = &[
     0xe6, 0x64, // out 0x64, al
     0xf4, // hlt
 ];
+
+/// The byte the probe's `blk` check expects at disk offset `offset` for `seed`
+/// (`((offset >> 9) as u8) ^ (offset as u8) ^ seed`; see docs/probe.md).
+pub fn blk_pattern_byte(offset: u64, seed: u8) -> u8 {
+    ((offset >> 9) as u8) ^ (offset as u8) ^ seed
+}
+
+/// Writes a disk image of `sectors` 512-byte sectors filled with the probe's pattern.
+pub fn write_blk_image(path: &Path, sectors: u64, seed: u8) -> std::io::Result<()> {
+    let bytes: Vec<u8> = (0..sectors * 512)
+        .map(|i| blk_pattern_byte(i, seed))
+        .collect();
+    std::fs::write(path, bytes)
+}

@@ -12,6 +12,65 @@ pub const DEFAULT_MEMORY_MIB: u64 = 128;
 /// Largest number of vCPUs Ember starts.
 pub const MAX_VCPUS: u8 = 32;
 
+/// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
+pub const MAX_DISK_ID_LEN: usize = 20;
+/// Most virtio-mmio disks one VM can have (one GSI each, 5..=23).
+pub const MAX_DISKS: usize = 19;
+
+/// A virtio-blk disk backed by a raw image file.
+///
+/// On the command line: `path[,ro][,id=serial]`.
+///
+/// ```
+/// let d: ember_vmm::DiskConfig = "/images/root.img,ro,id=root".parse().unwrap();
+/// assert!(d.read_only);
+/// assert_eq!(d.id.as_deref(), Some("root"));
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes (they complete with an I/O error; the file is opened read-only).
+    #[serde(default)]
+    pub read_only: bool,
+    /// Serial number the guest reads with GET_ID (at most 20 bytes).
+    #[serde(default)]
+    pub id: Option<String>,
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or("");
+        if path.is_empty() {
+            return Err(ConfigError::Disk(format!("`{s}`: no image path")));
+        }
+        let mut disk = DiskConfig {
+            path: PathBuf::from(path),
+            read_only: false,
+            id: None,
+        };
+        for opt in parts {
+            match opt {
+                "ro" => disk.read_only = true,
+                "rw" => disk.read_only = false,
+                _ => match opt.strip_prefix("id=") {
+                    Some(id) => disk.id = Some(id.to_string()),
+                    None => {
+                        return Err(ConfigError::Disk(format!(
+                            "`{s}`: unknown option `{opt}` (expected ro, rw or id=SERIAL)"
+                        )))
+                    }
+                },
+            }
+        }
+        Ok(disk)
+    }
+}
+
 /// Boot protocol a user can ask for instead of the kernel's preferred one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -52,6 +111,9 @@ pub struct VmConfig {
     /// JSON template file. Default `host`.
     #[serde(default)]
     pub cpu_template: Option<String>,
+    /// virtio-blk disks, in the order the guest finds them (by MMIO address).
+    #[serde(default)]
+    pub disks: Vec<DiskConfig>,
     /// Describe the machine with ACPI tables (default). Without them the guest finds its CPUs
     /// in the MP table and its virtio-mmio devices on the command line.
     #[serde(default = "default_true")]
@@ -88,6 +150,9 @@ pub enum ConfigError {
     /// The JSON is malformed or has unknown/mistyped fields.
     #[error("invalid VM config: {0}")]
     Json(#[from] serde_json::Error),
+    /// A disk description is invalid.
+    #[error("invalid disk: {0}")]
+    Disk(String),
     /// The CPU template is unknown or invalid.
     #[error("CPU template `{name}`: {reason}")]
     CpuTemplate {
@@ -116,6 +181,7 @@ impl VmConfig {
             memory_mib: default_memory_mib(),
             vcpus: default_vcpus(),
             cpu_template: None,
+            disks: Vec::new(),
             acpi: true,
             boot_protocol: None,
         }
@@ -169,6 +235,23 @@ impl VmConfig {
             });
         }
         self.cpu_template()?;
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::Disk(format!(
+                "{} disks given; at most {MAX_DISKS}",
+                self.disks.len()
+            )));
+        }
+        for d in &self.disks {
+            if let Some(id) = &d.id {
+                if id.len() > MAX_DISK_ID_LEN {
+                    return Err(ConfigError::Disk(format!(
+                        "{}: id `{id}` is {} bytes; at most {MAX_DISK_ID_LEN}",
+                        d.path.display(),
+                        id.len()
+                    )));
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -204,6 +287,23 @@ mod tests {
             let err = VmConfig::from_json(&format!(r#"{{"kernel":"/k","vcpus":{n}}}"#)).unwrap_err();
             assert!(matches!(err, ConfigError::VcpuCount { requested, .. } if requested == n));
         }
+    }
+
+    #[test]
+    fn disk_strings() {
+        let d: DiskConfig = "/a.img".parse().unwrap();
+        assert_eq!((d.read_only, d.id), (false, None));
+        let d: DiskConfig = "/a.img,id=x,ro".parse().unwrap();
+        assert_eq!((d.read_only, d.id.as_deref()), (true, Some("x")));
+        assert!("".parse::<DiskConfig>().is_err());
+        assert!("/a.img,cache=none".parse::<DiskConfig>().is_err());
+        let mut cfg = VmConfig::new("/k");
+        cfg.disks.push(DiskConfig {
+            path: "/a".into(),
+            read_only: false,
+            id: Some("x".repeat(21)),
+        });
+        assert!(cfg.validate().is_err());
     }
 
     #[test]

@@ -22,6 +22,22 @@ pub enum Error {
     /// Boot structures could not be written.
     #[error(transparent)]
     Boot(#[from] ember_boot::Error),
+    /// A disk could not be opened or set up.
+    #[error("disk {}: {source}", path.display())]
+    Disk {
+        /// The image file.
+        path: PathBuf,
+        /// Why.
+        source: ember_devices::virtio::Error,
+    },
+    /// Guest address space or interrupt lines ran out.
+    #[error("cannot allocate {what}: {reason}")]
+    Allocate {
+        /// What was being allocated.
+        what: &'static str,
+        /// The allocator's error.
+        reason: String,
+    },
     /// A device could not be set up.
     #[error(transparent)]
     Devices(#[from] ember_devices::Error),

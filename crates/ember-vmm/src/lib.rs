@@ -28,10 +28,13 @@ use std::sync::OnceLock;
 use std::time::Instant;
 
 pub use config::{
-    BootProtocolChoice, ConfigError, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB, MAX_VCPUS,
+    BootProtocolChoice, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
+    MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,
 };
 pub use error::Error;
-pub use vm::{StartupTimings, UnbufferedStdout, Vm, VmBuilder, VmExit, VmHandle, VmOutcome};
+pub use vm::{
+    DiskReport, StartupTimings, UnbufferedStdout, Vm, VmBuilder, VmExit, VmHandle, VmOutcome,
+};
 
 /// Re-exports for callers that want the layout or loader types without naming those crates.
 pub use ember_loader::BootProtocol;

@@ -18,13 +18,16 @@ use ember_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
 use ember_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use ember_devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ};
+use ember_devices::virtio::block::{Block, BlockConfig, BlockCounters, BlockCountersHandle};
+use ember_devices::virtio::{MmioTransport, TransportCounters, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use ember_devices::{Bus, EventFdTrigger, SharedDevice};
 use ember_loader::{BootProtocol, LoadedKernel};
 use ember_memory::addresses::*;
 use ember_memory::MemoryLayout;
 use ember_vcpu::{BootRegs, EntryMode, IoHandler, Vcpu, VcpuStop};
 use kvm_bindings::{kvm_pit_config, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
+use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -32,6 +35,11 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::config::{BootProtocolChoice, VmConfig};
 use crate::error::Error;
 use crate::process_start;
+
+/// First GSI handed to virtio-mmio devices (0-4 are the PIT, PIC cascade, COM1 ...).
+const FIRST_VIRTIO_GSI: u32 = 5;
+/// Last IOAPIC GSI.
+const LAST_GSI: u32 = 23;
 
 /// Ports of the ACPI PM registers: sleep control, sleep status, reset.
 const ACPI_PM_LEN: u64 = 3;
@@ -115,6 +123,42 @@ impl StartupTimings {
     }
 }
 
+/// A virtio-blk disk of a VM: where it sits and what it did.
+#[derive(Clone, Debug)]
+pub struct DiskReport {
+    /// The image file.
+    pub path: PathBuf,
+    /// Base of its virtio-mmio window.
+    pub mmio_base: u64,
+    /// Its interrupt line.
+    pub gsi: u32,
+    /// Request counters (reads, writes, errors, malformed chains ...).
+    pub block: BlockCounters,
+    /// Transport counters (bad register accesses, invalid state transitions ...).
+    pub transport: TransportCounters,
+}
+
+/// One attached virtio-mmio disk.
+struct VirtioDisk {
+    path: PathBuf,
+    base: u64,
+    gsi: u32,
+    transport: Arc<Mutex<MmioTransport>>,
+    counters: BlockCountersHandle,
+}
+
+impl VirtioDisk {
+    fn report(&self) -> DiskReport {
+        DiskReport {
+            path: self.path.clone(),
+            mmio_base: self.base,
+            gsi: self.gsi,
+            block: self.counters.snapshot(),
+            transport: lock(&self.transport).counters(),
+        }
+    }
+}
+
 /// What [`Vm::run`] returns.
 #[derive(Clone, Debug)]
 pub struct VmOutcome {
@@ -126,6 +170,8 @@ pub struct VmOutcome {
     pub first_run: Option<Duration>,
     /// Port or MMIO accesses that hit no device.
     pub unhandled_io: u64,
+    /// Every virtio-blk disk, with its counters at the end of the run.
+    pub disks: Vec<DiskReport>,
 }
 
 /// A clonable handle to a running VM: feed its console, ask it to stop.
@@ -250,6 +296,7 @@ pub struct Vm {
     protocol: BootProtocol,
     vcpus: Vec<Vcpu>,
     io: Arc<DeviceIo>,
+    disks: Vec<VirtioDisk>,
     serial: Arc<Mutex<SerialDevice>>,
     serial_drained: EventFd,
     serial_in: Option<RawFd>,
@@ -411,10 +458,77 @@ impl Vm {
             u64::from(SLEEP_CONTROL_PORT),
             ACPI_PM_LEN,
         )?;
-        let io = Arc::new(DeviceIo {
-            pio,
-            mmio: Bus::new(),
-        });
+        // virtio-mmio disks: windows and interrupt lines from allocators, queue notifications
+        // through ioeventfds, interrupts through irqfds.
+        let mut mmio = Bus::new();
+        let mut acpi_devices = vec![AcpiDevice::Uart {
+            port: COM1_BASE as u16,
+            irq: COM1_IRQ,
+        }];
+        let mut cmdline_devices = Vec::new();
+        let (window_start, window_len) = layout.mmio32_window();
+        let alloc_err = |what: &'static str| {
+            move |e: vm_allocator::Error| Error::Allocate {
+                what,
+                reason: e.to_string(),
+            }
+        };
+        let mut windows =
+            AddressAllocator::new(window_start, window_len).map_err(alloc_err("MMIO windows"))?;
+        let mut gsis =
+            IdAllocator::new(FIRST_VIRTIO_GSI, LAST_GSI).map_err(alloc_err("interrupt lines"))?;
+        let mut disks = Vec::with_capacity(config.disks.len());
+        for disk in &config.disks {
+            let disk_err = |source| Error::Disk {
+                path: disk.path.clone(),
+                source,
+            };
+            let block = Block::new(BlockConfig {
+                path: disk.path.clone(),
+                read_only: disk.read_only,
+                serial: disk.id.clone(),
+            })
+            .map_err(disk_err)?;
+            let counters = block.counters_handle();
+            let base = windows
+                .allocate(MMIO_WINDOW, MMIO_WINDOW, AllocPolicy::FirstMatch)
+                .map_err(alloc_err("a virtio-mmio window"))?
+                .start();
+            let gsi = gsis
+                .allocate_id()
+                .map_err(alloc_err("a virtio interrupt line"))?;
+            let irq = EventFdTrigger::new()?;
+            vm_fd
+                .register_irqfd(irq.eventfd(), gsi)
+                .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+            let transport =
+                MmioTransport::new(Box::new(block), memory.clone(), irq).map_err(disk_err)?;
+            for (queue, evt) in transport.queue_notify_evts().iter().enumerate() {
+                vm_fd
+                    .register_ioevent(
+                        evt,
+                        &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                        queue as u32,
+                    )
+                    .map_err(|e| Error::Kvm("KVM_IOEVENTFD", e))?;
+            }
+            let transport = Arc::new(Mutex::new(transport));
+            mmio.insert(transport.clone() as SharedDevice, base, MMIO_WINDOW)?;
+            acpi_devices.push(AcpiDevice::VirtioMmio {
+                base,
+                len: MMIO_WINDOW,
+                gsi,
+            });
+            cmdline_devices.push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+            disks.push(VirtioDisk {
+                path: disk.path.clone(),
+                base,
+                gsi,
+                transport,
+                counters,
+            });
+        }
+        let io = Arc::new(DeviceIo { pio, mmio });
         timings.record("devices", &mut t);
 
         // vCPUs: created first, so that what KVM makes of the CPU template is known before the
@@ -430,6 +544,15 @@ impl Vm {
             vcpus.push(vcpu);
         }
         let mut cmdline = config.cmdline.clone();
+        if !config.acpi {
+            // Without ACPI the guest learns of its virtio-mmio devices from the command line
+            // (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). With ACPI the DSDT describes them and a
+            // second description would make Linux probe each device twice.
+            for d in &cmdline_devices {
+                cmdline.push(' ');
+                cmdline.push_str(d);
+            }
+        }
         let host_compat = host_compat_params(&template, &vcpus[0], &cpuids[0])?;
         if !host_compat.is_empty() {
             cmdline.push(' ');
@@ -439,10 +562,6 @@ impl Vm {
 
         // Firmware tables: ACPI (preferred by x86_64 kernels; Debian's has no MP-table parser)
         // and an MP table for kernels built without ACPI.
-        let acpi_devices = [AcpiDevice::Uart {
-            port: COM1_BASE as u16,
-            irq: COM1_IRQ,
-        }];
         let rsdp = if config.acpi {
             Some(ember_boot::acpi::write_acpi_tables(
                 &memory,
@@ -491,6 +610,7 @@ impl Vm {
             protocol,
             vcpus,
             io,
+            disks,
             serial,
             serial_drained,
             serial_in: b.serial_in,
@@ -521,6 +641,11 @@ impl Vm {
     /// The boot protocol the vCPUs will enter through.
     pub fn boot_protocol(&self) -> BootProtocol {
         self.protocol
+    }
+
+    /// The virtio-blk disks attached, with their windows and interrupt lines.
+    pub fn disks(&self) -> Vec<DiskReport> {
+        self.disks.iter().map(VirtioDisk::report).collect()
     }
 
     /// How long each start-up phase took.
@@ -587,6 +712,7 @@ impl Vm {
             &self.panic_evt,
             &vcpu_exit_evt,
             &results,
+            &self.disks,
         );
         stop_and_join(&stop, threads);
         let exit = loop_result?;
@@ -596,6 +722,7 @@ impl Vm {
             boot_time: self.boot_time.get().copied(),
             first_run: first_run.get().copied(),
             unhandled_io: self.io.pio.unhandled() + self.io.mmio.unhandled(),
+            disks: self.disks.iter().map(VirtioDisk::report).collect(),
         })
     }
 }
@@ -824,6 +951,7 @@ fn event_loop(
     panic_evt: &EventFd,
     vcpu_exit_evt: &EventFd,
     results: &Mutex<Vec<VmExit>>,
+    disks: &[VirtioDisk],
 ) -> Result<VmExit, Error> {
     let epoll = Epoll::new().map_err(Error::Epoll)?;
     let add = |fd: RawFd, token: u64| {
@@ -842,6 +970,12 @@ fn event_loop(
     add(panic_evt.as_raw_fd(), TOKEN_PANIC)?;
     add(poweroff_evt.as_raw_fd(), TOKEN_POWEROFF)?;
     add(vcpu_exit_evt.as_raw_fd(), TOKEN_VCPU_EXIT)?;
+    for (d, disk) in disks.iter().enumerate() {
+        let transport = lock(&disk.transport);
+        for (q, evt) in transport.queue_notify_evts().iter().enumerate() {
+            add(evt.as_raw_fd(), virtio_token(d, q))?;
+        }
+    }
     let mut stdin_open = false;
     if let Some(fd) = serial_in {
         // Regular files cannot be polled; a fd that epoll refuses is simply not read.
@@ -898,8 +1032,26 @@ fn event_loop(
                         }
                     }
                 }
+                token if token >= TOKEN_VIRTIO_BASE => {
+                    let (d, q) = virtio_queue_of(token);
+                    if let Some(disk) = disks.get(d) {
+                        lock(&disk.transport).process_notification(q);
+                    }
+                }
                 _ => {}
             }
         }
     }
+}
+
+/// Event-loop tokens of virtio queue notifications: one block of 256 per device.
+const TOKEN_VIRTIO_BASE: u64 = 0x1_0000;
+
+fn virtio_token(device: usize, queue: usize) -> u64 {
+    TOKEN_VIRTIO_BASE + ((device as u64) << 8) + queue as u64
+}
+
+fn virtio_queue_of(token: u64) -> (usize, usize) {
+    let t = token - TOKEN_VIRTIO_BASE;
+    ((t >> 8) as usize, (t & 0xff) as usize)
 }
