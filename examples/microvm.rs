@@ -9,9 +9,9 @@
 //! triple fault or guest panic ends it with status 1 and a message on stderr.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Parser;
 use ember_vmm::{BootProtocolChoice, Vm, VmConfig};
@@ -144,7 +144,10 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
         config.vcpus = v;
     }
     for d in &args.disks {
-        config.disks.push(d.parse().map_err(|e: ember_vmm::ConfigError| e.to_string())?);
+        config.disks.push(
+            d.parse()
+                .map_err(|e: ember_vmm::ConfigError| e.to_string())?,
+        );
     }
     if args.no_acpi {
         config.acpi = false;
@@ -184,7 +187,10 @@ fn main() -> ExitCode {
     };
     if args.timings {
         for (phase, d) in &vm.timings().phases {
-            eprintln!("microvm: start-up {phase:<15} {:>9.3} ms", d.as_secs_f64() * 1e3);
+            eprintln!(
+                "microvm: start-up {phase:<15} {:>9.3} ms",
+                d.as_secs_f64() * 1e3
+            );
         }
     }
     STOP_FD.store(vm.handle().stop_fd(), Ordering::SeqCst);
@@ -198,11 +204,17 @@ fn main() -> ExitCode {
     match outcome {
         Ok(outcome) => {
             if let Some(t) = outcome.boot_time {
-                eprintln!("microvm: boot timer: {:.3} ms after VMM start", t.as_secs_f64() * 1e3);
+                eprintln!(
+                    "microvm: boot timer: {:.3} ms after VMM start",
+                    t.as_secs_f64() * 1e3
+                );
             }
             if args.timings {
                 if let Some(t) = outcome.first_run {
-                    eprintln!("microvm: first KVM_RUN {:.3} ms after VMM start", t.as_secs_f64() * 1e3);
+                    eprintln!(
+                        "microvm: first KVM_RUN {:.3} ms after VMM start",
+                        t.as_secs_f64() * 1e3
+                    );
                 }
             }
             if signal != 0 {

@@ -48,7 +48,9 @@ impl IoHandler for PortIo {
 fn main() -> Result<(), Box<dyn Error>> {
     let mut args = std::env::args().skip(1);
     let kernel_path = PathBuf::from(args.next().ok_or("usage: minimal <kernel> [cmdline]")?);
-    let cmdline = args.next().unwrap_or_else(|| "probe=memmap,cmdline,serial".into());
+    let cmdline = args
+        .next()
+        .unwrap_or_else(|| "probe=memmap,cmdline,serial".into());
 
     // Guest memory, kernel, command line.
     let layout = MemoryLayout::new(128 * MIB)?;

@@ -11,7 +11,11 @@ fn microvm() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap();
     let bin = profile_dir.join("examples/microvm");
-    assert!(bin.exists(), "{} not built (cargo test builds examples)", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built (cargo test builds examples)",
+        bin.display()
+    );
     bin
 }
 
@@ -44,7 +48,11 @@ fn probe_reset_exits_zero_and_reports_boot_timer() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout:\n{stdout}\nstderr:\n{stderr}"
+    );
     assert!(stdout.contains("PROBE boottimer ok"), "{stdout}");
     assert!(stdout.contains("PROBE done checks=2 failed=0"), "{stdout}");
     assert!(stderr.contains("boot timer:"), "{stderr}");
@@ -100,9 +108,15 @@ fn config_file_and_flag_override() {
 #[test]
 fn user_errors_are_messages_not_panics() {
     for (args, needle) in [
-        (vec!["--kernel", "/nonexistent/vmlinux"], "/nonexistent/vmlinux"),
+        (
+            vec!["--kernel", "/nonexistent/vmlinux"],
+            "/nonexistent/vmlinux",
+        ),
         (vec![], "--kernel"),
-        (vec!["--config", "/nonexistent/vm.json"], "/nonexistent/vm.json"),
+        (
+            vec!["--config", "/nonexistent/vm.json"],
+            "/nonexistent/vm.json",
+        ),
         (vec!["--kernel", "/dev/null", "--vcpus", "0"], "vCPU"),
         (vec!["--kernel", "/dev/null", "--memory-mib", "1"], "memory"),
     ] {
@@ -214,7 +228,10 @@ fn sigterm_stops_within_a_second_and_restores_the_terminal() {
     let mut line = String::new();
     loop {
         line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "guest output ended early");
+        assert!(
+            stdout.read_line(&mut line).unwrap() > 0,
+            "guest output ended early"
+        );
         if line.contains("PROBE cmdline ok") {
             break;
         }
@@ -230,11 +247,20 @@ fn sigterm_stops_within_a_second_and_restores_the_terminal() {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(sent.elapsed() < Duration::from_secs(1), "VMM still running 1 s after SIGTERM");
+        assert!(
+            sent.elapsed() < Duration::from_secs(1),
+            "VMM still running 1 s after SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(5));
     };
     assert_eq!(status.code(), Some(128 + libc::SIGTERM));
     let after = termios_of(&terminal);
-    assert_eq!(after.c_lflag, before.c_lflag, "terminal local modes not restored");
-    assert_eq!(after.c_iflag, before.c_iflag, "terminal input modes not restored");
+    assert_eq!(
+        after.c_lflag, before.c_lflag,
+        "terminal local modes not restored"
+    );
+    assert_eq!(
+        after.c_iflag, before.c_iflag,
+        "terminal input modes not restored"
+    );
 }

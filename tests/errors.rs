@@ -10,7 +10,10 @@ fn temp_file(name: &str, bytes: &[u8]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("ember-errors-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
-    std::fs::File::create(&path).unwrap().write_all(bytes).unwrap();
+    std::fs::File::create(&path)
+        .unwrap()
+        .write_all(bytes)
+        .unwrap();
     path
 }
 
@@ -24,7 +27,10 @@ fn build_err(config: VmConfig) -> Error {
 #[test]
 fn missing_kernel() {
     let err = build_err(VmConfig::new("/nonexistent/vmlinux"));
-    assert!(matches!(err, Error::Loader(ember_loader::Error::Open { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Loader(ember_loader::Error::Open { .. })),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("/nonexistent/vmlinux"), "{err}");
 }
 
@@ -32,7 +38,10 @@ fn missing_kernel() {
 fn file_that_is_not_a_kernel() {
     let path = temp_file("not-a-kernel", &[0x5a; 8192]);
     let err = build_err(VmConfig::new(&path));
-    assert!(matches!(err, Error::Loader(ember_loader::Error::NotAKernel { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Loader(ember_loader::Error::NotAKernel { .. })),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("not-a-kernel"), "{err}");
 }
 
@@ -49,7 +58,10 @@ fn memory_too_small() {
     let mut cfg = VmConfig::new(probe_elf());
     cfg.memory_mib = 4;
     let err = build_err(cfg);
-    assert!(matches!(err, Error::Memory(ember_memory::Error::TooSmall { .. })), "{err:?}");
+    assert!(
+        matches!(err, Error::Memory(ember_memory::Error::TooSmall { .. })),
+        "{err:?}"
+    );
 }
 
 #[test]
@@ -63,7 +75,10 @@ fn initramfs_that_does_not_fit() {
     cfg.memory_mib = 64;
     cfg.initrd = Some(path);
     let err = build_err(cfg);
-    assert!(matches!(err, Error::Loader(_) | Error::Memory(_)), "{err:?}");
+    assert!(
+        matches!(err, Error::Loader(_) | Error::Memory(_)),
+        "{err:?}"
+    );
     assert!(err.to_string().to_lowercase().contains("initr"), "{err}");
 }
 
@@ -73,7 +88,10 @@ fn command_line_too_long() {
     cfg.cmdline = "x".repeat(5000);
     let err = build_err(cfg);
     assert!(
-        matches!(err, Error::Loader(ember_loader::Error::CmdlineTooLong { .. })),
+        matches!(
+            err,
+            Error::Loader(ember_loader::Error::CmdlineTooLong { .. })
+        ),
         "{err:?}"
     );
 }
@@ -111,7 +129,10 @@ fn unknown_cpu_template() {
     cfg = VmConfig::new(probe_elf());
     cfg.cpu_template = Some("/nonexistent/template.json".into());
     let err = build_err(cfg);
-    assert!(err.to_string().contains("/nonexistent/template.json"), "{err}");
+    assert!(
+        err.to_string().contains("/nonexistent/template.json"),
+        "{err}"
+    );
 }
 
 /// The probe ELF with its PVH note's type changed, so it offers only the Linux 64-bit entry.
@@ -167,12 +188,17 @@ fn guest_emulation_failure_is_reported_with_rip_and_bytes() {
             assert_eq!(*rip, 0x10_0000);
             assert_eq!(&insn[..4], &[0xf3, 0x0f, 0xb8, 0xc1]);
             let msg = run.outcome.exit.to_string();
-            assert!(msg.contains("emulation failure") && msg.contains("0x100000"), "{msg}");
+            assert!(
+                msg.contains("emulation failure") && msg.contains("0x100000"),
+                "{msg}"
+            );
             assert!(msg.contains("f3 0f b8 c1"), "{msg}");
         }
         ember_vmm::VmExit::Reset => {
             // popcnt ran: only acceptable where KVM runs guest ring 0 natively.
-            let probe = ember_test_support::boot_probe(&ember_test_support::ProbeOptions::new("ring0")).unwrap();
+            let probe =
+                ember_test_support::boot_probe(&ember_test_support::ProbeOptions::new("ring0"))
+                    .unwrap();
             assert_eq!(probe.expect_ok("ring0").get("native"), Some("yes"));
             eprintln!("note: ring 0 is native here; popcnt executed, no emulation failure to see");
         }

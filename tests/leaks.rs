@@ -40,5 +40,8 @@ fn fifty_vms_leak_no_fds_threads_or_memory() {
     assert_eq!(threads1, threads0, "threads leaked");
     // Each VM's guest memory (128 MiB, partly touched by the probe) is unmapped at teardown;
     // allow allocator noise, far below one VM's touched memory.
-    assert!(rss1 < rss0 + 4096, "RSS grew from {rss0} KiB to {rss1} KiB over 50 VMs");
+    assert!(
+        rss1 < rss0 + 4096,
+        "RSS grew from {rss0} KiB to {rss1} KiB over 50 VMs"
+    );
 }

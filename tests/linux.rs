@@ -78,7 +78,8 @@ fn printed_e820_lines(output: &str) -> Vec<String> {
 
 /// Boots `kernel` until the kernel has printed past its memory map, then stops it.
 fn early_boot(kernel: PathBuf, protocol: Option<BootProtocolChoice>, memory_mib: u64) -> ProbeRun {
-    let cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {HOST_COMPAT} ember.test=early");
+    let cmdline =
+        format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {HOST_COMPAT} ember.test=early");
     let mut config = VmConfig::new(kernel);
     config.cmdline = cmdline;
     config.memory_mib = memory_mib;
@@ -103,7 +104,10 @@ fn assert_early_boot(run: &ProbeRun) {
         VmExit::Stopped,
         "the kernel should still be running when the test stops it; console:\n{out}"
     );
-    assert!(out.contains("Linux version 6.1"), "no banner; console:\n{out}");
+    assert!(
+        out.contains("Linux version 6.1"),
+        "no banner; console:\n{out}"
+    );
     assert!(
         out.contains(&format!("Command line: {}", run.cmdline)),
         "command line not echoed; console:\n{out}"
@@ -168,7 +172,11 @@ fn debian_cloud_bzimage_early_boot() {
     let run = early_boot(path, None, 512);
     let out = &run.output;
     assert!(out.contains("Linux version"), "{out}");
-    assert_eq!(printed_e820_lines(out), expected_e820_lines(&run.layout), "{out}");
+    assert_eq!(
+        printed_e820_lines(out),
+        expected_e820_lines(&run.layout),
+        "{out}"
+    );
 }
 
 /// Whether this host's KVM runs guest ring 0 natively, judged by the probe's `ring0` check.
@@ -205,9 +213,19 @@ fn full_boot_to_init_where_ring0_is_native() {
     let run = boot_with_config(config, &opts).unwrap();
     let out = &run.output;
     assert!(out.contains("EMBER-INIT-OK"), "{out}");
-    assert!(out.contains("EMBER-ECHO 42") || out.contains("EMBER-ECHO_42"), "{out}");
-    assert_eq!(run.outcome.exit, VmExit::Reset, "reboot -f should end the VMM; {out}");
-    assert!(run.outcome.boot_time.is_some(), "/init writes the boot timer");
+    assert!(
+        out.contains("EMBER-ECHO 42") || out.contains("EMBER-ECHO_42"),
+        "{out}"
+    );
+    assert_eq!(
+        run.outcome.exit,
+        VmExit::Reset,
+        "reboot -f should end the VMM; {out}"
+    );
+    assert!(
+        run.outcome.boot_time.is_some(),
+        "/init writes the boot timer"
+    );
 }
 
 /// Boots the minimal kernel with `vcpus` until it has parsed the MADT and sized its CPU map.
@@ -234,7 +252,12 @@ fn linux_finds_every_acpi_table_and_uses_the_madt_for_smp() {
     if !kvm_or_skip("linux_finds_every_acpi_table_and_uses_the_madt_for_smp") {
         return;
     }
-    if artifact("vmlinux", "linux_finds_every_acpi_table_and_uses_the_madt_for_smp").is_none() {
+    if artifact(
+        "vmlinux",
+        "linux_finds_every_acpi_table_and_uses_the_madt_for_smp",
+    )
+    .is_none()
+    {
         return;
     }
     for vcpus in [2u8, 4] {
@@ -247,14 +270,29 @@ fn linux_finds_every_acpi_table_and_uses_the_madt_for_smp() {
                 "Linux did not list the {table} table; console:\n{out}"
             );
         }
-        assert!(out.contains("ACPI: Using ACPI (MADT) for SMP configuration information"), "{out}");
+        assert!(
+            out.contains("ACPI: Using ACPI (MADT) for SMP configuration information"),
+            "{out}"
+        );
         assert!(
             out.contains(&format!("smpboot: Allowing {vcpus} CPUs, 0 hotplug CPUs")),
             "{out}"
         );
-        assert!(out.contains("ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2"), "{out}");
-        for bad in ["ACPI Error", "ACPI BIOS Error", "ACPI Warning", "Incorrect checksum", "Invalid"] {
-            assert!(!out.contains(bad), "Linux complained ({bad}); console:\n{out}");
+        assert!(
+            out.contains("ACPI: INT_SRC_OVR (bus 0 bus_irq 0 global_irq 2"),
+            "{out}"
+        );
+        for bad in [
+            "ACPI Error",
+            "ACPI BIOS Error",
+            "ACPI Warning",
+            "Incorrect checksum",
+            "Invalid",
+        ] {
+            assert!(
+                !out.contains(bad),
+                "Linux complained ({bad}); console:\n{out}"
+            );
         }
     }
 }

@@ -28,12 +28,22 @@ fn boot_all_checks(protocol: BootProtocolChoice, memory_mib: u64) -> ProbeRun {
 
     // The map the guest was handed is the layout Ember computed, entry for entry.
     let memmap = run.expect_ok("memmap");
-    assert_eq!(memmap.get("ram"), Some(format_ram_list(&run.layout).as_str()));
-    let source = if protocol == BootProtocolChoice::Pvh { "pvh" } else { "e820" };
+    assert_eq!(
+        memmap.get("ram"),
+        Some(format_ram_list(&run.layout).as_str())
+    );
+    let source = if protocol == BootProtocolChoice::Pvh {
+        "pvh"
+    } else {
+        "e820"
+    };
     assert_eq!(memmap.get("source"), Some(source));
 
     // The command line arrives intact.
-    assert_eq!(run.expect_ok("cmdline").get("text"), Some(run.cmdline.as_str()));
+    assert_eq!(
+        run.expect_ok("cmdline").get("text"),
+        Some(run.cmdline.as_str())
+    );
 
     // The boot timer write was recorded by the VMM.
     assert!(run.outcome.boot_time.is_some(), "boot timer not recorded");
@@ -81,7 +91,10 @@ fn pvh_4608_mib() {
         return;
     }
     let run = boot_all_checks(BootProtocolChoice::Pvh, 4608);
-    assert_eq!(run.layout.ram_end(), (4 << 30) + (4608u64 << 20) - 0xd000_0000);
+    assert_eq!(
+        run.layout.ram_end(),
+        (4 << 30) + (4608u64 << 20) - 0xd000_0000
+    );
 }
 
 #[test]

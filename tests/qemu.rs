@@ -20,16 +20,15 @@ fn boot_under_qemu(memory_mib: u64, checks: &str) -> (String, Vec<ProbeLine>) {
     boot_under_qemu_with(memory_mib, checks, &["-M", "microvm"])
 }
 
-fn boot_under_qemu_with(memory_mib: u64, checks: &str, machine: &[&str]) -> (String, Vec<ProbeLine>) {
+fn boot_under_qemu_with(
+    memory_mib: u64,
+    checks: &str,
+    machine: &[&str],
+) -> (String, Vec<ProbeLine>) {
     let qemu = qemu().unwrap();
     let child = Command::new(qemu)
         .args(machine)
-        .args([
-            "-enable-kvm",
-            "-cpu",
-            "host,-arch-capabilities",
-            "-m",
-        ])
+        .args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m"])
         .arg(memory_mib.to_string())
         .args([
             "-nodefaults",
@@ -159,7 +158,10 @@ fn probe_drives_qemus_virtio_blk_too() {
             "virtio-blk-device,drive=d1,serial=RODISK",
         ],
     );
-    let virtio = lines.iter().find(|l| l.check == "virtio").expect("virtio line");
+    let virtio = lines
+        .iter()
+        .find(|l| l.check == "virtio")
+        .expect("virtio line");
     assert_eq!(virtio.status, Status::Ok, "{text}");
     assert_eq!(virtio.get("devices"), Some("2"), "{text}");
     let blk: Vec<_> = lines.iter().filter(|l| l.check == "blk").collect();

@@ -21,23 +21,42 @@ fn acpi_and_smp_with_1_2_4_and_32_vcpus() {
         let acpi = run.expect_ok("acpi");
         let want_cpus = n.to_string();
         assert_eq!(acpi.get("cpus"), Some(want_cpus.as_str()), "{}", run.output);
-        assert_eq!(acpi.get("apic_ids"), Some(ids(n).as_str()), "{}", run.output);
+        assert_eq!(
+            acpi.get("apic_ids"),
+            Some(ids(n).as_str()),
+            "{}",
+            run.output
+        );
         assert_eq!(acpi.get("ioapics"), Some("1"), "{}", run.output);
         assert_eq!(acpi.get("s5"), Some("5"), "{}", run.output);
         let tables = acpi.get("tables").unwrap();
         for t in ["FACP", "APIC", "DSDT"] {
             assert!(tables.contains(t), "{t} missing from {tables}");
         }
-        assert!(acpi.get("devices").unwrap().contains("PNP0501:1"), "{}", run.output);
+        assert!(
+            acpi.get("devices").unwrap().contains("PNP0501:1"),
+            "{}",
+            run.output
+        );
 
         let smp = run.expect_ok("smp");
         assert_eq!(smp.get("cpus"), Some(want_cpus.as_str()));
-        assert_eq!(smp.get("started"), Some((n - 1).to_string().as_str()), "{}", run.output);
+        assert_eq!(
+            smp.get("started"),
+            Some((n - 1).to_string().as_str()),
+            "{}",
+            run.output
+        );
         assert_eq!(smp.get("ring3"), Some(want_cpus.as_str()), "{}", run.output);
         assert_eq!(smp.get("apic_ids"), Some(ids(n).as_str()), "{}", run.output);
 
         let cpuid = run.expect_ok("cpuid");
-        assert_eq!(cpuid.get("logical"), Some(want_cpus.as_str()), "{}", run.output);
+        assert_eq!(
+            cpuid.get("logical"),
+            Some(want_cpus.as_str()),
+            "{}",
+            run.output
+        );
         assert_eq!(cpuid.get("hypervisor"), Some("KVMKVMKVM"), "{}", run.output);
     }
 }
@@ -60,7 +79,11 @@ fn acpi_poweroff_ends_the_vmm_cleanly() {
 /// Ember appended for it.
 fn assert_hidden(run: &ember_test_support::ProbeRun, features: &[(&str, &str)]) {
     let cpuid = run.expect_ok("cpuid");
-    let cmdline = run.expect_ok("cmdline").get("text").unwrap_or("").to_string();
+    let cmdline = run
+        .expect_ok("cmdline")
+        .get("text")
+        .unwrap_or("")
+        .to_string();
     let clearcpuid: Vec<&str> = cmdline
         .split(' ')
         .filter_map(|w| w.strip_prefix("clearcpuid="))
@@ -98,7 +121,12 @@ fn cpu_templates_reach_the_guest() {
     let emulated = boot_probe(&ProbeOptions::new(checks).cpu_template("emulated-ring0")).unwrap();
     emulated.expect_all_ok(checks);
     // CX16 is a bit KVM honours everywhere: the template hides it from CPUID itself.
-    assert_eq!(emulated.expect_ok("cpuid").get("cx16"), Some("no"), "{}", emulated.output);
+    assert_eq!(
+        emulated.expect_ok("cpuid").get("cx16"),
+        Some("no"),
+        "{}",
+        emulated.output
+    );
     assert_hidden(&emulated, EMULATED_RING0_HIDES);
 
     let host = boot_probe(&ProbeOptions::new(checks)).unwrap();
@@ -107,9 +135,21 @@ fn cpu_templates_reach_the_guest() {
     let kvm = kvm_ioctls::Kvm::new().unwrap();
     let supported = ember_vcpu::cpuid::supported(&kvm).unwrap();
     let leaf1 = ember_vcpu::cpuid::find(&supported, 1, 0).unwrap();
-    let cx16 = if leaf1.ecx & (1 << 13) != 0 { "yes" } else { "no" };
-    assert_eq!(host.expect_ok("cpuid").get("cx16"), Some(cx16), "{}", host.output);
-    assert_eq!(host.expect_ok("cmdline").get("text"), Some(host.cmdline.as_str()));
+    let cx16 = if leaf1.ecx & (1 << 13) != 0 {
+        "yes"
+    } else {
+        "no"
+    };
+    assert_eq!(
+        host.expect_ok("cpuid").get("cx16"),
+        Some(cx16),
+        "{}",
+        host.output
+    );
+    assert_eq!(
+        host.expect_ok("cmdline").get("text"),
+        Some(host.cmdline.as_str())
+    );
 }
 
 #[test]
@@ -125,6 +165,11 @@ fn json_cpu_template_from_a_file() {
     let checks = "cpuid,cmdline";
     let run = boot_probe(&ProbeOptions::new(checks).cpu_template(path.to_str().unwrap())).unwrap();
     run.expect_all_ok(checks);
-    assert_eq!(run.expect_ok("cpuid").get("cx16"), Some("no"), "{}", run.output);
+    assert_eq!(
+        run.expect_ok("cpuid").get("cx16"),
+        Some("no"),
+        "{}",
+        run.output
+    );
     assert_hidden(&run, EMULATED_RING0_HIDES);
 }

@@ -48,7 +48,12 @@ fn assert_written(path: &Path) {
             wrong += 1;
         }
     }
-    assert_eq!(wrong, 0, "{wrong} bytes of {} differ from the expected image", path.display());
+    assert_eq!(
+        wrong,
+        0,
+        "{wrong} bytes of {} differ from the expected image",
+        path.display()
+    );
 }
 
 fn assert_untouched(path: &Path) {
@@ -80,7 +85,10 @@ fn guest_writes_reach_the_image_and_survive_the_vm() {
     assert_eq!(virtio.get("acpi"), Some("1"), "{}", run.output);
     assert_eq!(virtio.get("versions"), Some("2"), "{}", run.output);
     let disk = &run.outcome.disks[0];
-    assert_eq!(virtio.get("bases"), Some(format!("{:#x}", disk.mmio_base).as_str()));
+    assert_eq!(
+        virtio.get("bases"),
+        Some(format!("{:#x}", disk.mmio_base).as_str())
+    );
     assert_eq!(virtio.get("gsis"), Some(disk.gsi.to_string().as_str()));
 
     let blk = run.expect_ok("blk");
@@ -90,7 +98,11 @@ fn guest_writes_reach_the_image_and_survive_the_vm() {
     for k in ["read", "write", "flush", "readback"] {
         assert_eq!(blk.get(k), Some("ok"), "{k}: {}", run.output);
     }
-    assert!(disk.block.writes > 0 && disk.block.flushes > 0, "{:?}", disk.block);
+    assert!(
+        disk.block.writes > 0 && disk.block.flushes > 0,
+        "{:?}",
+        disk.block
+    );
     assert_eq!(disk.block.malformed_chains, 0);
     assert_written(&img);
 }
@@ -102,8 +114,12 @@ fn read_only_disk_refuses_writes_and_stays_unchanged() {
     }
     let img = image("ro.img");
     let checks = "virtio,blk";
-    let run =
-        boot_probe(&ProbeOptions::new(checks).disk(&img, true, None).cmdline(BLK_PARAMS)).unwrap();
+    let run = boot_probe(
+        &ProbeOptions::new(checks)
+            .disk(&img, true, None)
+            .cmdline(BLK_PARAMS),
+    )
+    .unwrap();
     run.expect_all_ok(checks);
     let blk = run.expect_ok("blk");
     assert_eq!(blk.get("ro"), Some("yes"), "{}", run.output);
@@ -165,8 +181,12 @@ fn hostile_driver_cannot_hurt_the_vmm() {
     }
     let img = image("hostile.img");
     let checks = "hostile,blk";
-    let run =
-        boot_probe(&ProbeOptions::new(checks).disk(&img, false, None).cmdline(BLK_PARAMS)).unwrap();
+    let run = boot_probe(
+        &ProbeOptions::new(checks)
+            .disk(&img, false, None)
+            .cmdline(BLK_PARAMS),
+    )
+    .unwrap();
     // The VMM survived everything and still serves valid requests afterwards.
     run.expect_all_ok(checks);
     assert_eq!(run.expect_ok("hostile").get("valid_read"), Some("ok"));

@@ -375,7 +375,11 @@ mod tests {
         assert_eq!(l.ram_ranges(), vec![(GuestAddress(0), 0x800_0000usize)]);
         assert_eq!(
             l.e820(),
-            vec![ram(0, 0x9_fc00), legacy(), ram(0x10_0000, 0x800_0000 - 0x10_0000)]
+            vec![
+                ram(0, 0x9_fc00),
+                legacy(),
+                ram(0x10_0000, 0x800_0000 - 0x10_0000)
+            ]
         );
         assert_eq!(l.mmio32_window(), (0xd000_0000, 0xfec0_0000 - 0xd000_0000));
     }

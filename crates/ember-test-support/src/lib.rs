@@ -339,21 +339,17 @@ impl Write for Console {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
         let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
         buf.extend_from_slice(data);
-        if data.contains(&b'\n') {
-            if let Some(needle) = &self.stop_when {
-                if contains(&buf, needle) {
-                    if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                        h.stop();
-                    }
-                }
-            }
+        if !data.contains(&b'\n') {
+            return Ok(data.len());
         }
-        if self.reply.is_some() && data.contains(&b'\n') {
-            if contains(&buf, WAITING_INPUT) {
-                if let Some(h) = self.handle.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                    if let Some(reply) = self.reply.take() {
-                        h.send_serial(&reply);
-                    }
+        let handle = self.handle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = handle.as_ref() {
+            if matches!(&self.stop_when, Some(needle) if contains(&buf, needle)) {
+                h.stop();
+            }
+            if self.reply.is_some() && contains(&buf, WAITING_INPUT) {
+                if let Some(reply) = self.reply.take() {
+                    h.send_serial(&reply);
                 }
             }
         }
@@ -405,7 +401,8 @@ pub fn boot_with_config(
     let _ = watchdog.join();
     let outcome = outcome?;
 
-    let output = String::from_utf8_lossy(&buf.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
+    let output =
+        String::from_utf8_lossy(&buf.lock().unwrap_or_else(|p| p.into_inner())).into_owned();
     let lines = output.lines().filter_map(ProbeLine::parse).collect();
     Ok(ProbeRun {
         output,
@@ -427,26 +424,6 @@ pub fn format_ram_list(layout: &MemoryLayout) -> String {
         .join(",")
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_probe_lines() {
-        let l = ProbeLine::parse("PROBE memmap ok source=e820 entries=2 ram=0x0-0x9fc00\r\n").unwrap();
-        assert_eq!(l.check, "memmap");
-        assert!(l.is_ok());
-        assert_eq!(l.get("entries"), Some("2"));
-        let l = ProbeLine::parse("PROBE cmdline ok len=20 text=probe=cmdline foo=bar").unwrap();
-        assert_eq!(l.get("text"), Some("probe=cmdline foo=bar"));
-        let l = ProbeLine::parse("PROBE start entry=pvh ring=3").unwrap();
-        assert_eq!(l.get("entry"), Some("pvh"));
-        assert_eq!(l.get("ring"), Some("3"));
-        let l = ProbeLine::parse("PROBE serial FAIL loopback mismatch").unwrap();
-        assert_eq!(l.status, Status::Fail);
-        assert!(ProbeLine::parse("Linux version 6.1").is_none());
-    }
-}
 
 /// A minimal x86_64 ELF kernel (no PVH note) whose 64-bit entry at 1 MiB runs `code`.
 ///
@@ -502,4 +479,26 @@ pub fn write_blk_image(path: &Path, sectors: u64, seed: u8) -> std::io::Result<(
         .map(|i| blk_pattern_byte(i, seed))
         .collect();
     std::fs::write(path, bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_probe_lines() {
+        let l =
+            ProbeLine::parse("PROBE memmap ok source=e820 entries=2 ram=0x0-0x9fc00\r\n").unwrap();
+        assert_eq!(l.check, "memmap");
+        assert!(l.is_ok());
+        assert_eq!(l.get("entries"), Some("2"));
+        let l = ProbeLine::parse("PROBE cmdline ok len=20 text=probe=cmdline foo=bar").unwrap();
+        assert_eq!(l.get("text"), Some("probe=cmdline foo=bar"));
+        let l = ProbeLine::parse("PROBE start entry=pvh ring=3").unwrap();
+        assert_eq!(l.get("entry"), Some("pvh"));
+        assert_eq!(l.get("ring"), Some("3"));
+        let l = ProbeLine::parse("PROBE serial FAIL loopback mismatch").unwrap();
+        assert_eq!(l.status, Status::Fail);
+        assert!(ProbeLine::parse("Linux version 6.1").is_none());
+    }
 }

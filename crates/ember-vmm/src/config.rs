@@ -284,7 +284,8 @@ mod tests {
     #[test]
     fn vcpu_count_checked() {
         for n in [0u8, 33, 200] {
-            let err = VmConfig::from_json(&format!(r#"{{"kernel":"/k","vcpus":{n}}}"#)).unwrap_err();
+            let err =
+                VmConfig::from_json(&format!(r#"{{"kernel":"/k","vcpus":{n}}}"#)).unwrap_err();
             assert!(matches!(err, ConfigError::VcpuCount { requested, .. } if requested == n));
         }
     }

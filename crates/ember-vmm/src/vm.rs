@@ -2,11 +2,11 @@
 
 use std::collections::VecDeque;
 use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -86,7 +86,10 @@ impl std::fmt::Display for VmExit {
             VmExit::GuestPanic => write!(f, "guest panic"),
             VmExit::TripleFault => write!(f, "guest triple fault (KVM_EXIT_SHUTDOWN)"),
             VmExit::EmulationFailure { rip, insn } => {
-                write!(f, "emulation failure: KVM could not emulate the instruction at rip {rip:#x}")?;
+                write!(
+                    f,
+                    "emulation failure: KVM could not emulate the instruction at rip {rip:#x}"
+                )?;
                 if insn.is_empty() {
                     write!(f, " (instruction bytes unreadable)")
                 } else {
@@ -358,12 +361,11 @@ impl Vm {
                 wanted
             }
         };
-        let kvm_path = CString::new(b.kvm_path.as_os_str().as_bytes()).map_err(|_| {
-            Error::KvmOpen {
+        let kvm_path =
+            CString::new(b.kvm_path.as_os_str().as_bytes()).map_err(|_| Error::KvmOpen {
                 path: b.kvm_path.clone(),
                 source: kvm_ioctls::Error::new(libc::EINVAL),
-            }
-        })?;
+            })?;
         let kvm = Kvm::new_with_path(&kvm_path).map_err(|source| Error::KvmOpen {
             path: b.kvm_path.clone(),
             source,
@@ -381,7 +383,9 @@ impl Vm {
         }
         timings.record("kvm open", &mut t);
 
-        let vm_fd = kvm.create_vm().map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
+        let vm_fd = kvm
+            .create_vm()
+            .map_err(|e| Error::Kvm("KVM_CREATE_VM", e))?;
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
@@ -574,17 +578,8 @@ impl Vm {
             None
         };
         ember_boot::mptable::write_mptable(&memory, config.vcpus)?;
-        let boot = write_boot_params(
-            &memory,
-            &layout,
-            &kernel,
-            protocol,
-            &cmdline,
-            initrd,
-            rsdp,
-        )?;
+        let boot = write_boot_params(&memory, &layout, &kernel, protocol, &cmdline, initrd, rsdp)?;
         timings.record("boot params", &mut t);
-
 
         for (vcpu, cpuid) in vcpus.iter().zip(&cpuids) {
             if vcpu.id() == 0 {
@@ -790,10 +785,7 @@ fn host_compat_params(
     let effective = bsp.effective_cpuid()?;
     let overrides = ember_vcpu::template::overridden_bits(requested, &effective);
     let mut words = Vec::new();
-    if overrides
-        .iter()
-        .any(|o| o.linux_names().contains(&"xsave"))
-    {
+    if overrides.iter().any(|o| o.linux_names().contains(&"xsave")) {
         words.push("noxsave".to_string());
     }
     let names = ember_vcpu::template::linux_clearcpuid(&overrides);
@@ -1023,11 +1015,7 @@ fn event_loop(
                                 != std::io::ErrorKind::WouldBlock
                         {
                             // End of input (or an error): stop watching it; the guest runs on.
-                            let _ = epoll.ctl(
-                                ControlOperation::Delete,
-                                fd,
-                                EpollEvent::default(),
-                            );
+                            let _ = epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
                             stdin_open = false;
                         }
                     }
