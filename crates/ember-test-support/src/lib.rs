@@ -167,8 +167,11 @@ pub struct ProbeOptions {
     pub disks: Vec<ember_vmm::DiskConfig>,
     /// Write ACPI tables (default true).
     pub acpi: bool,
-    /// Bytes typed on the console once the probe prints `PROBE serial waiting-input`.
+    /// Bytes typed on the console once the output contains [`ProbeOptions::input_after`].
     pub serial_input: Option<Vec<u8>>,
+    /// The text whose appearance makes the console type `serial_input` (default: the probe's
+    /// `PROBE serial waiting-input`).
+    pub input_after: String,
     /// Stop the VM (and fail) after this long.
     pub timeout: Duration,
     /// Stop the VM as soon as the console output contains this text (the run then ends with
@@ -189,6 +192,7 @@ impl ProbeOptions {
             disks: Vec::new(),
             acpi: true,
             serial_input: None,
+            input_after: String::from_utf8_lossy(WAITING_INPUT).into_owned(),
             timeout: Duration::from_secs(60),
             stop_when: None,
         }
@@ -325,6 +329,7 @@ impl ProbeRun {
 struct Console {
     buf: Arc<Mutex<Vec<u8>>>,
     reply: Option<Vec<u8>>,
+    reply_after: Vec<u8>,
     stop_when: Option<Vec<u8>>,
     handle: Arc<Mutex<Option<VmHandle>>>,
 }
@@ -347,7 +352,7 @@ impl Write for Console {
             if matches!(&self.stop_when, Some(needle) if contains(&buf, needle)) {
                 h.stop();
             }
-            if self.reply.is_some() && contains(&buf, WAITING_INPUT) {
+            if self.reply.is_some() && contains(&buf, &self.reply_after) {
                 if let Some(reply) = self.reply.take() {
                     h.send_serial(&reply);
                 }
@@ -378,6 +383,7 @@ pub fn boot_with_config(
     let console = Console {
         buf: buf.clone(),
         reply: opts.serial_input.clone(),
+        reply_after: opts.input_after.as_bytes().to_vec(),
         stop_when: opts.stop_when.as_ref().map(|s| s.as_bytes().to_vec()),
         handle: handle_slot.clone(),
     };
@@ -423,7 +429,6 @@ pub fn format_ram_list(layout: &MemoryLayout) -> String {
         .collect::<Vec<_>>()
         .join(",")
 }
-
 
 /// A minimal x86_64 ELF kernel (no PVH note) whose 64-bit entry at 1 MiB runs `code`.
 ///
