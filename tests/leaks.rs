@@ -26,13 +26,35 @@ fn fifty_vms_leak_no_fds_threads_or_memory() {
     if !kvm_or_skip("fifty_vms_leak_no_fds_threads_or_memory") {
         return;
     }
-    let opts = ProbeOptions::new("cmdline,memmap");
+    let dir = std::env::temp_dir().join(format!("ember-leaks-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    ember_test_support::write_blk_image(&img, 2048, 0x5a).unwrap();
+    // Two vCPUs, a disk, and both clean ends: reset and ACPI poweroff, alternately.
+    let reset = ProbeOptions::new("cmdline,smp,virtio")
+        .vcpus(2)
+        .disk(&img, false, None);
+    let poweroff = ProbeOptions::new("smp,virtio,poweroff")
+        .vcpus(2)
+        .disk(&img, true, None);
     // Warm-up: first-use allocations (probe path, allocator arenas, signal handler) happen once.
-    boot_probe(&opts).unwrap().expect_all_ok("cmdline,memmap");
+    boot_probe(&reset)
+        .unwrap()
+        .expect_all_ok("cmdline,smp,virtio");
+    boot_probe(&poweroff)
+        .unwrap()
+        .expect_all_ok("smp,virtio,poweroff");
     let (fds0, threads0, rss0) = (open_fds(), threads(), rss_kib());
-    for _ in 0..50 {
-        let run = boot_probe(&opts).unwrap();
-        run.expect_all_ok("cmdline,memmap");
+    for i in 0..50 {
+        if i % 2 == 0 {
+            boot_probe(&reset)
+                .unwrap()
+                .expect_all_ok("cmdline,smp,virtio");
+        } else {
+            boot_probe(&poweroff)
+                .unwrap()
+                .expect_all_ok("smp,virtio,poweroff");
+        }
     }
     let (fds1, threads1, rss1) = (open_fds(), threads(), rss_kib());
     eprintln!("fds {fds0}->{fds1}, threads {threads0}->{threads1}, rss {rss0}->{rss1} KiB");

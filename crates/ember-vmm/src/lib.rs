@@ -21,6 +21,7 @@
 #![deny(missing_docs)]
 
 mod config;
+mod control;
 mod error;
 mod vm;
 

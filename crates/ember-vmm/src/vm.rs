@@ -5,9 +5,7 @@ use std::ffi::CString;
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::os::unix::thread::JoinHandleExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -33,6 +31,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::{BootProtocolChoice, VmConfig};
+use crate::control::VcpuControl;
 use crate::error::Error;
 use crate::process_start;
 
@@ -183,6 +182,9 @@ pub struct VmHandle {
     stop_evt: Arc<EventFd>,
     input_evt: Arc<EventFd>,
     input: Arc<Mutex<VecDeque<u8>>>,
+    control: Arc<VcpuControl>,
+    // Weak: a console sink may hold a handle, and the devices hold the sink.
+    io: std::sync::Weak<DeviceIo>,
 }
 
 impl VmHandle {
@@ -190,6 +192,29 @@ impl VmHandle {
     pub fn stop(&self) {
         // An eventfd write only fails if the counter would overflow, which a stop cannot cause.
         let _ = self.stop_evt.write(1);
+    }
+
+    /// Pauses every vCPU: returns once none is inside `KVM_RUN` (at most about 5 s; `false`
+    /// if some vCPU did not leave in that time). Devices and the event loop keep running.
+    pub fn pause(&self) -> bool {
+        self.control.pause()
+    }
+
+    /// Resumes vCPUs paused by [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Guest port and MMIO accesses so far that hit no device (e.g. the probe's exit loop).
+    pub fn unhandled_io(&self) -> u64 {
+        self.io
+            .upgrade()
+            .map_or(0, |io| io.pio.unhandled() + io.mmio.unhandled())
     }
 
     /// A descriptor that stops the VM when an 8-byte native-endian non-zero integer is written
@@ -594,6 +619,8 @@ impl Vm {
             stop_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
             input_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
             input: Arc::new(Mutex::new(VecDeque::new())),
+            control: Arc::new(VcpuControl::default()),
+            io: Arc::downgrade(&io),
         };
 
         Ok(Vm {
@@ -658,7 +685,7 @@ impl Vm {
     /// Every vCPU thread is joined before this returns.
     pub fn run(self) -> Result<VmOutcome, Error> {
         ember_vcpu::kick::init()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = self.handle.control.clone();
         let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
         let first_run: Arc<OnceLock<Duration>> = Arc::new(OnceLock::new());
         let results: Arc<Mutex<Vec<VmExit>>> = Arc::new(Mutex::new(Vec::new()));
@@ -666,22 +693,26 @@ impl Vm {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
             let io = self.io.clone();
-            let thread_stop = stop.clone();
+            let thread_control = control.clone();
             let memory = self.memory.clone();
             let exit_evt = match vcpu_exit_evt.try_clone() {
                 Ok(evt) => evt,
                 Err(e) => {
-                    stop_and_join(&stop, threads);
+                    stop_and_join(&control, threads);
                     return Err(Error::EventFd(e));
                 }
             };
             let results = results.clone();
             let first_run = first_run.clone();
+            // Registered before the thread starts, so a stop or pause right now reaches it.
+            let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    thread_control.enter();
+                    let _ = started_tx.send(());
                     let _ = first_run.set(process_start().elapsed());
-                    let exit = match vcpu.run(io.as_ref(), &thread_stop) {
+                    let exit = match thread_control.run(&mut vcpu, io.as_ref()) {
                         Ok(reason) => vcpu_stop_to_exit(&vcpu, &memory, reason),
                         Err(e) => VmExit::VcpuError(e.to_string()),
                     };
@@ -689,9 +720,12 @@ impl Vm {
                     let _ = exit_evt.write(1);
                 });
             match spawned {
-                Ok(t) => threads.push(t),
+                Ok(t) => {
+                    let _ = started_rx.recv();
+                    threads.push(t);
+                }
                 Err(e) => {
-                    stop_and_join(&stop, threads);
+                    stop_and_join(&control, threads);
                     return Err(Error::Thread(e));
                 }
             }
@@ -709,7 +743,7 @@ impl Vm {
             &results,
             &self.disks,
         );
-        stop_and_join(&stop, threads);
+        stop_and_join(&control, threads);
         let exit = loop_result?;
         drop(self.vm_fd);
         Ok(VmOutcome {
@@ -795,12 +829,8 @@ fn host_compat_params(
     Ok(words.join(" "))
 }
 
-fn stop_and_join(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::SeqCst);
-    for t in &threads {
-        // A thread that already finished cannot be signalled; ignore that error.
-        let _ = ember_vcpu::kick::kick(t.as_pthread_t());
-    }
+fn stop_and_join(control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
+    control.stop();
     for t in threads {
         let _ = t.join();
     }
