@@ -21,7 +21,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     .ok_or("--seconds takes a number")?;
             }
             t if TARGETS.contains(&t) => targets.push(t.to_string()),
-            other => return Err(format!("unknown fuzz argument or target `{other}` (targets: {TARGETS:?})")),
+            other => {
+                return Err(format!(
+                    "unknown fuzz argument or target `{other}` (targets: {TARGETS:?})"
+                ))
+            }
         }
     }
     if targets.is_empty() {

@@ -8,6 +8,7 @@
 //!   adds the Linux tier, `--fuzz` a fuzz run of every target, `--all` both (60 s per target).
 //! - `fuzz [--seconds N] [TARGET]`: run the cargo-fuzz targets (nightly).
 
+mod bench;
 mod fuzz;
 mod guest;
 mod probe;
@@ -23,6 +24,7 @@ fn main() -> ExitCode {
     };
     let result = match cmd.as_str() {
         "probe" => probe::run(rest),
+        "bench" => bench::run(rest),
         "guest" => guest::run(rest),
         "demo" => demo(rest),
         "test" => test(rest),
@@ -102,7 +104,11 @@ fn demo(args: &[String]) -> Result<(), String> {
                 .arg("--initrd")
                 .arg(dir.join("initramfs.cpio"))
                 .args(["--memory-mib", "256", "--cmdline"])
-                .arg(guest::DEMO_CMDLINE),
+                .arg(format!(
+                    "{} {}",
+                    guest::DEMO_CMDLINE,
+                    guest::HOST_COMPAT_ARGS
+                )),
         );
     }
     probe::run(&[])?;
@@ -131,21 +137,32 @@ fn test(args: &[String]) -> Result<(), String> {
         None if all => Some(60),
         None => None,
     };
-    // The probe guest and the peer VMM (QEMU) the comparison tests boot it under.
+    // The probe guest, and the peer VMM (QEMU) the comparison tests boot it under.
     probe::run(&[])?;
-    if let Err(e) = ensure_packages(&["qemu-system-x86"]) {
+    if let Err(e) = ensure_packages(&["qemu-system-x86", "e2fsprogs"]) {
         eprintln!("xtask: warning: could not install QEMU ({e}); the QEMU tests will skip");
     }
-    if linux {
-        guest::run(&[])?;
-    }
-    let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--all-targets"]);
-    if linux {
-        cmd.env("EMBER_LINUX_TESTS", "1");
-    }
-    run_cmd(&mut cmd)?;
+    run_cmd(cargo().args(["test", "--workspace", "--all-targets"]))?;
     run_cmd(cargo().args(["test", "--workspace", "--doc"]))?;
+    if linux {
+        // The Linux tier: our minimal kernel and Debian's cloud kernel, one test at a time
+        // (each is a CPU-bound emulation of guest ring 0 on hosts like Ember's).
+        guest::run(&[])?;
+        guest::run(&["--debian-cloud".to_string()])?;
+        run_cmd(
+            cargo()
+                .args([
+                    "test",
+                    "-p",
+                    "ember",
+                    "--test",
+                    "linux",
+                    "--",
+                    "--test-threads=1",
+                ])
+                .env("EMBER_LINUX_TESTS", "1"),
+        )?;
+    }
     if let Some(secs) = fuzz_seconds {
         fuzz::run(&["--seconds".to_string(), secs.to_string()])?;
     }
