@@ -37,6 +37,9 @@ struct Args {
     /// A virtio-blk disk: `path[,ro][,id=serial]` (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]")]
     disks: Vec<String>,
+    /// Create the legacy i8254 PIT (for kernels that boot without ACPI and want it).
+    #[arg(long)]
+    pit: bool,
     /// Do not write ACPI tables (the guest then finds virtio devices on the command line).
     #[arg(long)]
     no_acpi: bool,
@@ -148,6 +151,9 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
             d.parse()
                 .map_err(|e: ember_vmm::ConfigError| e.to_string())?,
         );
+    }
+    if args.pit {
+        config.pit = true;
     }
     if args.no_acpi {
         config.acpi = false;

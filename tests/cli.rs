@@ -264,3 +264,27 @@ fn sigterm_stops_within_a_second_and_restores_the_terminal() {
         "terminal input modes not restored"
     );
 }
+
+#[test]
+fn acpi_poweroff_exits_zero_with_every_vcpu_joined() {
+    if !kvm_or_skip("acpi_poweroff_exits_zero_with_every_vcpu_joined") {
+        return;
+    }
+    let kernel = probe_elf();
+    let out = run(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--vcpus",
+            "4",
+            "--cmdline",
+            "probe=smp,poweroff",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("PROBE smp ok cpus=4 started=3"), "{stdout}");
+    assert!(stderr.contains("guest powered off"), "{stderr}");
+}

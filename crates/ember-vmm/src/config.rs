@@ -114,6 +114,11 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest finds them (by MMIO address).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// Create the in-kernel i8254 PIT (off by default). The FADT declares hardware-reduced
+    /// ACPI, under which Linux uses neither PIT nor PIC; a kernel booted through the MP table
+    /// alone may want it. Tearing a VM down with a PIT waits ~15 ms longer on PVM hosts.
+    #[serde(default)]
+    pub pit: bool,
     /// Describe the machine with ACPI tables (default). Without them the guest finds its CPUs
     /// in the MP table and its virtio-mmio devices on the command line.
     #[serde(default = "default_true")]
@@ -182,6 +187,7 @@ impl VmConfig {
             vcpus: default_vcpus(),
             cpu_template: None,
             disks: Vec::new(),
+            pit: false,
             acpi: true,
             boot_protocol: None,
         }
