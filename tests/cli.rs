@@ -6,17 +6,27 @@ use std::process::{Command, Output, Stdio};
 
 use ember_test_support::{kvm_or_skip, probe_elf};
 
+/// The example binaries, built once (`cargo test --all-targets` compiles examples only as
+/// test harnesses) into the profile directory this test runs from.
 fn microvm() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
     // target/<profile>/deps/cli-<hash> -> target/<profile>/examples/microvm
     let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap();
-    let bin = profile_dir.join("examples/microvm");
-    assert!(
-        bin.exists(),
-        "{} not built (cargo test builds examples)",
-        bin.display()
-    );
-    bin
+    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["build", "--quiet", "--example", "microvm", "--example", "minimal"])
+            .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building the examples failed");
+    });
+    profile_dir.join("examples/microvm")
 }
 
 fn run(args: &[&str], stdin: &[u8]) -> Output {
