@@ -18,7 +18,14 @@ fn microvm() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "--example", "microvm", "--example", "minimal"])
+            .args([
+                "build",
+                "--quiet",
+                "--example",
+                "microvm",
+                "--example",
+                "minimal",
+            ])
             .env("CARGO_TARGET_DIR", &target_dir);
         if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
             cmd.arg("--release");
