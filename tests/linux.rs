@@ -393,3 +393,56 @@ fn linux_finds_every_acpi_table_and_uses_the_madt_for_smp() {
         }
     }
 }
+
+#[test]
+fn emulated_ring0_template_hides_what_the_emulator_refuses() {
+    if !kvm_or_skip("emulated_ring0_template_hides_what_the_emulator_refuses") {
+        return;
+    }
+    let Some(kernel) = artifact("vmlinux", "emulated_ring0_template_hides") else {
+        return;
+    };
+    // No host-compatibility parameters on the command line: the template brings them.
+    let mut config = VmConfig::new(kernel);
+    config.cmdline = "console=ttyS0 earlyprintk=serial,ttyS0,115200".into();
+    config.memory_mib = 256;
+    config.cpu_template = Some("emulated-ring0".into());
+    let mut opts = ProbeOptions::new("");
+    opts.stop_when = Some("Zone ranges:".into());
+    opts.timeout = Duration::from_secs(50);
+    let run = boot_with_config(config, &opts).expect("VM builds and runs");
+    let out = &run.output;
+    assert_eq!(run.outcome.exit, VmExit::Stopped, "{out}");
+    let cleared = out
+        .lines()
+        .find_map(|l| {
+            l.split_once("Clearing CPUID bits:")
+                .map(|(_, v)| v.to_string())
+        })
+        .unwrap_or_default();
+    let appended = out
+        .lines()
+        .any(|l| l.contains("Command line:") && l.contains("clearcpuid="));
+    if appended {
+        // This host's KVM shows these to the guest whatever CPUID says (see
+        // ember_vcpu::template::overridden_bits), so Ember told Linux to clear them.
+        for feature in ["popcnt", "smap"] {
+            assert!(
+                cleared.split_whitespace().any(|w| w == feature),
+                "{feature} not cleared: {cleared}\n{out}"
+            );
+        }
+        assert!(
+            !cleared.contains("unknown"),
+            "Linux did not know a name: {cleared}"
+        );
+    } else {
+        eprintln!("note: this host's KVM honours the template's CPUID; nothing was appended");
+        assert!(cleared.is_empty(), "{out}");
+    }
+    assert_eq!(
+        printed_e820_lines(out),
+        expected_e820_lines(&run.layout),
+        "{out}"
+    );
+}

@@ -119,8 +119,10 @@ fn demo(args: &[String]) -> Result<(), String> {
             .arg(root.join("target/probe/probe.elf"))
             .args([
                 "--timings",
+                "--vcpus",
+                "2",
                 "--cmdline",
-                "probe=memmap,cmdline,boottimer,serial,exitloop,ring0,reset",
+                "probe=memmap,cmdline,boottimer,serial,acpi,smp,cpuid,exitloop,ring0,reset",
             ]),
     )
 }

@@ -331,6 +331,7 @@ pub struct Vm {
     reset_evt: EventFd,
     poweroff_evt: EventFd,
     panic_evt: EventFd,
+    cmdline: String,
     boot_time: Arc<OnceLock<Duration>>,
     handle: VmHandle,
     timings: StartupTimings,
@@ -646,6 +647,7 @@ impl Vm {
             reset_evt,
             poweroff_evt,
             panic_evt,
+            cmdline,
             boot_time,
             handle,
             timings,
@@ -670,6 +672,13 @@ impl Vm {
     /// The boot protocol the vCPUs will enter through.
     pub fn boot_protocol(&self) -> BootProtocol {
         self.protocol
+    }
+
+    /// The kernel command line as written into guest memory: the configured one plus what
+    /// Ember appended (virtio-mmio devices without ACPI, host-compatibility parameters for a
+    /// non-host CPU template).
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
     }
 
     /// The virtio-blk disks attached, with their windows and interrupt lines.
@@ -841,10 +850,48 @@ fn host_compat_params(
         words.push("noxsave".to_string());
     }
     let names = ember_vcpu::template::linux_clearcpuid(&overrides);
-    if !names.is_empty() {
-        words.push(format!("clearcpuid={}", names.join(",")));
+    if let Some(value) = clearcpuid_value(&names) {
+        words.push(format!("clearcpuid={value}"));
     }
     Ok(words.join(" "))
+}
+
+/// Longest `clearcpuid=` value Linux reads (`char arg[128]` in `cpu_parse_early_param`).
+const CLEARCPUID_MAX: usize = 127;
+
+/// Features whose instructions KVM's ring-0 emulator refuses and Linux executes in ring 0 early,
+/// most important first: they go first into the length-limited `clearcpuid=` value.
+const CLEARCPUID_PRIORITY: &[&str] = &[
+    "popcnt", "cx16", "smap", "smep", "erms", "fsrm", "movbe", "avx", "avx2", "bmi1", "bmi2",
+    "fsgsbase", "rdtscp", "invpcid", "pku", "ospke", "avx512f",
+];
+
+/// The `clearcpuid=` value for `names`: the priority features first, then the rest in table
+/// order, as many as fit Linux's 127-byte limit. `None` for an empty list.
+fn clearcpuid_value(names: &[&str]) -> Option<String> {
+    let mut ordered: Vec<&str> = CLEARCPUID_PRIORITY
+        .iter()
+        .copied()
+        .filter(|p| names.contains(p))
+        .collect();
+    ordered.extend(
+        names
+            .iter()
+            .copied()
+            .filter(|n| !CLEARCPUID_PRIORITY.contains(n)),
+    );
+    let mut value = String::new();
+    for name in ordered {
+        let extra = name.len() + usize::from(!value.is_empty());
+        if value.len() + extra > CLEARCPUID_MAX {
+            continue;
+        }
+        if !value.is_empty() {
+            value.push(',');
+        }
+        value.push_str(name);
+    }
+    (!value.is_empty()).then_some(value)
 }
 
 fn stop_and_join(control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
@@ -1090,4 +1137,31 @@ fn virtio_token(device: usize, queue: usize) -> u64 {
 fn virtio_queue_of(token: u64) -> (usize, usize) {
     let t = token - TOKEN_VIRTIO_BASE;
     ((t >> 8) as usize, (t & 0xff) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clearcpuid_value_puts_priority_features_first_and_fits_linux() {
+        assert_eq!(clearcpuid_value(&[]), None);
+        assert_eq!(
+            clearcpuid_value(&["pni", "popcnt", "smap"]).as_deref(),
+            Some("popcnt,smap,pni")
+        );
+        let many: Vec<String> = (0..60).map(|i| format!("feature{i}")).collect();
+        let mut names: Vec<&str> = many.iter().map(String::as_str).collect();
+        names.push("cx16");
+        let v = clearcpuid_value(&names).unwrap();
+        assert!(v.len() <= CLEARCPUID_MAX, "{v}");
+        assert!(v.starts_with("cx16,feature0,"), "{v}");
+    }
+
+    #[test]
+    fn virtio_tokens_round_trip() {
+        for (d, q) in [(0, 0), (3, 1), (18, 255)] {
+            assert_eq!(virtio_queue_of(virtio_token(d, q)), (d, q));
+        }
+    }
 }
