@@ -188,8 +188,8 @@ fn debian_cloud_bzimage_early_boot() {
     let Some(path) = artifact("debian-cloud-bzImage", "debian_cloud_bzimage_early_boot") else {
         return;
     };
-    // Debian's kernel is XZ-compressed and large: its decompressor alone runs ~65 s in
-    // emulated ring 0 here, so this test gets more time than the minimal kernel's.
+    // Debian's kernel is large (14 MB, LZ4): its decompressor alone runs ~65 s in emulated
+    // ring 0 here, so this test gets more time than the minimal kernel's.
     let run = early_boot(path, None, 512, Duration::from_secs(170));
     let out = &run.output;
     assert!(out.contains("Linux version"), "{out}");
