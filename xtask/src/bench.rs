@@ -138,6 +138,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let started = Instant::now();
 
     // The VMMs.
+    const STATIC_TARGET: &str = "x86_64-unknown-linux-gnu";
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| root.join("target"));
@@ -146,16 +147,25 @@ pub fn run(args: &[String]) -> Result<(), String> {
     } else {
         target_dir
     };
+    // The release recipe: statically linked (no dynamic loader at exec, no libc.so text in
+    // the RSS; docs/performance.md). `--target` keeps `+crt-static` off the host's proc-macro
+    // builds.
     if !opts.no_build {
-        crate::run_cmd(crate::cargo().args([
-            "build",
-            "--release",
-            "--quiet",
-            "--example",
-            "microvm",
-        ]))?;
+        crate::run_cmd(
+            crate::cargo()
+                .args([
+                    "build",
+                    "--release",
+                    "--quiet",
+                    "--target",
+                    STATIC_TARGET,
+                    "--example",
+                    "microvm",
+                ])
+                .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+        )?;
     }
-    let ember_bin = target_dir.join("release/examples/microvm");
+    let ember_bin = target_dir.join(STATIC_TARGET).join("release/examples/microvm");
     if !ember_bin.exists() {
         return Err(format!(
             "{} is missing (drop --no-build)",
