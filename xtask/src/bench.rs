@@ -165,7 +165,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 .env("RUSTFLAGS", "-C target-feature=+crt-static"),
         )?;
     }
-    let ember_bin = target_dir.join(STATIC_TARGET).join("release/examples/microvm");
+    let ember_bin = target_dir
+        .join(STATIC_TARGET)
+        .join("release/examples/microvm");
     if !ember_bin.exists() {
         return Err(format!(
             "{} is missing (drop --no-build)",
