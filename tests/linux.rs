@@ -325,13 +325,15 @@ fn linux_mounts_an_ext4_disk_and_its_write_reaches_the_image() {
     );
 }
 
-/// Boots the minimal kernel with `vcpus` until it has parsed the MADT and sized its CPU map.
-fn early_boot_smp(vcpus: u8) -> ProbeRun {
+/// Boots the minimal kernel with `vcpus` until it has parsed the MADT (or, without ACPI, the
+/// MP table) and sized its CPU map.
+fn early_boot_smp(vcpus: u8, acpi: bool) -> ProbeRun {
     let kernel = guest_dir().join("vmlinux");
     let mut config = VmConfig::new(kernel);
     config.cmdline = format!("console=ttyS0 earlyprintk=serial,ttyS0,115200 {HOST_COMPAT}");
     config.memory_mib = 256;
     config.vcpus = vcpus;
+    config.acpi = acpi;
     let mut opts = ProbeOptions::new("");
     opts.stop_when = Some("smpboot: Allowing".into());
     opts.timeout = Duration::from_secs(55);
@@ -358,7 +360,7 @@ fn linux_finds_every_acpi_table_and_uses_the_madt_for_smp() {
         return;
     }
     for vcpus in [2u8, 4] {
-        let run = early_boot_smp(vcpus);
+        let run = early_boot_smp(vcpus, true);
         let out = &run.output;
         assert_eq!(run.outcome.exit, VmExit::Stopped, "{out}");
         for table in ["RSDP", "XSDT", "FACP", "DSDT", "APIC"] {
@@ -443,6 +445,40 @@ fn emulated_ring0_template_hides_what_the_emulator_refuses() {
     assert_eq!(
         printed_e820_lines(out),
         expected_e820_lines(&run.layout),
+        "{out}"
+    );
+}
+
+#[test]
+fn without_acpi_linux_uses_the_mp_table() {
+    if !kvm_or_skip("without_acpi_linux_uses_the_mp_table") {
+        return;
+    }
+    if artifact("vmlinux", "without_acpi_linux_uses_the_mp_table").is_none() {
+        return;
+    }
+    let run = early_boot_smp(4, false);
+    let out = &run.output;
+    assert_eq!(run.outcome.exit, VmExit::Stopped, "{out}");
+    assert!(
+        out.contains("found SMP MP-table at [mem 0x0009fc00-0x0009fc0f]"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Intel MultiProcessor Specification v1.4"),
+        "{out}"
+    );
+    for cpu in [
+        "Processor #0 (Bootup-CPU)",
+        "Processor #1",
+        "Processor #2",
+        "Processor #3",
+    ] {
+        assert!(out.contains(cpu), "{cpu} missing; console:\n{out}");
+    }
+    assert!(out.contains("IOAPIC[0]: apic_id 4"), "{out}");
+    assert!(
+        out.contains("smpboot: Allowing 4 CPUs, 0 hotplug CPUs"),
         "{out}"
     );
 }
