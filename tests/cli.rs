@@ -305,3 +305,27 @@ fn acpi_poweroff_exits_zero_with_every_vcpu_joined() {
     assert!(stdout.contains("PROBE smp ok cpus=4 started=3"), "{stdout}");
     assert!(stderr.contains("guest powered off"), "{stderr}");
 }
+
+#[test]
+fn guest_panic_exits_non_zero_with_a_clear_message() {
+    if !kvm_or_skip("guest_panic_exits_non_zero_with_a_clear_message") {
+        return;
+    }
+    // The probe's `fault` check takes a page fault in ring 3; its handler reports the panic on
+    // the pvpanic port.
+    let kernel = probe_elf();
+    let out = run(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--cmdline",
+            "probe=fault",
+        ],
+        b"",
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(stdout.contains("PROBE panic exception 14"), "{stdout}");
+    assert!(stderr.contains("guest panic"), "{stderr}");
+}
