@@ -205,3 +205,23 @@ fn guest_emulation_failure_is_reported_with_rip_and_bytes() {
         other => panic!("unexpected exit {other:?}"),
     }
 }
+
+#[test]
+fn guest_triple_fault_is_reported() {
+    if !kvm_or_skip("guest_triple_fault_is_reported") {
+        return;
+    }
+    // `ud2` with the boot IDT (one null gate): #UD -> #GP -> double fault -> shutdown.
+    let kernel = temp_file(
+        "ud2.elf",
+        &ember_test_support::tiny_elf_kernel(&[0x0f, 0x0b]),
+    );
+    let run = ember_test_support::boot_with_config(
+        VmConfig::new(&kernel),
+        &ember_test_support::ProbeOptions::new(""),
+    )
+    .unwrap();
+    assert_eq!(run.outcome.exit, ember_vmm::VmExit::TripleFault);
+    assert!(!run.outcome.exit.is_clean());
+    assert!(run.outcome.exit.to_string().contains("triple fault"));
+}
