@@ -48,28 +48,37 @@ fn run(args: &[&str], stdin: &[u8]) -> Output {
     child.wait_with_output().unwrap()
 }
 
+/// What a `microvm` run left: exit status, stdout (the guest's console), stderr (the VMM's).
+struct Run {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `microvm --kernel <probe> <args>` with `stdin` on its standard input.
+fn run_probe(args: &[&str], stdin: &[u8]) -> Run {
+    let kernel = probe_elf();
+    let mut all = vec!["--kernel", kernel.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let out = run(&all, stdin);
+    Run {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 #[test]
 fn probe_reset_exits_zero_and_reports_boot_timer() {
     if !kvm_or_skip("probe_reset_exits_zero_and_reports_boot_timer") {
         return;
     }
-    let kernel = probe_elf();
-    let out = run(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "probe=boottimer,cmdline",
-        ],
-        b"",
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "stdout:\n{stdout}\nstderr:\n{stderr}"
-    );
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = run_probe(&["--cmdline", "probe=boottimer,cmdline"], b"");
+    assert_eq!(code, Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
     assert!(stdout.contains("PROBE boottimer ok"), "{stdout}");
     assert!(stdout.contains("PROBE done checks=2 failed=0"), "{stdout}");
     assert!(stderr.contains("boot timer:"), "{stderr}");
@@ -81,18 +90,11 @@ fn stdin_feeds_the_serial_console() {
     if !kvm_or_skip("stdin_feeds_the_serial_console") {
         return;
     }
-    let kernel = probe_elf();
-    let out = run(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "probe=serial probe.echo=fromstdin",
-        ],
+    let Run { code, stdout, .. } = run_probe(
+        &["--cmdline", "probe=serial probe.echo=fromstdin"],
         b"fromstdin\n",
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(code, Some(0), "{stdout}");
     assert!(stdout.contains("echo=fromstdin"), "{stdout}");
 }
 
@@ -287,21 +289,12 @@ fn acpi_poweroff_exits_zero_with_every_vcpu_joined() {
     if !kvm_or_skip("acpi_poweroff_exits_zero_with_every_vcpu_joined") {
         return;
     }
-    let kernel = probe_elf();
-    let out = run(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--vcpus",
-            "4",
-            "--cmdline",
-            "probe=smp,poweroff",
-        ],
-        b"",
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = run_probe(&["--vcpus", "4", "--cmdline", "probe=smp,poweroff"], b"");
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
     assert!(stdout.contains("PROBE smp ok cpus=4 started=3"), "{stdout}");
     assert!(stderr.contains("guest powered off"), "{stderr}");
 }
@@ -313,19 +306,12 @@ fn guest_panic_exits_non_zero_with_a_clear_message() {
     }
     // The probe's `fault` check takes a page fault in ring 3; its handler reports the panic on
     // the pvpanic port.
-    let kernel = probe_elf();
-    let out = run(
-        &[
-            "--kernel",
-            kernel.to_str().unwrap(),
-            "--cmdline",
-            "probe=fault",
-        ],
-        b"",
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    let Run {
+        code,
+        stdout,
+        stderr,
+    } = run_probe(&["--cmdline", "probe=fault"], b"");
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
     assert!(stdout.contains("PROBE panic exception 14"), "{stdout}");
     assert!(stderr.contains("guest panic"), "{stderr}");
 }
