@@ -373,20 +373,17 @@ impl Vm {
 
         let protocol = match config.boot_protocol {
             None => kernel.preferred_protocol(),
-            Some(choice) => {
-                let wanted = match choice {
-                    BootProtocolChoice::Pvh => BootProtocol::Pvh,
-                    BootProtocolChoice::Linux64 => BootProtocol::Linux64,
-                };
-                if !kernel.protocols().contains(&wanted) {
-                    return Err(Error::ProtocolNotOffered {
-                        protocol: wanted,
-                        kernel: config.kernel.clone(),
-                    });
-                }
-                wanted
-            }
+            Some(BootProtocolChoice::Pvh) => BootProtocol::Pvh,
+            Some(BootProtocolChoice::Linux64) => BootProtocol::Linux64,
         };
+        let entry = match protocol {
+            BootProtocol::Pvh => kernel.pvh_entry,
+            BootProtocol::Linux64 => Some(kernel.linux64_entry),
+        }
+        .ok_or_else(|| Error::ProtocolNotOffered {
+            protocol,
+            kernel: config.kernel.clone(),
+        })?;
         let kvm_path =
             CString::new(b.kvm_path.as_os_str().as_bytes()).map_err(|_| Error::KvmOpen {
                 path: b.kvm_path.clone(),
@@ -611,7 +608,15 @@ impl Vm {
             None
         };
         ember_boot::mptable::write_mptable(&memory, config.vcpus)?;
-        let boot = write_boot_params(&memory, &layout, &kernel, protocol, &cmdline, initrd, rsdp)?;
+        let boot = write_boot_params(
+            &memory,
+            &layout,
+            &kernel,
+            (protocol, entry),
+            &cmdline,
+            initrd,
+            rsdp,
+        )?;
         timings.record("boot params", &mut t);
 
         for (vcpu, cpuid) in vcpus.iter().zip(&cpuids) {
@@ -929,7 +934,7 @@ fn write_boot_params(
     memory: &GuestMemoryMmap,
     layout: &MemoryLayout,
     kernel: &LoadedKernel,
-    protocol: BootProtocol,
+    (protocol, entry): (BootProtocol, GuestAddress),
     cmdline: &str,
     initrd: Option<(GuestAddress, u64)>,
     rsdp: Option<GuestAddress>,
@@ -940,10 +945,6 @@ fn write_boot_params(
     let e820 = layout.e820();
     let (mode, gdt) = match protocol {
         BootProtocol::Pvh => {
-            let entry = kernel.pvh_entry.ok_or_else(|| Error::ProtocolNotOffered {
-                protocol,
-                kernel: Default::default(),
-            })?;
             ember_boot::write_pvh_start_info(
                 memory,
                 GuestAddress(PVH_START_INFO_ADDR),
@@ -979,7 +980,7 @@ fn write_boot_params(
             let pml4 = ember_boot::paging::write_identity_page_tables(memory)?;
             (
                 EntryMode::Linux64 {
-                    entry: kernel.linux64_entry.0,
+                    entry: entry.0,
                     zero_page: ZERO_PAGE_ADDR,
                     pml4: pml4.0,
                 },
