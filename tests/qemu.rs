@@ -16,6 +16,20 @@ fn qemu() -> Option<&'static str> {
     found.then_some("qemu-system-x86_64")
 }
 
+/// Whether KVM and QEMU are both there; a loud skip message naming `test` otherwise.
+fn kvm_and_qemu_or_skip(test: &str) -> bool {
+    if !kvm_or_skip(test) {
+        return false;
+    }
+    if qemu().is_none() {
+        eprintln!(
+            "\n*** SKIPPED {test}: qemu-system-x86_64 is not installed (cargo xtask test installs it) ***\n"
+        );
+        return false;
+    }
+    true
+}
+
 fn boot_under_qemu(memory_mib: u64, checks: &str) -> (String, Vec<ProbeLine>) {
     boot_under_qemu_with(memory_mib, checks, &["-M", "microvm"])
 }
@@ -63,11 +77,7 @@ fn boot_under_qemu_with(
 
 #[test]
 fn probe_boots_under_qemu_microvm() {
-    if !kvm_or_skip("probe_boots_under_qemu_microvm") {
-        return;
-    }
-    if qemu().is_none() {
-        eprintln!("\n*** SKIPPED probe_boots_under_qemu_microvm: qemu-system-x86_64 is not installed (cargo xtask test installs it) ***\n");
+    if !kvm_and_qemu_or_skip("probe_boots_under_qemu_microvm") {
         return;
     }
     for mib in [128u64, 4608] {
@@ -94,11 +104,7 @@ fn probe_boots_under_qemu_microvm() {
 
 #[test]
 fn probe_reads_qemus_own_acpi_tables_and_starts_its_aps() {
-    if !kvm_or_skip("probe_reads_qemus_own_acpi_tables_and_starts_its_aps") {
-        return;
-    }
-    if qemu().is_none() {
-        eprintln!("\n*** SKIPPED probe_reads_qemus_own_acpi_tables_and_starts_its_aps: qemu-system-x86_64 is not installed ***\n");
+    if !kvm_and_qemu_or_skip("probe_reads_qemus_own_acpi_tables_and_starts_its_aps") {
         return;
     }
     let checks = "acpi,smp,cpuid";
@@ -118,11 +124,7 @@ fn probe_reads_qemus_own_acpi_tables_and_starts_its_aps() {
 
 #[test]
 fn probe_drives_qemus_virtio_blk_too() {
-    if !kvm_or_skip("probe_drives_qemus_virtio_blk_too") {
-        return;
-    }
-    if qemu().is_none() {
-        eprintln!("\n*** SKIPPED probe_drives_qemus_virtio_blk_too: qemu-system-x86_64 is not installed ***\n");
+    if !kvm_and_qemu_or_skip("probe_drives_qemus_virtio_blk_too") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("ember-qemu-blk-{}", std::process::id()));
