@@ -127,3 +127,24 @@ fn preferred_protocol_is_pvh() {
     let start = run.lines.iter().find(|l| l.check == "start").unwrap();
     assert_eq!(start.get("entry"), Some("pvh"));
 }
+
+#[test]
+fn string_port_io_reaches_the_device_one_item_at_a_time() {
+    if !kvm_or_skip("string_port_io_reaches_the_device_one_item_at_a_time") {
+        return;
+    }
+    let run = boot_probe(&ProbeOptions::new("stringio")).unwrap();
+    run.expect_all_ok("stringio");
+    // `rep insb` from the scratch register read its value eight times (one exit of count 8).
+    assert_eq!(
+        run.expect_ok("stringio").get("insb"),
+        Some("5a5a5a5a5a5a5a5a")
+    );
+    // The line the guest wrote with one `rep outsb` is on the console.
+    assert_eq!(
+        run.expect_ok("stringio-outsb").get("marker"),
+        Some("rep-outsb-reached-the-uart"),
+        "{}",
+        run.output
+    );
+}

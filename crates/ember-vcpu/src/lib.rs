@@ -274,12 +274,16 @@ pub enum Error {
     },
 }
 
-/// The VMM's side of port I/O and MMIO exits. Called on the vCPU thread, once per exit, from
-/// the hot path of [`Vcpu::run`]: implementations should be quick and must not block for long.
+/// The VMM's side of port I/O and MMIO exits. Called on the vCPU thread from the hot path of
+/// [`Vcpu::run`]: implementations should be quick and must not block for long.
+///
+/// Every call is one access of 1, 2 or 4 bytes (MMIO: up to 8), as the device would see it on
+/// hardware: a string instruction (`rep outsb`, `rep insw`, ...) that KVM reports as one exit
+/// with several items reaches the handler as one call per item, in order.
 pub trait IoHandler {
     /// The guest read `data.len()` bytes from I/O port `port`; fill `data`.
     fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// The guest wrote `data` to I/O port `port` (string I/O: several items back to back).
+    /// The guest wrote `data` to I/O port `port`.
     fn pio_write(&self, port: u16, data: &[u8]);
     /// The guest read `data.len()` bytes at guest physical address `addr` that is not RAM.
     fn mmio_read(&self, addr: u64, data: &mut [u8]);
@@ -447,6 +451,21 @@ pub mod lapic {
     /// Replaces the delivery mode (bits 8..=10) of an LVT entry.
     pub fn set_delivery_mode(lvt: u32, mode: u32) -> u32 {
         (lvt & !0x700) | ((mode & 7) << 8)
+    }
+}
+
+/// The item size of the `KVM_EXIT_IO` exit just returned by `KVM_RUN` on the vCPU whose
+/// `kvm_run` mapping is `run`; `len` (the exit's `size * count` data bytes) when the size is
+/// not one KVM uses, so that a malformed exit is still handed on as one access.
+fn pio_item_size(run: *const kvm_run, len: usize) -> usize {
+    // SAFETY: `run` is the vCPU's live `kvm_run` mapping (held by the `Vcpu` being run) and the
+    // exit reason is KVM_EXIT_IO, for which the kernel filled the `io` member of the union:
+    // plain integers, valid for any bit pattern. Only that header is read; the data bytes the
+    // caller borrows lie at `io.data_offset`, past the header.
+    let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
+    match size {
+        1 | 2 | 4 if len % size == 0 => size,
+        _ => len.max(1),
     }
 }
 
@@ -869,8 +888,16 @@ impl Vcpu {
                 return Ok(VcpuStop::Stopped);
             }
             match self.fd.run() {
-                Ok(VcpuExit::IoOut(port, data)) => io.pio_write(port, data),
-                Ok(VcpuExit::IoIn(port, data)) => io.pio_read(port, data),
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    for item in data.chunks(pio_item_size(run_ptr, data.len())) {
+                        io.pio_write(port, item);
+                    }
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    for item in data.chunks_mut(pio_item_size(run_ptr, data.len())) {
+                        io.pio_read(port, item);
+                    }
+                }
                 Ok(VcpuExit::MmioWrite(addr, data)) => io.mmio_write(addr, data),
                 Ok(VcpuExit::MmioRead(addr, data)) => io.mmio_read(addr, data),
                 Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Halted),

@@ -371,6 +371,29 @@ pub fn inb(port: u16) -> u8 {
     value
 }
 
+/// Writes `bytes` to an I/O port with one `rep outsb` (string port I/O: the hypervisor may
+/// hand the whole string to the VMM in one exit).
+#[inline(always)]
+pub fn rep_outsb(port: u16, bytes: &[u8]) {
+    // SAFETY: `rep outsb` reads `bytes.len()` bytes at `bytes.as_ptr()`, a live shared slice;
+    // port I/O is allowed as for `outb`. DF is clear (the ABI guarantees it at calls).
+    unsafe {
+        asm!("rep outsb", in("dx") port, inout("rsi") bytes.as_ptr() => _,
+             inout("rcx") bytes.len() => _, options(readonly, nostack, preserves_flags))
+    }
+}
+
+/// Fills `buf` from an I/O port with one `rep insb`.
+#[inline(always)]
+pub fn rep_insb(port: u16, buf: &mut [u8]) {
+    // SAFETY: `rep insb` writes `buf.len()` bytes at `buf.as_mut_ptr()`, a live exclusive
+    // slice; port I/O is allowed as for `outb`. DF is clear.
+    unsafe {
+        asm!("rep insb", in("dx") port, inout("rdi") buf.as_mut_ptr() => _,
+             inout("rcx") buf.len() => _, options(nostack, preserves_flags))
+    }
+}
+
 /// Writes a 16-bit value to an I/O port.
 #[inline(always)]
 pub fn outw(port: u16, value: u16) {

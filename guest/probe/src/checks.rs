@@ -167,6 +167,7 @@ pub fn run() -> ! {
             b"cmdline" => ctx.cmdline(),
             b"boottimer" => ctx.boottimer(),
             b"serial" => ctx.serial(),
+            b"stringio" => ctx.stringio(),
             b"exitloop" => ctx.exitloop(),
             b"ring0" => ctx.ring0(),
             b"reset" => ctx.reset_check(),
@@ -511,6 +512,32 @@ impl Ctx<'_> {
             .b(want)
             .end();
         false
+    }
+
+    /// String port I/O (`rep outsb` / `rep insb`): KVM hands the VMM one exit for many
+    /// bytes, which must reach the device as one access per byte, as on hardware.
+    fn stringio(&mut self) -> bool {
+        // `rep outsb` of a whole line to THR: the host sees it on the console.
+        let line = b"PROBE stringio-outsb ok marker=rep-outsb-reached-the-uart\n";
+        arch::rep_outsb(RBR_THR, line);
+        // `rep outsb` to the scratch register: the last byte stays there.
+        let saved = inb(SCR);
+        arch::rep_outsb(SCR, &[0x11, 0x22, 0x33, 0xc3]);
+        let scr = inb(SCR);
+        // `rep insb` from the scratch register: every byte reads its value.
+        outb(SCR, 0x5a);
+        let mut got = [0u8; 8];
+        arch::rep_insb(SCR, &mut got);
+        outb(SCR, saved);
+        let ins_ok = got.iter().all(|&b| b == 0x5a);
+        let mut l = Line::new("stringio");
+        l.s(if scr == 0xc3 && ins_ok { "ok" } else { "FAIL" });
+        l.s(" outsb_scr=").hex(u64::from(scr)).s(" insb=");
+        for b in got {
+            l.hex2(b);
+        }
+        l.s(" outsb_bytes=").dec(line.len() as u64).end();
+        !(scr == 0xc3 && ins_ok)
     }
 
     fn exitloop(&mut self) -> bool {

@@ -121,6 +121,14 @@ impl Line {
         self
     }
 
+    /// Appends a byte as two lower-case hex digits, without `0x`.
+    pub fn hex2(&mut self, v: u8) -> &mut Self {
+        let digit = |d: u8| if d < 10 { b'0' + d } else { b'a' + d - 10 };
+        self.putb(digit(v >> 4));
+        self.putb(digit(v & 0xf));
+        self
+    }
+
     /// Appends `num / den` with two decimals (rounded), e.g. `1.05`.
     pub fn fix2(&mut self, num: u64, den: u64) -> &mut Self {
         if den == 0 {
