@@ -51,6 +51,20 @@ fn truncated_elf_kernel() {
     let path = temp_file("truncated.elf", &probe[..100]);
     let err = build_err(VmConfig::new(&path));
     assert!(matches!(err, Error::Loader(_)), "{err:?}");
+    // Headers intact, segment data cut off.
+    let path = temp_file("half.elf", &probe[..probe.len() / 2]);
+    let err = build_err(VmConfig::new(&path));
+    assert!(
+        matches!(
+            err,
+            Error::Loader(ember_loader::Error::Load {
+                source: ember_loader::LoadError::SegmentBeyondFile { .. },
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("truncated"), "{err}");
 }
 
 #[test]
@@ -224,4 +238,106 @@ fn guest_triple_fault_is_reported() {
     assert_eq!(run.outcome.exit, ember_vmm::VmExit::TripleFault);
     assert!(!run.outcome.exit.is_clean());
     assert!(run.outcome.exit.to_string().contains("triple fault"));
+}
+
+/// Runs `f` on another thread and fails the test if it takes longer than `limit` (a blocking
+/// `open(2)` on a FIFO would otherwise hang the whole test run).
+fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("did not return within {limit:?}"))
+}
+
+fn fifo(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ember-errors-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    let _ = std::fs::remove_file(&path);
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: `c` is a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    path
+}
+
+#[test]
+fn fifos_and_devices_as_inputs_are_refused_at_once() {
+    let limit = std::time::Duration::from_millis(900);
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&mut VmConfig, PathBuf) + Send>,
+        &'static str,
+    );
+    let cases: Vec<Case> = vec![
+        ("kernel", Box::new(|c, p| c.kernel = p), "a FIFO"),
+        ("initrd", Box::new(|c, p| c.initrd = Some(p)), "a FIFO"),
+        (
+            "read-only disk",
+            Box::new(|c, p| c.disks.push(format!("{},ro", p.display()).parse().unwrap())),
+            "not a regular file or block device",
+        ),
+        (
+            "disk",
+            Box::new(|c, p| c.disks.push(format!("{}", p.display()).parse().unwrap())),
+            "not a regular file or block device",
+        ),
+        (
+            "cpu template",
+            Box::new(|c, p| c.cpu_template = Some(p.display().to_string())),
+            "not a regular file",
+        ),
+    ];
+    for (what, set, expect) in cases {
+        let path = fifo(&format!("fifo-{}", what.replace(' ', "-")));
+        let shown = path.display().to_string();
+        let msg = within(limit, move || {
+            let mut cfg = VmConfig::new(probe_elf());
+            set(&mut cfg, path);
+            build_err(cfg).to_string()
+        });
+        assert!(
+            msg.contains(expect) && msg.contains(&shown),
+            "{what}: {msg}"
+        );
+    }
+    // A FIFO or a device as the configuration file.
+    for path in [fifo("fifo-config"), PathBuf::from("/dev/zero")] {
+        let err = within(limit, move || {
+            VmConfig::from_file(&path).unwrap_err().to_string()
+        });
+        assert!(err.contains("not a regular file"), "{err}");
+    }
+    // Endless devices: as CPU template or initrd, refused without reading them.
+    for dev in ["/dev/zero", "/dev/urandom"] {
+        let msg = within(limit, move || {
+            let mut cfg = VmConfig::new(probe_elf());
+            cfg.cpu_template = Some(dev.into());
+            build_err(cfg).to_string()
+        });
+        assert!(msg.contains("not a regular file"), "{dev}: {msg}");
+    }
+    let msg = within(limit, || {
+        let mut cfg = VmConfig::new(probe_elf());
+        cfg.initrd = Some("/dev/zero".into());
+        build_err(cfg).to_string()
+    });
+    assert!(msg.contains("a character device"), "{msg}");
+}
+
+#[test]
+fn oversized_config_is_refused() {
+    let path = temp_file("huge.json", &vec![b' '; (1 << 20) + 1]);
+    let err = VmConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("limit"), "{err}");
+}
+
+#[test]
+fn empty_paths_are_named() {
+    let err = build_err(VmConfig::new(""));
+    assert_eq!(err.to_string(), "the kernel path is empty");
 }

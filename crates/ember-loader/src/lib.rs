@@ -199,6 +199,16 @@ pub enum LoadError {
         /// `e_phentsize`.
         size: u16,
     },
+    /// A segment's bytes lie (partly) beyond the end of the file.
+    #[error("ELF segment data [{offset:#x}, +{size:#x}) lies beyond the end of the {file_size}-byte file: the file is truncated")]
+    SegmentBeyondFile {
+        /// `p_offset`.
+        offset: u64,
+        /// `p_filesz`.
+        size: u64,
+        /// Size of the file.
+        file_size: u64,
+    },
     /// The ELF file has nothing to load.
     #[error("the ELF file has no loadable (PT_LOAD) segment")]
     NoLoadableSegment,
@@ -211,12 +221,17 @@ pub enum LoadError {
         end: u64,
     },
     /// The kernel does not fit in guest memory.
-    #[error("kernel needs guest memory [{start:#x}, {end:#x}), which is not all RAM (too little guest memory?)")]
+    #[error(
+        "kernel needs guest memory [{start:#x}, {end:#x}), which is not all RAM (guest RAM \
+         ends at {ram_end:#x}): {}", does_not_fit_hint(*start, *end)
+    )]
     DoesNotFit {
         /// Start of the area.
         start: u64,
         /// End of the area (exclusive; saturated on overflow).
         end: u64,
+        /// End of guest RAM (exclusive).
+        ram_end: u64,
     },
     /// An entry point lies outside the loaded segments.
     #[error("{which} entry point {entry:#x} is outside the loaded kernel [{start:#x}, {end:#x})")]
@@ -344,6 +359,71 @@ pub enum Error {
     },
 }
 
+/// Opens `path` for reading, refusing anything but a regular file.
+///
+/// The file is opened with `O_NONBLOCK` (and `O_CLOEXEC`), so a FIFO or a device cannot block
+/// the caller in `open(2)`, then checked with `fstat`: a FIFO, socket, character or block device
+/// or directory gives an `InvalidInput` error saying what it is.
+pub fn open_regular_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.as_os_str().is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path is empty",
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let file_type = file.metadata()?.file_type();
+    if file_type.is_file() {
+        return Ok(file);
+    }
+    Err(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "not a regular file (it is {}); Ember reads it only from a regular file",
+            file_type_name(file_type)
+        ),
+    ))
+}
+
+/// Reads a small regular file whole: [`open_regular_file`], then at most `max` bytes (a larger
+/// file is an `InvalidData` error, read no further than `max + 1` bytes).
+pub fn read_small_file(path: &Path, max: u64) -> io::Result<Vec<u8>> {
+    let file = open_regular_file(path)?;
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than the {max}-byte limit for this kind of file"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// What a file is, in words ("a FIFO", "a character device", ...).
+pub fn file_type_name(t: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_file() {
+        "a regular file"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Reads until `buf` is full or end of file; returns the bytes read.
 fn read_up_to<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
     let mut done = 0;
@@ -376,24 +456,54 @@ fn read_err(what: &'static str) -> impl FnOnce(io::Error) -> LoadError {
     move |source| LoadError::Read { what, source }
 }
 
-/// Checks that `[start, start + len)` is guest RAM.
+/// Checks that `[start, start + len)` is guest RAM. An empty range must still start in guest
+/// RAM or right at the end of it: its end is reported as the kernel's end, which later
+/// placements (the initrd) trust.
 fn check_fits<M: GuestMemoryBackend>(mem: &M, start: u64, len: u64) -> Result<u64, LoadError> {
     let end = start.checked_add(len);
     let fits = match (end, usize::try_from(len)) {
-        (Some(_), Ok(len)) => len == 0 || mem.check_range(GuestAddress(start), len),
+        (Some(_), Ok(0)) => {
+            mem.address_in_range(GuestAddress(start))
+                || start
+                    .checked_sub(1)
+                    .is_some_and(|last| mem.address_in_range(GuestAddress(last)))
+        }
+        (Some(_), Ok(len)) => mem.check_range(GuestAddress(start), len),
         _ => false,
     };
-    if fits {
-        // `fits` implies `end` is Some.
-        Ok(end.unwrap_or(u64::MAX))
-    } else {
-        Err(LoadError::DoesNotFit {
+    match end {
+        Some(end) if fits => Ok(end),
+        _ => Err(LoadError::DoesNotFit {
             start,
             end: end.unwrap_or(u64::MAX),
-        })
+            ram_end: mem.last_addr().0.saturating_add(1),
+        }),
     }
 }
 
+/// What a [`LoadError::DoesNotFit`] message suggests: more memory when a bigger VM would hold
+/// the range, a bad header when none would.
+fn does_not_fit_hint(start: u64, end: u64) -> String {
+    use ember_memory::{HIGH_RAM_START, MAX_MEMORY, MIB, MMIO32_END, MMIO32_START};
+    if start < MMIO32_END && end > MMIO32_START {
+        return "the range overlaps the 32-bit MMIO gap [0xd0000000, 0x100000000): the image \
+                header is corrupt or not for this machine"
+            .into();
+    }
+    // Guest RAM needed for RAM to reach `end` (low RAM stops at the MMIO gap).
+    let needed = if end <= MMIO32_START {
+        end
+    } else {
+        end - HIGH_RAM_START + MMIO32_START
+    };
+    if needed > MAX_MEMORY {
+        return "no VM is that large: the image header is corrupt or not for this machine".into();
+    }
+    format!(
+        "a VM with at least {} MiB of memory would hold it",
+        needed.div_ceil(MIB)
+    )
+}
 fn load_elf<F, M>(mem: &M, image: &mut F) -> Result<LoadedKernel, LoadError>
 where
     F: Read + ReadVolatile + Seek,
@@ -426,6 +536,9 @@ where
     }
 
     // Validate every loadable segment before anything is written.
+    let file_size = image
+        .seek(SeekFrom::End(0))
+        .map_err(read_err("ELF file size"))?;
     image
         .seek(SeekFrom::Start(ehdr.e_phoff))
         .map_err(read_err("ELF program headers"))?;
@@ -437,6 +550,14 @@ where
             .map_err(read_err("ELF program headers"))?;
         if phdr.p_type != PT_LOAD || (phdr.p_filesz == 0 && phdr.p_memsz == 0) {
             continue;
+        }
+        let data_end = phdr.p_offset.checked_add(phdr.p_filesz);
+        if data_end.is_none_or(|end| end > file_size) {
+            return Err(LoadError::SegmentBeyondFile {
+                offset: phdr.p_offset,
+                size: phdr.p_filesz,
+                file_size,
+            });
         }
         let start = phdr.p_paddr;
         let len = phdr.p_filesz.max(phdr.p_memsz);
@@ -569,7 +690,7 @@ where
 /// do not fit in guest memory are rejected before anything is written
 /// ([`LoadError::DoesNotFit`]).
 pub fn load_kernel<M: GuestMemoryBackend>(mem: &M, path: &Path) -> Result<LoadedKernel, Error> {
-    let mut file = File::open(path).map_err(|source| Error::Open {
+    let mut file = open_regular_file(path).map_err(|source| Error::Open {
         path: path.to_path_buf(),
         source,
     })?;
@@ -594,7 +715,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
     layout: &MemoryLayout,
     kernel_end: u64,
 ) -> Result<(GuestAddress, u64), Error> {
-    let mut file = File::open(path).map_err(|source| Error::Open {
+    let mut file = open_regular_file(path).map_err(|source| Error::Open {
         path: path.to_path_buf(),
         source,
     })?;

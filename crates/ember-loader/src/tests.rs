@@ -229,7 +229,7 @@ fn elf_does_not_fit() {
     match &err {
         Error::Load {
             path,
-            source: LoadError::DoesNotFit { start, end },
+            source: LoadError::DoesNotFit { start, end, .. },
         } => {
             assert_eq!(path, Path::new(IMAGE_PATH));
             assert_eq!((*start, *end), (0x20_0000, 0x120_0000));
@@ -418,7 +418,8 @@ fn bzimage_rejections() {
         Err(Error::Load {
             source: LoadError::DoesNotFit {
                 start: 0x10_0000,
-                end: 0x100_0001
+                end: 0x100_0001,
+                ..
             },
             ..
         })
@@ -430,11 +431,36 @@ fn bzimage_rejections() {
         Err(Error::Load {
             source: LoadError::DoesNotFit {
                 start: 0x100_0000,
-                end: 0x100_1000
+                end: 0x100_1000,
+                ..
             },
             ..
         })
     ));
+    // Found by the `loader_kernel` fuzz target: an empty decompression area (init_size 0)
+    // at a pref_address beyond RAM used to be accepted, and kernel_end then lay outside RAM.
+    let mut image = build_bzimage(1, &[1, 2, 3], 0x020f, 0);
+    image[0x258..0x260].copy_from_slice(&0x7fff_0000_0000u64.to_le_bytes());
+    let err = load(&image).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Load {
+                source: LoadError::DoesNotFit {
+                    start: 0x7fff_0000_0000,
+                    ram_end: 0x100_0000,
+                    ..
+                },
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    // ... while one at the very end of RAM is fine.
+    let mut image = build_bzimage(1, &[1, 2, 3], 0x020f, 0);
+    image[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    assert_eq!(load(&image).unwrap().kernel_end, 0x100_0000);
     // Shorter than its setup sectors.
     let mut image = build_bzimage(1, &[], 0x020f, 0);
     image[0x1f1] = 30;

@@ -108,11 +108,29 @@ pub mod addresses {
     pub const KERNEL_LOAD_ADDR: u64 = super::HIMEM_START;
 }
 
+/// A byte count as people write it: `8 MiB`, `1 GiB`, or `12345 bytes` when it is not a
+/// whole number of MiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl std::fmt::Display for Size {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let b = self.0;
+        if b != 0 && b % GIB == 0 {
+            write!(f, "{} GiB", b / GIB)
+        } else if b != 0 && b % MIB == 0 {
+            write!(f, "{} MiB", b / MIB)
+        } else {
+            write!(f, "{b} bytes")
+        }
+    }
+}
+
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The requested guest memory is below [`MIN_MEMORY_MIB`].
-    #[error("guest memory of {requested} bytes is too small: at least {minimum} bytes ({MIN_MEMORY_MIB} MiB) are needed")]
+    #[error("guest memory of {} is too small: at least {} are needed", Size(*requested), Size(*minimum))]
     TooSmall {
         /// Requested size in bytes.
         requested: u64,
@@ -120,9 +138,7 @@ pub enum Error {
         minimum: u64,
     },
     /// The requested guest memory is above [`MAX_MEMORY`].
-    #[error(
-        "guest memory of {requested} bytes is too large: at most {maximum} bytes are supported"
-    )]
+    #[error("guest memory of {} is too large: at most {} are supported", Size(*requested), Size(*maximum))]
     TooLarge {
         /// Requested size in bytes.
         requested: u64,
@@ -451,8 +467,13 @@ mod tests {
         }
         assert!(matches!(MemoryLayout::new(0), Err(Error::TooSmall { .. })));
         assert!(MemoryLayout::new(16 * MIB).is_ok());
-        let msg = MemoryLayout::new(MIB).unwrap_err().to_string();
-        assert!(msg.contains("1048576") && msg.contains("16 MiB"), "{msg}");
+        let msg = MemoryLayout::new(8 * MIB).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            "guest memory of 8 MiB is too small: at least 16 MiB are needed"
+        );
+        assert_eq!(Size(12345).to_string(), "12345 bytes");
+        assert_eq!(Size(2 * GIB).to_string(), "2 GiB");
     }
 
     #[test]

@@ -265,6 +265,32 @@ pub fn msr_settable_bits(index: u32) -> Option<u64> {
     }
 }
 
+/// Largest CPU template file [`CpuTemplate::from_file`] reads (1 MiB).
+pub const MAX_TEMPLATE_FILE_SIZE: u64 = 1 << 20;
+
+/// Reads a regular file of at most `max` bytes, opened with `O_NONBLOCK` so that a FIFO or a
+/// device is refused without blocking.
+fn read_small_regular_file(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(Error::new(ErrorKind::InvalidInput, "not a regular file"));
+    }
+    let mut bytes = Vec::new();
+    file.take(max + 1).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(Error::new(
+            ErrorKind::InvalidData,
+            format!("larger than {max} bytes"),
+        ));
+    }
+    Ok(bytes)
+}
+
 impl CpuTemplate {
     /// A built-in template by name (one of [`BUILTIN_NAMES`]), `None` for other names.
     ///
@@ -344,11 +370,18 @@ impl CpuTemplate {
     }
 
     /// Reads a JSON template file ([`CpuTemplate::from_json`]).
+    ///
+    /// The file must be a regular file of at most [`MAX_TEMPLATE_FILE_SIZE`] bytes: it is opened
+    /// without blocking (`O_NONBLOCK`), so a FIFO or device is refused at once rather than
+    /// waited on or read without end.
     pub fn from_file(path: &Path) -> Result<CpuTemplate, Error> {
-        let json = std::fs::read_to_string(path).map_err(|source| Error::TemplateFile {
+        let file_err = |source| Error::TemplateFile {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let bytes = read_small_regular_file(path, MAX_TEMPLATE_FILE_SIZE).map_err(file_err)?;
+        let json = String::from_utf8(bytes)
+            .map_err(|e| file_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::from_json(&json)
     }
 

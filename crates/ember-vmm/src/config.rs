@@ -12,6 +12,9 @@ pub const DEFAULT_MEMORY_MIB: u64 = 128;
 /// Largest number of vCPUs Ember starts.
 pub const MAX_VCPUS: u8 = 32;
 
+/// Largest VM configuration file [`VmConfig::from_file`] reads (1 MiB).
+pub const MAX_CONFIG_FILE_SIZE: u64 = 1 << 20;
+
 /// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const MAX_DISK_ID_LEN: usize = 20;
 /// Most virtio-mmio disks one VM can have (one GSI each, 5..=23).
@@ -166,6 +169,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A file path in the configuration is empty.
+    #[error("the {what} path is empty")]
+    EmptyPath {
+        /// Which path (`kernel`, `initrd`, `disk`).
+        what: &'static str,
+    },
     /// The vCPU count is outside what Ember supports.
     #[error("{requested} vCPUs requested; Ember supports 1 to {max}")]
     VcpuCount {
@@ -220,12 +229,16 @@ impl VmConfig {
         Ok(cfg)
     }
 
-    /// Reads and parses a JSON configuration file.
+    /// Reads and parses a JSON configuration file: a regular file of at most
+    /// [`MAX_CONFIG_FILE_SIZE`] bytes (a FIFO or device is refused at once, never waited on).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let read_err = |source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let bytes = ember_loader::read_small_file(path, MAX_CONFIG_FILE_SIZE).map_err(read_err)?;
+        let text = String::from_utf8(bytes)
+            .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
         Self::from_json(&text)
     }
 
@@ -234,6 +247,16 @@ impl VmConfig {
     /// Memory size, kernel and command line are checked when the VM is built, by the crates
     /// that own them.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let empty = |p: &Path| p.as_os_str().is_empty();
+        if empty(&self.kernel) {
+            return Err(ConfigError::EmptyPath { what: "kernel" });
+        }
+        if self.initrd.as_deref().is_some_and(empty) {
+            return Err(ConfigError::EmptyPath { what: "initrd" });
+        }
+        if self.disks.iter().any(|d| empty(&d.path)) {
+            return Err(ConfigError::EmptyPath { what: "disk" });
+        }
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::VcpuCount {
                 requested: self.vcpus,

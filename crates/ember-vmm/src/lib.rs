@@ -30,7 +30,7 @@ use std::time::Instant;
 
 pub use config::{
     BootProtocolChoice, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
-    MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,
+    MAX_CONFIG_FILE_SIZE, MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,
 };
 pub use error::Error;
 pub use vm::{

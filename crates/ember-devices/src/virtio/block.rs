@@ -32,7 +32,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -212,9 +212,11 @@ impl Block {
                 Some(id)
             }
         };
+        // O_NONBLOCK: a FIFO (refused below) must not block the open.
         let file = OpenOptions::new()
             .read(true)
             .write(!cfg.read_only)
+            .custom_flags(libc::O_NONBLOCK)
             .open(&cfg.path)
             .map_err(|source| Error::Open {
                 path: cfg.path.clone(),
