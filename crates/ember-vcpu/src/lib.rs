@@ -464,7 +464,7 @@ fn pio_item_size(run: *const kvm_run, len: usize) -> usize {
     // caller borrows lie at `io.data_offset`, past the header.
     let size = usize::from(unsafe { (*run).__bindgen_anon_1.io.size });
     match size {
-        1 | 2 | 4 if len % size == 0 => size,
+        1 | 2 | 4 if len.is_multiple_of(size) => size,
         _ => len.max(1),
     }
 }
