@@ -116,9 +116,9 @@ pub struct Size(pub u64);
 impl std::fmt::Display for Size {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let b = self.0;
-        if b != 0 && b % GIB == 0 {
+        if b != 0 && b.is_multiple_of(GIB) {
             write!(f, "{} GiB", b / GIB)
-        } else if b != 0 && b % MIB == 0 {
+        } else if b != 0 && b.is_multiple_of(MIB) {
             write!(f, "{} MiB", b / MIB)
         } else {
             write!(f, "{b} bytes")
