@@ -105,6 +105,13 @@ pub enum Error {
     Trigger(#[source] io::Error),
 }
 
+/// A new eventfd as every Ember device and VMM uses them: non-blocking (signalling never
+/// blocks, even with a saturated counter; reading an unsignalled one returns `WouldBlock`) and
+/// close-on-exec (a process the VMM starts inherits none of them).
+pub fn new_eventfd() -> io::Result<EventFd> {
+    EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+}
+
 /// A [`vm_superio::Trigger`] backed by an [`EventFd`]: `trigger()` writes 1 to it.
 ///
 /// The VMM keeps a clone ([`EventFdTrigger::try_clone`]) of the same eventfd to register it as an
@@ -113,12 +120,10 @@ pub enum Error {
 pub struct EventFdTrigger(EventFd);
 
 impl EventFdTrigger {
-    /// Creates a trigger over a new non-blocking eventfd (`EFD_NONBLOCK`, so signalling can never
-    /// block a vCPU thread, even if the counter saturates).
+    /// Creates a trigger over a new eventfd from [`new_eventfd`] (non-blocking, so signalling
+    /// can never block a vCPU thread, and close-on-exec).
     pub fn new() -> Result<Self, Error> {
-        EventFd::new(EFD_NONBLOCK)
-            .map(EventFdTrigger)
-            .map_err(Error::EventFd)
+        new_eventfd().map(EventFdTrigger).map_err(Error::EventFd)
     }
 
     /// Another trigger on the same underlying eventfd (a `dup`).

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use vm_superio::serial::{Error as SerialError, SerialEvents};
 use vm_superio::Serial;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::{BusDevice, Error, EventFdTrigger};
 
@@ -173,7 +173,7 @@ impl SerialDevice {
     /// A UART raising `irq` for its interrupts and writing guest output to `out`. Creates the
     /// (non-blocking) input-drained eventfd, which is why this can fail.
     pub fn new(irq: EventFdTrigger, out: Box<dyn Write + Send>) -> Result<Self, Error> {
-        let drained = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let drained = crate::new_eventfd().map_err(Error::EventFd)?;
         Ok(Self::with_drained_evt(irq, out, drained))
     }
 

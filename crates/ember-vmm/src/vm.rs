@@ -28,7 +28,7 @@ use kvm_ioctls::{Cap, IoEventAddress, Kvm, VmFd};
 use vm_allocator::{AddressAllocator, AllocPolicy, IdAllocator};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BootProtocolChoice, VmConfig};
 use crate::control::VcpuControl;
@@ -466,15 +466,15 @@ impl Vm {
             .try_clone()
             .map_err(Error::EventFd)?;
         let serial = Arc::new(Mutex::new(serial));
-        let reset_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
-        let panic_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let reset_evt = ember_devices::new_eventfd().map_err(Error::EventFd)?;
+        let panic_evt = ember_devices::new_eventfd().map_err(Error::EventFd)?;
         let i8042 = I8042::new(EventFdTrigger::from(
             reset_evt.try_clone().map_err(Error::EventFd)?,
         ));
         let pvpanic = PvPanic::new(EventFdTrigger::from(
             panic_evt.try_clone().map_err(Error::EventFd)?,
         ));
-        let poweroff_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let poweroff_evt = ember_devices::new_eventfd().map_err(Error::EventFd)?;
         let acpi_pm = AcpiPmRegisters::new(
             EventFdTrigger::from(poweroff_evt.try_clone().map_err(Error::EventFd)?),
             EventFdTrigger::from(reset_evt.try_clone().map_err(Error::EventFd)?),
@@ -629,8 +629,8 @@ impl Vm {
         timings.record("vcpu setup", &mut t);
 
         let handle = VmHandle {
-            stop_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
-            input_evt: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?),
+            stop_evt: Arc::new(ember_devices::new_eventfd().map_err(Error::EventFd)?),
+            input_evt: Arc::new(ember_devices::new_eventfd().map_err(Error::EventFd)?),
             input: Arc::new(Mutex::new(VecDeque::new())),
             control: Arc::new(VcpuControl::default()),
             io: Arc::downgrade(&io),
@@ -707,7 +707,7 @@ impl Vm {
     pub fn run(self) -> Result<VmOutcome, Error> {
         ember_vcpu::kick::init()?;
         let control = self.handle.control.clone();
-        let vcpu_exit_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?;
+        let vcpu_exit_evt = ember_devices::new_eventfd().map_err(Error::EventFd)?;
         let first_run: Arc<OnceLock<Duration>> = Arc::new(OnceLock::new());
         let results: Arc<Mutex<Vec<VmExit>>> = Arc::new(Mutex::new(Vec::new()));
 

@@ -4,7 +4,7 @@ use std::fmt;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     interrupt_status, status, Error, Interrupt, VirtioDevice, CONFIG_SPACE_OFFSET, MMIO_MAGIC,
@@ -225,7 +225,7 @@ impl MmioTransport {
                 return Err(Error::InvalidQueueMaxSize { index, size });
             }
             queues.push(QueueConfig::new(size));
-            notify_evts.push(EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?);
+            notify_evts.push(crate::new_eventfd().map_err(Error::EventFd)?);
         }
         Ok(MmioTransport {
             device,
