@@ -239,7 +239,35 @@ impl VmConfig {
         let bytes = ember_loader::read_small_file(path, MAX_CONFIG_FILE_SIZE).map_err(read_err)?;
         let text = String::from_utf8(bytes)
             .map_err(|e| read_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
-        Self::from_json(&text)
+        let mut cfg = Self::from_json(&text)?;
+        if let Some(dir) = path.parent() {
+            cfg.resolve_relative_to(dir);
+        }
+        Ok(cfg)
+    }
+
+    /// Takes relative file paths (kernel, initrd, disks, a CPU template file) as relative to
+    /// `dir`, as [`from_file`](Self::from_file) does with the configuration file's folder.
+    pub fn resolve_relative_to(&mut self, dir: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() && !p.as_os_str().is_empty() {
+                *p = dir.join(&*p);
+            }
+        };
+        resolve(&mut self.kernel);
+        if let Some(initrd) = &mut self.initrd {
+            resolve(initrd);
+        }
+        for d in &mut self.disks {
+            resolve(&mut d.path);
+        }
+        if let Some(t) = &mut self.cpu_template {
+            if CpuTemplate::builtin(t).is_none() {
+                let mut p = PathBuf::from(&*t);
+                resolve(&mut p);
+                *t = p.to_string_lossy().into_owned();
+            }
+        }
     }
 
     /// Checks the values that do not need any file or KVM to judge.

@@ -1,7 +1,7 @@
-//! Ember's reference quick-boot VMM.
+//! `ember`: Ember's reference VMM binary, booting a microVM from flags or a JSON config.
 //!
 //! ```text
-//! cargo run --release --example microvm -- --kernel target/probe/probe.elf --cmdline "probe=memmap,serial"
+//! cargo run --release --bin ember -- --kernel target/probe/probe.elf --cmdline "probe=memmap,serial"
 //! ```
 //!
 //! Stdin feeds the serial console (raw mode when it is a terminal, restored on every exit
@@ -17,22 +17,29 @@ use clap::Parser;
 use ember_vmm::{BootProtocolChoice, Vm, VmConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "microvm", about = "Boot a microVM with Ember")]
+#[command(
+    name = "ember",
+    version,
+    about = "Boot a microVM with Ember",
+    after_help = "The guest's reset or poweroff ends ember with status 0; an emulation failure, \
+                  triple fault or guest panic with status 1; a bad argument or configuration with \
+                  status 2; SIGTERM, SIGINT or SIGHUP stop the VM (status 128 + the signal)."
+)]
 struct Args {
-    /// Kernel image (ELF vmlinux with or without PVH note, or bzImage).
+    /// Kernel image: an ELF vmlinux (with or without a PVH note) or a bzImage.
     #[arg(long)]
     kernel: Option<PathBuf>,
     /// Initramfs image.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Kernel command line.
+    /// Kernel command line [default: "console=ttyS0 reboot=k panic=1"].
     #[arg(long)]
     cmdline: Option<String>,
-    /// Guest memory in MiB.
-    #[arg(long)]
+    /// Guest memory in MiB, at least 16 [default: 128].
+    #[arg(long, value_name = "MIB")]
     memory_mib: Option<u64>,
-    /// Number of vCPUs.
-    #[arg(long)]
+    /// Number of vCPUs, 1 to 32 [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(ember_vmm::MAX_VCPUS)))]
     vcpus: Option<u8>,
     /// A virtio-blk disk: `path[,ro][,id=serial]` (repeatable).
     #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]")]
@@ -43,14 +50,15 @@ struct Args {
     /// Do not write ACPI tables (the guest then finds virtio devices on the command line).
     #[arg(long)]
     no_acpi: bool,
-    /// CPU template: host (default), minimal, emulated-ring0, or a JSON template file.
-    #[arg(long)]
+    /// CPU template: host, minimal, emulated-ring0, or a JSON template file [default: host].
+    #[arg(long, value_name = "NAME|FILE")]
     cpu_template: Option<String>,
-    /// Boot protocol to force (default: PVH when the kernel offers it).
+    /// Boot protocol to force [default: PVH when the kernel offers it, else linux64].
     #[arg(long, value_parser = ["pvh", "linux64"])]
     boot_protocol: Option<String>,
-    /// JSON VM configuration; the other flags override its fields.
-    #[arg(long)]
+    /// JSON VM configuration (schema: examples/vm.json); the other flags override its fields.
+    /// Relative paths in it are taken from the file's folder.
+    #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Print the VMM's start-up phases on stderr.
     #[arg(long)]
@@ -176,7 +184,7 @@ fn main() -> ExitCode {
     let config = match build_config(&args) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("microvm: error: {e}");
+            eprintln!("ember: error: {e}");
             return ExitCode::from(2);
         }
     };
@@ -187,14 +195,14 @@ fn main() -> ExitCode {
     {
         Ok(vm) => vm,
         Err(e) => {
-            eprintln!("microvm: error: {e}");
+            eprintln!("ember: error: {e}");
             return ExitCode::from(2);
         }
     };
     if args.timings {
         for (phase, d) in &vm.timings().phases {
             eprintln!(
-                "microvm: start-up {phase:<15} {:>9.3} ms",
+                "ember: start-up {phase:<15} {:>9.3} ms",
                 d.as_secs_f64() * 1e3
             );
         }
@@ -211,32 +219,32 @@ fn main() -> ExitCode {
         Ok(outcome) => {
             if let Some(t) = outcome.boot_time {
                 eprintln!(
-                    "microvm: boot timer: {:.3} ms after VMM start",
+                    "ember: boot timer: {:.3} ms after VMM start",
                     t.as_secs_f64() * 1e3
                 );
             }
             if args.timings {
                 if let Some(t) = outcome.first_run {
                     eprintln!(
-                        "microvm: first KVM_RUN {:.3} ms after VMM start",
+                        "ember: first KVM_RUN {:.3} ms after VMM start",
                         t.as_secs_f64() * 1e3
                     );
                 }
             }
             if signal != 0 {
-                eprintln!("microvm: stopped by signal {signal}");
+                eprintln!("ember: stopped by signal {signal}");
                 return ExitCode::from(128u8.wrapping_add(signal as u8));
             }
             if outcome.exit.is_clean() {
-                eprintln!("microvm: {}", outcome.exit);
+                eprintln!("ember: {}", outcome.exit);
                 ExitCode::SUCCESS
             } else {
-                eprintln!("microvm: VM ended: {}", outcome.exit);
+                eprintln!("ember: VM ended: {}", outcome.exit);
                 ExitCode::from(1)
             }
         }
         Err(e) => {
-            eprintln!("microvm: error: {e}");
+            eprintln!("ember: error: {e}");
             ExitCode::from(1)
         }
     }
