@@ -104,9 +104,22 @@ fn command_line_too_long() {
     assert!(
         matches!(
             err,
-            Error::Loader(ember_loader::Error::CmdlineTooLong { .. })
+            Error::Cmdline(ember_vmm::CmdlineError::TooLong { len: 5001, .. })
         ),
         "{err:?}"
+    );
+    // What Ember appends counts, and the message says so: without ACPI every disk adds a
+    // `virtio_mmio.device=` word.
+    let img = temp_file("cmdline-disk.img", &[0u8; 4096]);
+    let mut cfg = VmConfig::new(probe_elf());
+    cfg.cmdline = "x".repeat(2030);
+    cfg.acpi = false;
+    cfg.disks
+        .push(format!("{}", img.display()).parse().unwrap());
+    let msg = build_err(cfg).to_string();
+    assert!(
+        msg.contains("2030 bytes configured + ") && msg.contains("virtio_mmio.device="),
+        "{msg}"
     );
 }
 

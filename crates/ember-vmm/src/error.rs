@@ -16,6 +16,9 @@ pub enum Error {
     /// A guest memory access failed while setting up the VM.
     #[error("guest memory access failed: {0}")]
     GuestMemory(vm_memory::GuestMemoryError),
+    /// The kernel command line is too long or invalid.
+    #[error(transparent)]
+    Cmdline(#[from] crate::cmdline::CmdlineError),
     /// The kernel, initramfs or command line could not be loaded.
     #[error(transparent)]
     Loader(#[from] ember_loader::Error),

@@ -20,6 +20,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod cmdline;
 mod config;
 mod control;
 mod error;
@@ -28,6 +29,7 @@ mod vm;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+pub use cmdline::{CmdlineError, KernelCmdline};
 pub use config::{
     BootProtocolChoice, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
     MAX_CONFIG_FILE_SIZE, MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,

@@ -30,6 +30,7 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRe
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::cmdline::KernelCmdline;
 use crate::config::{BootProtocolChoice, VmConfig};
 use crate::control::VcpuControl;
 use crate::error::Error;
@@ -577,21 +578,17 @@ impl Vm {
             vcpu.set_msr_modifiers(&template.msrs)?;
             vcpus.push(vcpu);
         }
-        let mut cmdline = config.cmdline.clone();
+        let mut cmdline = KernelCmdline::new(&config.cmdline);
         if !config.acpi {
             // Without ACPI the guest learns of its virtio-mmio devices from the command line
             // (CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES). With ACPI the DSDT describes them and a
             // second description would make Linux probe each device twice.
             for d in &cmdline_devices {
-                cmdline.push(' ');
-                cmdline.push_str(d);
+                cmdline.append(d);
             }
         }
-        let host_compat = host_compat_params(&template, &vcpus[0], &cpuids[0])?;
-        if !host_compat.is_empty() {
-            cmdline.push(' ');
-            cmdline.push_str(&host_compat);
-        }
+        cmdline.append(&host_compat_params(&template, &vcpus[0], &cpuids[0])?);
+        let cmdline = cmdline.build()?;
         timings.record("vcpu create", &mut t);
 
         // Firmware tables: ACPI (preferred by x86_64 kernels; Debian's has no MP-table parser)
