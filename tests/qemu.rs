@@ -22,8 +22,9 @@ fn kvm_and_qemu_or_skip(test: &str) -> bool {
         return false;
     }
     if qemu().is_none() {
-        eprintln!(
-            "\n*** SKIPPED {test}: qemu-system-x86_64 is not installed (cargo xtask test installs it) ***\n"
+        ember_test_support::skip(
+            test,
+            "qemu-system-x86_64 is not installed (cargo xtask test installs it)",
         );
         return false;
     }
@@ -42,7 +43,10 @@ fn boot_under_qemu_with(
     let qemu = qemu().unwrap();
     let child = Command::new(qemu)
         .args(machine)
-        .args(["-enable-kvm", "-cpu", "host,-arch-capabilities", "-m"])
+        // A fixed CPU model rather than `host`: `-cpu host` brings the host's model-specific
+        // MSRs, and KVM on a PVM host refuses some of them (which differ between Intel and AMD
+        // hosts), aborting QEMU. The probe needs no host feature.
+        .args(["-enable-kvm", "-cpu", "kvm64", "-m"])
         .arg(memory_mib.to_string())
         .args([
             "-nodefaults",
@@ -61,15 +65,21 @@ fn boot_under_qemu_with(
         .stderr(Stdio::piped())
         .spawn()
         .expect("start qemu");
-    // Bound the run: QEMU exits on the probe's reset (-no-reboot); kill it if it does not.
+    // Bound the run: QEMU exits on the probe's reset (-no-reboot); kill it if it does not. The
+    // watchdog is told when QEMU was reaped, so it never signals a pid that may be reused.
     let pid = child.id();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(60));
-        // SAFETY: kill(2) on a pid we spawned; harmless if it already exited.
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        if done_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            // SAFETY: kill(2) on the pid we spawned, which has not been reaped yet (the main
+            // thread reports the reaping through the channel before joining us).
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
     });
-    let out = child.wait_with_output().unwrap();
-    drop(watchdog);
+    let out = child.wait_with_output();
+    let _ = done_tx.send(());
+    let _ = watchdog.join();
+    let out = out.unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines = text.lines().filter_map(ProbeLine::parse).collect();
     (text, lines)

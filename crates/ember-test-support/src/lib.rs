@@ -20,7 +20,27 @@ use std::time::Duration;
 use ember_memory::MemoryLayout;
 use ember_vmm::{BootProtocolChoice, Vm, VmConfig, VmExit, VmHandle, VmOutcome};
 
-/// Whether `/dev/kvm` exists. When it does not, prints a loud skip message naming the test.
+/// Records that `test` is skipped on this machine because of `reason`: prints a loud message
+/// and, when `EMBER_SKIP_LOG` names a file (`cargo xtask test` sets it), appends
+/// `test<TAB>reason` to it, so the run's summary counts the test as skipped rather than passed.
+/// The test then returns early.
+pub fn skip(test: &str, reason: &str) {
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
+    if let Some(log) = std::env::var_os("EMBER_SKIP_LOG") {
+        let line = format!("{test}\t{}\n", reason.replace(['\t', '\n'], " "));
+        // O_APPEND writes of one short line are atomic, so parallel tests do not interleave.
+        let written = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(line.as_bytes()));
+        if let Err(e) = written {
+            eprintln!("warning: cannot record the skip of {test}: {e}");
+        }
+    }
+}
+
+/// Whether `/dev/kvm` exists. When it does not, records a skip of `test` (see [`skip`]).
 ///
 /// Tests call this first and return early when it is false; where `/dev/kvm` exists they run
 /// and a failed boot fails them.
@@ -28,8 +48,9 @@ pub fn kvm_or_skip(test: &str) -> bool {
     if Path::new("/dev/kvm").exists() {
         true
     } else {
-        eprintln!(
-            "\n*** SKIPPED {test}: /dev/kvm is absent on this machine; KVM tests cannot run ***\n"
+        skip(
+            test,
+            "/dev/kvm is absent on this machine; KVM tests cannot run",
         );
         false
     }

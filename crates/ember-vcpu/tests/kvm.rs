@@ -2,6 +2,8 @@
 //!
 //! Every test skips (with a loud message) only when /dev/kvm does not exist.
 
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -38,13 +40,7 @@ const GDT_PROT: [u64; 4] = [
     0x0000_8b00_0000_0fff,
 ];
 
-fn kvm_or_skip(test: &str) -> Option<Kvm> {
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("!!!!! SKIPPED {test}: /dev/kvm does not exist on this machine !!!!!");
-        return None;
-    }
-    Some(Kvm::new().expect("/dev/kvm exists but cannot be opened"))
-}
+use common::kvm_or_skip;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 enum Access {

@@ -34,10 +34,27 @@ pub const GDT_LONG: [u64; 4] = [
 
 pub fn kvm_or_skip(test: &str) -> Option<Kvm> {
     if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("!!!!! SKIPPED {test}: /dev/kvm does not exist on this machine !!!!!");
+        skip(
+            test,
+            "/dev/kvm is absent on this machine; KVM tests cannot run",
+        );
         return None;
     }
     Some(Kvm::new().expect("/dev/kvm exists but cannot be opened"))
+}
+
+/// A loud skip message, recorded in `$EMBER_SKIP_LOG` for `cargo xtask test`'s summary (the
+/// same protocol as `ember_test_support::skip`, which this crate cannot depend on).
+pub fn skip(test: &str, reason: &str) {
+    use std::io::Write;
+    eprintln!("\n*** SKIPPED {test}: {reason} ***\n");
+    if let Some(log) = std::env::var_os("EMBER_SKIP_LOG") {
+        let _ = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(log)
+            .and_then(|mut f| f.write_all(format!("{test}\t{reason}\n").as_bytes()));
+    }
 }
 
 pub struct TestVm {
