@@ -7,7 +7,7 @@
 //! - `boot`: null-guest boot, exec → first console line and exec → exit, PVH and Linux 64-bit
 //!   entry, 1 and 4 vCPUs, 128 MiB and 2 GiB; min/median/max over `--runs` runs (default 20,
 //!   `--quick` 5), the VMMs alternating run by run.
-//! - `startup`: Ember's in-process start-up phases (`microvm --timings`), main → first KVM_RUN.
+//! - `startup`: Ember's in-process start-up phases (`ember --timings`), main → first KVM_RUN.
 //! - `waits`: where Ember's threads spend a null boot, from sampling their state and kernel
 //!   stacks (`/proc/<pid>/task/*/stack`) from outside: CPU, or which kernel wait.
 //! - `memory`: RSS beyond guest memory (from smaps, guest RAM mappings excluded) after boot
@@ -24,6 +24,7 @@ mod kvm;
 mod measure;
 mod null_elf;
 mod peers;
+#[cfg(feature = "plot")]
 mod plot;
 mod stats;
 
@@ -55,80 +56,94 @@ struct Options {
     filter: Option<String>,
 }
 
-fn usage() -> String {
-    format!(
-        "usage: cargo xtask bench [--quick] [--runs N] [--only {}] [--update-doc] [--out DIR] \
-         [--no-build] [--ember NAME=PATH]... [--filter TEXT]\n       cargo xtask bench --plot boot-samples.csv out.png   (redraw a saved run)\n  FIRECRACKER=/path/to/firecracker adds Firecracker to \
-         every table; --ember adds another build of examples/microvm (e.g. a patched one); \
-         --filter keeps the boot scenarios whose label contains TEXT (e.g. \"pvh, 1 vcpu, 128\")",
-        SECTIONS.join(",")
-    )
+/// `cargo xtask bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// 5 runs per boot scenario instead of 20.
+    #[arg(long)]
+    quick: bool,
+    /// Runs per boot scenario.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: Option<u64>,
+    /// Sections to run (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(SECTIONS))]
+    only: Vec<String>,
+    /// Also replace the generated part of docs/performance.md and docs/performance-boot.png.
+    #[arg(long)]
+    update_doc: bool,
+    /// Where results go [default: target/bench].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Use the ember binary already built.
+    #[arg(long)]
+    no_build: bool,
+    /// Another build of `ember` to compare (e.g. a patched one), as NAME=PATH (repeatable).
+    #[arg(long = "ember", value_name = "NAME=PATH")]
+    variants: Vec<String>,
+    /// Keep the boot scenarios whose label contains TEXT (e.g. "pvh, 1 vcpu, 128").
+    #[arg(long, value_name = "TEXT")]
+    filter: Option<String>,
+    /// Redraw the boot plot of a saved run: CSV (boot-samples.csv) to PNG.
+    #[arg(long, num_args = 2, value_names = ["CSV", "PNG"])]
+    plot: Option<Vec<PathBuf>>,
 }
 
-fn parse(args: &[String]) -> Result<Options, String> {
+fn parse(args: &Args) -> Result<Options, String> {
     let root = crate::workspace_root();
-    let mut o = Options {
-        quick: false,
-        runs: 0,
-        sections: SECTIONS.iter().map(|s| s.to_string()).collect(),
-        update_doc: false,
-        out: root.join("target/bench"),
-        no_build: false,
-        variants: Vec::new(),
-        filter: None,
+    let mut variants = Vec::new();
+    for v in &args.variants {
+        let (name, path) = v.split_once('=').ok_or("--ember takes NAME=PATH")?;
+        variants.push((name.to_string(), PathBuf::from(path)));
+    }
+    let runs = match args.runs {
+        Some(n) => n as usize,
+        None if args.quick => 5,
+        None => 20,
     };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--quick" => o.quick = true,
-            "--update-doc" => o.update_doc = true,
-            "--no-build" => o.no_build = true,
-            "--runs" => {
-                o.runs = it
-                    .next()
-                    .and_then(|v| v.parse().ok())
-                    .filter(|&n| n > 0)
-                    .ok_or("--runs takes a positive number")?
-            }
-            "--only" => {
-                let v = it.next().ok_or("--only takes a list of sections")?;
-                o.sections = v.split(',').map(|s| s.trim().to_string()).collect();
-                if let Some(bad) = o.sections.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
-                    return Err(format!("unknown section `{bad}`\n{}", usage()));
-                }
-            }
-            "--out" => o.out = PathBuf::from(it.next().ok_or("--out takes a directory")?),
-            "--filter" => {
-                o.filter = Some(it.next().ok_or("--filter takes a string")?.to_lowercase())
-            }
-            "--ember" => {
-                let v = it.next().ok_or("--ember takes NAME=PATH")?;
-                let (name, path) = v.split_once('=').ok_or("--ember takes NAME=PATH")?;
-                o.variants.push((name.to_string(), PathBuf::from(path)));
-            }
-            "-h" | "--help" => {
-                println!("{}", usage());
-                std::process::exit(0);
-            }
-            other => return Err(format!("unknown argument `{other}`\n{}", usage())),
-        }
-    }
-    if o.runs == 0 {
-        o.runs = if o.quick { 5 } else { 20 };
-    }
-    Ok(o)
+    Ok(Options {
+        quick: args.quick,
+        runs,
+        sections: if args.only.is_empty() {
+            SECTIONS.iter().map(|s| s.to_string()).collect()
+        } else {
+            args.only.clone()
+        },
+        update_doc: args.update_doc,
+        out: args
+            .out
+            .clone()
+            .unwrap_or_else(|| root.join("target/bench")),
+        no_build: args.no_build,
+        variants,
+        filter: args.filter.as_ref().map(|f| f.to_lowercase()),
+    })
 }
 
 fn wants(o: &Options, section: &str) -> bool {
     o.sections.iter().any(|s| s == section)
 }
 
+/// Draws the boot plot `png` from the samples saved in `csv`. The plotting crates are built
+/// only for this: without the `plot` feature, the task runner re-runs itself with it.
+fn draw_boot_plot(csv: &Path, png: &Path) -> Result<(), String> {
+    #[cfg(feature = "plot")]
+    return plot::boot_plot(png, &read_samples_csv(csv)?);
+    #[cfg(not(feature = "plot"))]
+    {
+        eprintln!("xtask bench: building the plotting task runner (`--features plot`)");
+        crate::run_cmd(
+            crate::cargo()
+                .args(["run", "--package", "xtask", "--features", "plot", "--"])
+                .args(["bench", "--plot"])
+                .args([csv, png]),
+        )
+    }
+}
+
 /// Entry point of `cargo xtask bench`.
-pub fn run(args: &[String]) -> Result<(), String> {
-    if let [flag, csv, png] = args {
-        if flag == "--plot" {
-            return plot::boot_plot(Path::new(png), &read_samples_csv(Path::new(csv))?);
-        }
+pub fn run(args: &Args) -> Result<(), String> {
+    if let Some([csv, png]) = args.plot.as_deref() {
+        return draw_boot_plot(csv, png);
     }
     let opts = parse(args)?;
     let root = crate::workspace_root();
@@ -156,18 +171,15 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 .args([
                     "build",
                     "--release",
-                    "--quiet",
                     "--target",
                     STATIC_TARGET,
-                    "--example",
-                    "microvm",
+                    "--bin",
+                    "ember",
                 ])
                 .env("RUSTFLAGS", "-C target-feature=+crt-static"),
         )?;
     }
-    let ember_bin = target_dir
-        .join(STATIC_TARGET)
-        .join("release/examples/microvm");
+    let ember_bin = target_dir.join(STATIC_TARGET).join("release/ember");
     if !ember_bin.exists() {
         return Err(format!(
             "{} is missing (drop --no-build)",
@@ -250,13 +262,13 @@ pub fn run(args: &[String]) -> Result<(), String> {
     )?;
     let probe = root.join("target/probe/probe.elf");
     if wants(&opts, "exits") {
-        crate::probe::run(&[])?;
+        crate::probe::build()?;
     }
 
     let machine = machine_info();
     let mut report = Report::default();
-    let cmd_line = std::iter::once("cargo xtask bench".to_string())
-        .chain(args.iter().cloned())
+    let cmd_line = std::iter::once("cargo xtask".to_string())
+        .chain(std::env::args().skip(1))
         .collect::<Vec<_>>()
         .join(" ");
 
@@ -340,10 +352,11 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let results = opts.out.join("results.md");
     std::fs::write(&results, &md)
         .map_err(|e| format!("cannot write {}: {e}", results.display()))?;
-    write_samples_csv(&opts.out.join("boot-samples.csv"), &report)?;
+    let csv = opts.out.join("boot-samples.csv");
+    write_samples_csv(&csv, &report)?;
     let png = opts.out.join("boot.png");
     if !report.boot.is_empty() {
-        if let Err(e) = plot::boot_plot(&png, &report.boot) {
+        if let Err(e) = draw_boot_plot(&csv, &png) {
             eprintln!("xtask bench: warning: no plot: {e}");
         }
     }
@@ -421,7 +434,7 @@ fn unsupported_reason(peer: &Peer, g: &Guest, run: &Run) -> Option<String> {
     let err = run.stderr.to_lowercase();
     if peer.kind == Kind::Ember && g.vcpus > 1 && err.contains("vcpu") {
         let msg = run.stderr.lines().last().unwrap_or("").trim();
-        let msg = msg.strip_prefix("microvm: error: ").unwrap_or(msg);
+        let msg = msg.strip_prefix("ember: error: ").unwrap_or(msg);
         return Some(format!("unsupported: {msg}"));
     }
     None
@@ -515,7 +528,7 @@ pub type Phases = Vec<(String, Vec<f64>)>;
 pub struct Startup {
     /// (guest MiB, phase → samples ms), phases in Ember's order.
     pub phases: Vec<(u64, Phases)>,
-    /// exec → exit of `microvm --help` (process start + dynamic loading + argument parsing).
+    /// exec → exit of `ember --help` (process start + dynamic loading + argument parsing).
     pub ember_floor: Vec<f64>,
     /// exec → exit of `qemu-system-x86_64 --version`.
     pub qemu_floor: Vec<f64>,
@@ -524,7 +537,7 @@ pub struct Startup {
 fn parse_timings(stderr: &str) -> Vec<(String, f64)> {
     let mut v = Vec::new();
     for line in stderr.lines() {
-        let Some(rest) = line.strip_prefix("microvm: ") else {
+        let Some(rest) = line.strip_prefix("ember: ") else {
             continue;
         };
         if let Some(p) = rest.strip_prefix("start-up ") {
@@ -1082,7 +1095,7 @@ impl Report {
         let Some(st) = &self.startup else { return };
         let _ = writeln!(
             s,
-            "### Ember start-up, in process (`microvm --timings`, null guest, PVH, 1 vCPU)\n"
+            "### Ember start-up, in process (`ember --timings`, null guest, PVH, 1 vCPU)\n"
         );
         let mems: Vec<u64> = st.phases.iter().map(|(m, _)| *m).collect();
         let _ = write!(s, "| phase |");
@@ -1109,7 +1122,7 @@ impl Report {
         if let Some(f) = Summary::of(&st.ember_floor) {
             let _ = writeln!(
                 s,
-                "| *floor:* exec → exit of `microvm --help` | {} |{}",
+                "| *floor:* exec → exit of `ember --help` | {} |{}",
                 f.fmt(3),
                 " |".repeat(mems.len().saturating_sub(1))
             );
@@ -1405,6 +1418,7 @@ fn write_samples_csv(path: &Path, r: &Report) -> Result<(), String> {
 }
 
 /// Reads `boot-samples.csv` back (for `--plot CSV PNG`: redraw a saved run).
+#[cfg(feature = "plot")]
 fn read_samples_csv(path: &Path) -> Result<Vec<BootCell>, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -1478,10 +1492,10 @@ mod tests {
 
     #[test]
     fn timings_parse() {
-        let err = "microvm: start-up guest memory        0.008 ms\n\
-                   microvm: start-up vm + irqchip        2.400 ms\n\
-                   microvm: boot timer: 18.899 ms after VMM start\n\
-                   microvm: first KVM_RUN 12.463 ms after VMM start\n";
+        let err = "ember: start-up guest memory        0.008 ms\n\
+                   ember: start-up vm + irqchip        2.400 ms\n\
+                   ember: boot timer: 18.899 ms after VMM start\n\
+                   ember: first KVM_RUN 12.463 ms after VMM start\n";
         let v = parse_timings(err);
         assert_eq!(v[0], ("guest memory".to_string(), 0.008));
         assert_eq!(v[1], ("vm + irqchip".to_string(), 2.4));

@@ -1,36 +1,90 @@
 //! `cargo xtask fuzz [--seconds N] [TARGET...]`: runs the cargo-fuzz targets under `fuzz/`
-//! (nightly toolchain; installs cargo-fuzz if it is missing). Fails on any crash.
+//! (nightly toolchain; installs cargo-fuzz if it is missing), each starting from its seed
+//! corpus in `fuzz/seeds/<target>/` (committed, written by `tests/fuzz_seeds.rs`) plus what
+//! earlier runs found in `fuzz/corpus/<target>/`. Fails on any crash; prints the executions and
+//! coverage of every target at the end.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
 
 use crate::{run_cmd, workspace_root};
 
 /// Every fuzz target, in the order they run.
-pub const TARGETS: &[&str] = &["loader_kernel", "pio_bus", "virtio_blk", "virtio_mmio"];
+pub const TARGETS: &[&str] = &[
+    "loader_kernel",
+    "loader_initrd",
+    "pio_bus",
+    "virtio_blk",
+    "virtio_mmio",
+    "vm_config",
+    "disk_option",
+    "cpu_template",
+    "cmdline",
+];
 
-pub fn run(args: &[String]) -> Result<(), String> {
-    let mut seconds = 60u64;
-    let mut targets: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--seconds" => {
-                seconds = it
-                    .next()
-                    .and_then(|s| s.parse().ok())
-                    .ok_or("--seconds takes a number")?;
+/// `cargo xtask fuzz`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Seconds per target.
+    #[arg(long, default_value_t = 60)]
+    pub seconds: u64,
+    /// Targets to run (default: all).
+    #[arg(value_parser = clap::builder::PossibleValuesParser::new(TARGETS))]
+    pub targets: Vec<String>,
+}
+
+/// What libFuzzer reported at the end of one target's run.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Report {
+    execs: Option<u64>,
+    execs_per_sec: Option<u64>,
+    coverage: Option<u64>,
+    features: Option<u64>,
+    corpus: Option<u64>,
+}
+
+impl Report {
+    /// Takes what it can from one line of libFuzzer's output: the status lines
+    /// (`#1234 DONE cov: 56 ft: 78 corp: 9/100b ...`) and the final statistics
+    /// (`stat::number_of_executed_units: 1234`, `stat::average_exec_per_sec: 99`).
+    fn add_line(&mut self, line: &str) {
+        if let Some(v) = line.strip_prefix("stat::number_of_executed_units:") {
+            self.execs = v.trim().parse().ok().or(self.execs);
+        } else if let Some(v) = line.strip_prefix("stat::average_exec_per_sec:") {
+            self.execs_per_sec = v.trim().parse().ok().or(self.execs_per_sec);
+        } else if line.starts_with('#') {
+            let mut words = line.split_whitespace();
+            let field = |words: &mut std::str::SplitWhitespace, key: &str| -> Option<u64> {
+                let mut w = words.clone();
+                while let Some(word) = w.next() {
+                    if word == key {
+                        let v = w.next()?;
+                        return v.split('/').next()?.parse().ok();
+                    }
+                }
+                None
+            };
+            if let Some(n) = words.next().and_then(|w| w[1..].parse().ok()) {
+                self.execs = Some(n);
             }
-            t if TARGETS.contains(&t) => targets.push(t.to_string()),
-            other => {
-                return Err(format!(
-                    "unknown fuzz argument or target `{other}` (targets: {TARGETS:?})"
-                ))
-            }
+            self.coverage = field(&mut words, "cov:").or(self.coverage);
+            self.features = field(&mut words, "ft:").or(self.features);
+            self.corpus = field(&mut words, "corp:").or(self.corpus);
         }
     }
-    if targets.is_empty() {
-        targets = TARGETS.iter().map(|s| s.to_string()).collect();
-    }
+}
+
+fn opt(v: Option<u64>) -> String {
+    v.map_or_else(|| "-".to_string(), |v| v.to_string())
+}
+
+/// Entry point of `cargo xtask fuzz`.
+pub fn run(args: &Args) -> Result<(), String> {
+    let targets: Vec<String> = if args.targets.is_empty() {
+        TARGETS.iter().map(|s| s.to_string()).collect()
+    } else {
+        args.targets.clone()
+    };
     let have_fuzz = Command::new("cargo")
         .args(["fuzz", "--version"])
         .output()
@@ -40,18 +94,123 @@ pub fn run(args: &[String]) -> Result<(), String> {
         run_cmd(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
     }
     let fuzz_dir = workspace_root().join("fuzz");
+    // Build every target first, with cargo's progress shown.
+    run_cmd(
+        Command::new("cargo")
+            .current_dir(&fuzz_dir)
+            .args(["+nightly", "fuzz", "build"]),
+    )?;
+    let mut reports = Vec::new();
     for t in &targets {
         let corpus = fuzz_dir.join("corpus").join(t);
+        let seeds = fuzz_dir.join("seeds").join(t);
         std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
-        run_cmd(
-            Command::new("cargo")
-                .current_dir(&fuzz_dir)
-                .args(["+nightly", "fuzz", "run", t])
-                .arg(&corpus)
-                .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
-                .arg("-rss_limit_mb=4096"),
-        )?;
+        let seed_count = std::fs::read_dir(&seeds).map(|d| d.count()).unwrap_or(0);
+        if seed_count == 0 {
+            return Err(format!(
+                "{} has no seeds (EMBER_UPDATE_SEEDS=1 cargo test --test fuzz_seeds writes them)",
+                seeds.display()
+            ));
+        }
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&fuzz_dir)
+            .args(["+nightly", "fuzz", "run", t])
+            .arg(&corpus)
+            .arg(&seeds)
+            .arg("--")
+            .arg(format!("-max_total_time={}", args.seconds))
+            .arg("-rss_limit_mb=4096")
+            .arg("-print_final_stats=1")
+            .stderr(Stdio::piped());
+        eprintln!(
+            "xtask fuzz: {t} for {} s from {seed_count} seeds",
+            args.seconds
+        );
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {cmd:?}: {e}"))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let mut report = Report::default();
+        let mut err = std::io::stderr().lock();
+        for line in BufReader::new(stderr).lines() {
+            let line = line.map_err(|e| e.to_string())?;
+            report.add_line(&line);
+            let _ = writeln!(err, "{line}");
+        }
+        drop(err);
+        let status = child.wait().map_err(|e| e.to_string())?;
+        if !status.success() {
+            return Err(format!(
+                "fuzz target {t} failed ({status}); the crashing input is in fuzz/artifacts/{t}/"
+            ));
+        }
+        reports.push((t.clone(), seed_count, report));
+    }
+    eprintln!("xtask fuzz: {} s per target", args.seconds);
+    eprintln!(
+        "xtask fuzz: {:<15} {:>6} {:>10} {:>8} {:>6} {:>7} {:>7}",
+        "target", "seeds", "execs", "execs/s", "cov", "ft", "corpus"
+    );
+    for (t, seeds, r) in &reports {
+        eprintln!(
+            "xtask fuzz: {:<15} {:>6} {:>10} {:>8} {:>6} {:>7} {:>7}",
+            t,
+            seeds,
+            opt(r.execs),
+            opt(r.execs_per_sec),
+            opt(r.coverage),
+            opt(r.features),
+            opt(r.corpus)
+        );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_reads_libfuzzer_lines() {
+        let mut r = Report::default();
+        r.add_line("#2	INITED cov: 101 ft: 102 corp: 1/1b exec/s: 0 rss: 30Mb");
+        r.add_line(
+            "#524288	pulse  cov: 180 ft: 400 corp: 33/2190b lim: 4096 exec/s: 26214 rss: 60Mb",
+        );
+        r.add_line(
+            "#1000000	DONE   cov: 185 ft: 420 corp: 35/2300b lim: 4096 exec/s: 33333 rss: 61Mb",
+        );
+        r.add_line("stat::number_of_executed_units: 1000001");
+        r.add_line("stat::average_exec_per_sec:     33333");
+        assert_eq!(
+            r,
+            Report {
+                execs: Some(1_000_001),
+                execs_per_sec: Some(33333),
+                coverage: Some(185),
+                features: Some(420),
+                corpus: Some(35),
+            }
+        );
+    }
+
+    #[test]
+    fn every_target_has_a_source_and_seeds() {
+        let fuzz = workspace_root().join("fuzz");
+        let manifest = std::fs::read_to_string(fuzz.join("Cargo.toml")).unwrap();
+        for t in TARGETS {
+            assert!(
+                fuzz.join(format!("fuzz_targets/{t}.rs")).is_file(),
+                "{t} has no source"
+            );
+            assert!(
+                manifest.contains(&format!("name = \"{t}\"")),
+                "{t} not in Cargo.toml"
+            );
+            let seeds = std::fs::read_dir(fuzz.join("seeds").join(t))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            assert!(seeds > 0, "{t} has no seed corpus");
+        }
+    }
 }

@@ -14,18 +14,22 @@ mod kernel;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-const USAGE: &str = "\
-usage: cargo xtask guest [--debian-cloud] [--no-kernel]
-
-Builds the Ember Linux guest into <cache>/guest (cache: $EMBER_CACHE or <workspace>/.cache):
-  vmlinux, bzImage      Linux 6.1 (Debian linux-source-6.1), tinyconfig + guest/linux/microvm.config
-  initramfs.cpio        static busybox + /init (protocol: docs/guest.md)
-Cached: a second run only checks stamps. Editing the config fragment rebuilds the kernel.
-
-  --debian-cloud   instead of building our kernel, fetch Debian's cloud kernel (a bzImage) to
-                   <cache>/guest/debian-cloud-bzImage (downloaded and unpacked, never installed);
-                   the initramfs is still written
-  --no-kernel      only the initramfs";
+/// `cargo xtask guest`: builds the Ember Linux guest into `<cache>/guest` (cache:
+/// `$EMBER_CACHE` or `<workspace>/.cache`): `vmlinux` and `bzImage` (Linux 6.1 from Debian's
+/// linux-source-6.1, tinyconfig + guest/linux/microvm.config) and `initramfs.cpio` (static
+/// busybox + /init; protocol: docs/guest.md). Cached: a second run only checks stamps; editing
+/// the config fragment rebuilds the kernel.
+#[derive(clap::Args, Default)]
+pub struct Args {
+    /// Instead of building our kernel, fetch Debian's cloud kernel (a bzImage) to
+    /// <cache>/guest/debian-cloud-bzImage (unpacked, never installed); the initramfs is still
+    /// written.
+    #[arg(long)]
+    pub debian_cloud: bool,
+    /// Only the initramfs.
+    #[arg(long)]
+    pub no_kernel: bool,
+}
 
 /// Kernel command line for a normal boot of this guest under an Ember VMM: console on COM1,
 /// reset through the i8042 on `reboot -f` and on panic, no PCI probing (PCI is compiled in
@@ -37,6 +41,33 @@ pub const DEMO_CMDLINE: &str =
 /// Extra kernel parameters for hosts whose KVM emulates guest ring 0 (PVM): they keep Linux
 /// off the instructions that emulator refuses (docs/guest.md, "Host-compatibility pieces").
 pub const HOST_COMPAT_ARGS: &str = "noxsave clearcpuid=popcnt,cx16,smap";
+
+/// What `cargo xtask demo --linux` says on a host whose KVM emulates guest ring 0.
+pub const RING0_EMULATED_NOTE: &str = "\
+xtask demo: this host's KVM emulates guest ring 0 (the probe's ring0 check says native=no; PVM
+  does this). Linux gets through its early boot here (banner, memory map, ACPI tables, CPUs)
+  and then stops at an instruction KVM's emulator refuses: an `emulation failure` at the end is
+  expected on such a host, with any VMM (docs/guest.md). On a host with hardware KVM the same
+  command boots to /init, runs `uname -a` and powers off; put `ember.shell` on the command
+  line instead of `ember.cmd=...` for an interactive busybox shell on the console.";
+
+/// Whether this host's KVM emulates guest ring 0: boots the probe's `ring0` check with `ember`.
+pub fn host_emulates_ring0(ember: &Path) -> Result<bool, String> {
+    let probe = crate::probe::build()?;
+    let out = std::process::Command::new(ember)
+        .arg("--kernel")
+        .arg(&probe)
+        .args(["--cmdline", "probe=ring0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", ember.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("PROBE ring0 "))
+        .ok_or_else(|| format!("the probe's ring0 check printed nothing:\n{stdout}"))?;
+    Ok(line.contains("native=no"))
+}
 
 /// `<cache>/guest`, where the outputs are (`vmlinux`, `bzImage`, `initramfs.cpio`, ...).
 pub fn guest_dir() -> PathBuf {
@@ -52,10 +83,7 @@ fn cache_dir() -> PathBuf {
     }
 }
 
-fn workspace_root() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.parent().unwrap_or(here).to_path_buf()
-}
+use crate::workspace_root;
 
 /// Where things go.
 pub struct Layout {
@@ -110,20 +138,8 @@ fn lock(path: &Path) -> Result<std::fs::File, String> {
 }
 
 /// Entry point of `cargo xtask guest`.
-pub fn run(args: &[String]) -> Result<(), String> {
-    let mut debian_cloud = false;
-    let mut no_kernel = false;
-    for a in args {
-        match a.as_str() {
-            "--debian-cloud" => debian_cloud = true,
-            "--no-kernel" => no_kernel = true,
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                return Ok(());
-            }
-            other => return Err(format!("unknown argument `{other}`\n{USAGE}")),
-        }
-    }
+pub fn run(args: &Args) -> Result<(), String> {
+    let (debian_cloud, no_kernel) = (args.debian_cloud, args.no_kernel);
     let started = Instant::now();
     let layout = Layout::new()?;
     let _lock = lock(&layout.out.join(".lock"))?;

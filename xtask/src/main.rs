@@ -1,40 +1,71 @@
-//! Ember's task runner: `cargo xtask <command>`.
-//!
-//! - `probe`: build the probe guest (`target/probe/probe.elf`).
-//! - `guest [--debian-cloud]`: prepare the Linux guest (minimal kernel + busybox initramfs).
-//! - `demo [--linux]`: build and boot the default guest (the probe, or Linux) with the
-//!   reference VMM, `examples/microvm.rs`.
-//! - `test [--linux] [--fuzz SECONDS] [--all]`: build the probe and run the test suite; `--linux`
-//!   adds the Linux tier, `--fuzz` a fuzz run of every target, `--all` both (60 s per target).
-//! - `fuzz [--seconds N] [TARGET]`: run the cargo-fuzz targets (nightly).
+//! Ember's task runner: `cargo xtask <command>` (`cargo xtask --help` lists the commands,
+//! `cargo xtask <command> --help` their options).
 
 mod bench;
+mod disk;
 mod fuzz;
 mod guest;
 mod probe;
+mod test;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    about = "Ember's task runner: guests, demo, tests, fuzzing, benchmarks",
+    arg_required_else_help = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the probe guest (target/probe/probe.elf).
+    Probe(probe::Args),
+    /// Prepare the Linux guest: a minimal 6.1 kernel and a busybox initramfs.
+    Guest(guest::Args),
+    /// Build the guest and boot it with the `ember` VMM (the probe, or Linux).
+    Demo(DemoArgs),
+    /// Build the probe and run the tests (unit, probe boots, QEMU side by side; more with flags).
+    Test(test::Args),
+    /// Run the cargo-fuzz targets (nightly), each from its seed corpus.
+    Fuzz(fuzz::Args),
+    /// Benchmark Ember against QEMU (and Firecracker, Cloud Hypervisor when given).
+    Bench(bench::Args),
+    /// Write a raw disk image for the examples (zeros, or the probe's blk pattern).
+    Disk(disk::Args),
+}
+
+/// `cargo xtask demo`.
+#[derive(clap::Args)]
+struct DemoArgs {
+    /// Boot the Linux guest instead of the probe (builds it first: minutes, once).
+    #[arg(long)]
+    linux: bool,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = args.split_first() else {
-        eprintln!("usage: cargo xtask <probe|guest|demo|test|fuzz> [args]");
-        return ExitCode::from(2);
-    };
-    let result = match cmd.as_str() {
-        "probe" => probe::run(rest),
-        "bench" => bench::run(rest),
-        "guest" => guest::run(rest),
-        "demo" => demo(rest),
-        "test" => test(rest),
-        "fuzz" => fuzz::run(rest),
-        other => Err(format!("unknown xtask command `{other}`")),
+    let cli = Cli::parse();
+    let (name, result) = match &cli.command {
+        Cmd::Probe(a) => ("probe", probe::run(a)),
+        Cmd::Guest(a) => ("guest", guest::run(a)),
+        Cmd::Demo(a) => ("demo", demo(a)),
+        Cmd::Test(a) => ("test", test::run(a)),
+        Cmd::Fuzz(a) => ("fuzz", fuzz::run(a)),
+        Cmd::Bench(a) => ("bench", bench::run(a)),
+        Cmd::Disk(a) => ("disk", disk::run(a)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("xtask {cmd}: error: {e}");
+            eprintln!("xtask {name}: error: {e}");
             ExitCode::FAILURE
         }
     }
@@ -59,7 +90,8 @@ pub fn run_cmd(cmd: &mut Command) -> Result<(), String> {
     }
 }
 
-fn cargo() -> Command {
+/// `cargo` (the one running this xtask), in the workspace root.
+pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     c.current_dir(workspace_root());
     c
@@ -91,14 +123,34 @@ pub fn ensure_packages(packages: &[&str]) -> Result<(), String> {
     )
 }
 
-fn demo(args: &[String]) -> Result<(), String> {
+/// Builds the `ember` binary (release) with cargo's progress shown, and returns its path.
+pub fn build_ember() -> Result<PathBuf, String> {
+    eprintln!("xtask: building the ember VMM (release; the first build takes a minute or two)");
+    run_cmd(cargo().args(["build", "--release", "--bin", "ember"]))?;
+    Ok(target_dir().join("release/ember"))
+}
+
+/// Cargo's target directory (`$CARGO_TARGET_DIR`, else `<workspace>/target`).
+pub fn target_dir() -> PathBuf {
     let root = workspace_root();
-    if args.iter().any(|a| a == "--linux") {
-        guest::run(&[])?;
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(dir) if dir.is_relative() => root.join(dir),
+        Some(dir) => dir,
+        None => root.join("target"),
+    }
+}
+
+fn demo(args: &DemoArgs) -> Result<(), String> {
+    if args.linux {
+        guest::run(&guest::Args::default())?;
+        let ember = build_ember()?;
         let dir = guest::guest_dir();
-        return run_cmd(
-            cargo()
-                .args(["run", "--release", "--quiet", "--example", "microvm", "--"])
+        let ring0_emulated = guest::host_emulates_ring0(&ember)?;
+        if ring0_emulated {
+            eprintln!("{}", guest::RING0_EMULATED_NOTE);
+        }
+        let result = run_cmd(
+            Command::new(&ember)
                 .arg("--kernel")
                 .arg(dir.join("vmlinux"))
                 .arg("--initrd")
@@ -110,63 +162,21 @@ fn demo(args: &[String]) -> Result<(), String> {
                     guest::HOST_COMPAT_ARGS
                 )),
         );
+        if result.is_err() && ring0_emulated {
+            eprintln!("{}", guest::RING0_EMULATED_NOTE);
+            return Ok(());
+        }
+        return result;
     }
-    probe::run(&[])?;
-    run_cmd(
-        cargo()
-            .args(["run", "--release", "--quiet", "--example", "microvm", "--"])
-            .arg("--kernel")
-            .arg(root.join("target/probe/probe.elf"))
-            .args([
-                "--timings",
-                "--vcpus",
-                "2",
-                "--cmdline",
-                "probe=memmap,cmdline,boottimer,serial,acpi,smp,cpuid,exitloop,ring0,reset",
-            ]),
-    )
-}
-
-fn test(args: &[String]) -> Result<(), String> {
-    let all = args.iter().any(|a| a == "--all");
-    let linux = all || args.iter().any(|a| a == "--linux");
-    let fuzz_seconds = match args.iter().position(|a| a == "--fuzz") {
-        Some(i) => Some(
-            args.get(i + 1)
-                .and_then(|s| s.parse::<u64>().ok())
-                .ok_or("--fuzz takes a number of seconds")?,
-        ),
-        None if all => Some(60),
-        None => None,
-    };
-    // The probe guest, and the peer VMM (QEMU) the comparison tests boot it under.
-    probe::run(&[])?;
-    if let Err(e) = ensure_packages(&["qemu-system-x86", "e2fsprogs"]) {
-        eprintln!("xtask: warning: could not install QEMU ({e}); the QEMU tests will skip");
-    }
-    run_cmd(cargo().args(["test", "--workspace", "--all-targets"]))?;
-    run_cmd(cargo().args(["test", "--workspace", "--doc"]))?;
-    if linux {
-        // The Linux tier: our minimal kernel and Debian's cloud kernel, one test at a time
-        // (each is a CPU-bound emulation of guest ring 0 on hosts like Ember's).
-        guest::run(&[])?;
-        guest::run(&["--debian-cloud".to_string()])?;
-        run_cmd(
-            cargo()
-                .args([
-                    "test",
-                    "-p",
-                    "ember",
-                    "--test",
-                    "linux",
-                    "--",
-                    "--test-threads=1",
-                ])
-                .env("EMBER_LINUX_TESTS", "1"),
-        )?;
-    }
-    if let Some(secs) = fuzz_seconds {
-        fuzz::run(&["--seconds".to_string(), secs.to_string()])?;
-    }
-    Ok(())
+    eprintln!("xtask demo: building the probe guest");
+    let probe = probe::build()?;
+    let ember = build_ember()?;
+    eprintln!("xtask demo: booting the probe in an Ember microVM (2 vCPUs)");
+    run_cmd(Command::new(ember).arg("--kernel").arg(probe).args([
+        "--timings",
+        "--vcpus",
+        "2",
+        "--cmdline",
+        "probe=memmap,cmdline,boottimer,serial,acpi,smp,cpuid,exitloop,ring0,reset",
+    ]))
 }

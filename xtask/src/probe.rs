@@ -31,26 +31,32 @@ const FALLBACK_RUSTFLAGS: &[&str] = &[
     "-Cpanic=abort",
 ];
 
-/// Entry point of `cargo xtask probe [--host-target]`.
-pub fn run(args: &[String]) -> Result<(), String> {
-    let mut force_host = false;
-    for arg in args {
-        match arg.as_str() {
-            "--host-target" => force_host = true,
-            "-h" | "--help" => {
-                println!("usage: cargo xtask probe [--host-target]");
-                println!("  builds guest/probe for {TARGET} and writes {OUT_DIR}/{OUT_FILE}");
-                println!("  --host-target  use the host-target fallback (SSE off, soft-float)");
-                return Ok(());
-            }
-            other => return Err(format!("unknown argument `{other}` (try --help)")),
-        }
-    }
-    let root = workspace_root()?;
+/// `cargo xtask probe`.
+#[derive(clap::Args, Default)]
+pub struct Args {
+    /// Use the host-target fallback (SSE off, soft-float) instead of x86_64-unknown-none.
+    #[arg(long)]
+    pub host_target: bool,
+}
+
+/// Entry point of `cargo xtask probe`.
+pub fn run(args: &Args) -> Result<(), String> {
+    let out = build_with(args.host_target)?;
+    println!("{}", out.display());
+    Ok(())
+}
+
+/// Builds the probe for the intended target (or the fallback) and returns the ELF's path.
+pub fn build() -> Result<PathBuf, String> {
+    build_with(false)
+}
+
+fn build_with(force_host: bool) -> Result<PathBuf, String> {
+    let root = crate::workspace_root();
     let built = if force_host {
         build_host_fallback(&root)?
     } else if target_installed(&root) || rustup_target_add(&root) {
-        build(&root, TARGET, &[])?
+        build_for(&root, TARGET, &[])?
     } else {
         eprintln!(
             "xtask probe: {TARGET} is not installed and `rustup target add {TARGET}` failed; \
@@ -73,32 +79,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
         info.entry,
         info.pvh_entry
     );
-    println!("{}", out.display());
-    Ok(())
-}
-
-/// The workspace root: the parent of xtask's manifest directory, or what
-/// `cargo locate-project --workspace` says.
-fn workspace_root() -> Result<PathBuf, String> {
-    if let Some(dir) = env::var_os("CARGO_MANIFEST_DIR") {
-        if let Some(parent) = Path::new(&dir).parent() {
-            if parent.join(MANIFEST).is_file() {
-                return Ok(parent.to_path_buf());
-            }
-        }
-    }
-    let output = Command::new(cargo())
-        .args(["locate-project", "--workspace", "--message-format", "plain"])
-        .output()
-        .map_err(|e| format!("cannot run cargo locate-project: {e}"))?;
-    if !output.status.success() {
-        return Err("cargo locate-project --workspace failed".into());
-    }
-    let manifest = String::from_utf8_lossy(&output.stdout).trim().to_string();
-    Path::new(&manifest)
-        .parent()
-        .map(Path::to_path_buf)
-        .ok_or_else(|| format!("unexpected workspace manifest path `{manifest}`"))
+    Ok(out)
 }
 
 fn cargo() -> String {
@@ -152,11 +133,11 @@ fn build_host_fallback(root: &Path) -> Result<PathBuf, String> {
             "the probe is an x86_64 guest; host target `{host}` cannot stand in for {TARGET}"
         ));
     }
-    build(root, &host, FALLBACK_RUSTFLAGS)
+    build_for(root, &host, FALLBACK_RUSTFLAGS)
 }
 
 /// Runs `cargo build` for the probe and returns the path of the built ELF.
-fn build(root: &Path, target: &str, rustflags: &[&str]) -> Result<PathBuf, String> {
+fn build_for(root: &Path, target: &str, rustflags: &[&str]) -> Result<PathBuf, String> {
     let mut cmd = Command::new(cargo());
     cmd.current_dir(root).args([
         "build",

@@ -43,7 +43,7 @@ pub struct Guest {
 /// Which VMM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
-    /// `examples/microvm.rs`, release build.
+    /// The `ember` binary, static release build.
     Ember,
     /// `qemu-system-x86_64 -M microvm`.
     Qemu,
