@@ -21,7 +21,8 @@
 //!   * `0b00`: a 16-bit port (2 bytes little-endian follow);
 //!   * `0b01`: a full 64-bit address (8 bytes little-endian follow);
 //!   * `0b10`: a port near the legacy devices (1 byte follows; its low 5 bits are added to
-//!     `0x3f8`, or to `0x500` when bit 5 of the control byte is set);
+//!     the base its top 2 bits select: `0x3f8` COM1, `0x500` boot timer and pvpanic, `0x600`
+//!     ACPI PM registers, `0x60` i8042);
 //!   * `0b11`: host input to the UART (`len` bytes follow; only [`drive_legacy`] acts on it,
 //!     [`run_ops`] passes it to its callback);
 //! * for writes and host input, `len` data bytes (fewer if the input ends).
@@ -35,6 +36,7 @@
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::acpi_pm::{AcpiPmRegisters, ACPI_PM_BASE, ACPI_PM_LEN};
 use crate::boot_timer::{BootTimer, BOOT_TIMER_LEN, BOOT_TIMER_PORT};
 use crate::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::pvpanic::{PvPanic, PVPANIC_LEN, PVPANIC_PORT};
@@ -98,7 +100,7 @@ pub fn decode_ops(input: &[u8]) -> Vec<BusOp> {
             },
             0b10 => match take(&mut rest, 1) {
                 Some(b) => {
-                    let base = if ctl & 0x20 != 0 { 0x500 } else { COM1_BASE };
+                    let base = [COM1_BASE, 0x500, ACPI_PM_BASE, I8042_BASE][usize::from(b[0] >> 6)];
                     base + u64::from(b[0] & 0x1f)
                 }
                 None => break,
@@ -186,7 +188,8 @@ pub fn drive_bus(bus: &Bus, input: &[u8]) -> RunStats {
 /// target needs to observe it.
 #[derive(Debug)]
 pub struct LegacyBus {
-    /// The bus: COM1 at 0x3f8, i8042 at 0x60, boot timer at 0x510, pvpanic at 0x505.
+    /// The bus: COM1 at 0x3f8, i8042 at 0x60, boot timer at 0x510, pvpanic at 0x505, the ACPI
+    /// PM registers at 0x600.
     pub bus: Bus,
     /// The UART (for host input and counters).
     pub serial: Arc<Mutex<SerialDevice>>,
@@ -198,6 +201,8 @@ pub struct LegacyBus {
     pub reset_evt: EventFdTrigger,
     /// The pvpanic eventfd.
     pub panic_evt: EventFdTrigger,
+    /// The ACPI poweroff (S5) eventfd.
+    pub poweroff_evt: EventFdTrigger,
     /// The boot timer's recorded time.
     pub boot_time: Arc<OnceLock<Duration>>,
 }
@@ -208,6 +213,7 @@ pub fn legacy_bus() -> Result<LegacyBus, Error> {
     let serial_irq = EventFdTrigger::new()?;
     let reset_evt = EventFdTrigger::new()?;
     let panic_evt = EventFdTrigger::new()?;
+    let poweroff_evt = EventFdTrigger::new()?;
     let serial = Arc::new(Mutex::new(SerialDevice::new(
         serial_irq.try_clone()?,
         Box::new(output.clone()),
@@ -227,6 +233,14 @@ pub fn legacy_bus() -> Result<LegacyBus, Error> {
         PVPANIC_PORT,
         PVPANIC_LEN,
     )?;
+    bus.insert(
+        Arc::new(Mutex::new(AcpiPmRegisters::new(
+            poweroff_evt.try_clone()?,
+            reset_evt.try_clone()?,
+        ))),
+        ACPI_PM_BASE,
+        ACPI_PM_LEN,
+    )?;
     Ok(LegacyBus {
         bus,
         serial,
@@ -234,6 +248,7 @@ pub fn legacy_bus() -> Result<LegacyBus, Error> {
         serial_irq,
         reset_evt,
         panic_evt,
+        poweroff_evt,
         boot_time,
     })
 }
@@ -247,20 +262,106 @@ pub fn drive_legacy(fx: &LegacyBus, input: &[u8]) -> RunStats {
     })
 }
 
+/// xorshift64*: pseudo-random bytes for property tests, without extra dependencies.
+pub fn xorshift(seed: u64) -> impl FnMut() -> u8 {
+    let mut s = seed | 1;
+    move || {
+        s ^= s >> 12;
+        s ^= s << 25;
+        s ^= s >> 27;
+        (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+    }
+}
+
+/// A 1-byte write in the short address form (`base`: 0 COM1, 1 boot timer/pvpanic, 2 ACPI PM,
+/// 3 i8042; see the module docs).
+fn short_write(base: u8, offset: u8, value: u8) -> [u8; 3] {
+    [0b1000_0011, (base << 6) | (offset & 0x1f), value]
+}
+
+/// A 1-byte read in the short address form.
+fn short_read(base: u8, offset: u8) -> [u8; 2] {
+    [0b1000_0010, (base << 6) | (offset & 0x1f)]
+}
+
+/// Seed inputs for the `pio_bus` fuzz target (file name, bytes): what drivers do with each
+/// device of [`legacy_bus`].
+pub fn seeds() -> Vec<(String, Vec<u8>)> {
+    use crate::serial::regs::*;
+    let mut seeds = Vec::new();
+    // A Linux-like 8250 probe and console set-up, output "ok", input read back.
+    let mut uart = Vec::new();
+    for (off, v) in [
+        (LCR, 0x80),
+        (DATA, 1),
+        (IER, 0),
+        (LCR, 0x03),
+        (MCR, 0x0b),
+        (IER, 0x03),
+    ] {
+        uart.extend(short_write(0, off as u8, v));
+    }
+    for off in [IIR, LSR, MSR, SCR] {
+        uart.extend(short_read(0, off as u8));
+    }
+    for b in b"ok\n" {
+        uart.extend(short_read(0, LSR as u8));
+        uart.extend(short_write(0, DATA as u8, *b));
+    }
+    uart.extend_from_slice(&[0b1100_0100, b'h', b'i']);
+    uart.extend(short_read(0, IIR as u8));
+    uart.extend(short_read(0, DATA as u8));
+    uart.extend(short_read(0, DATA as u8));
+    seeds.push(("uart".to_string(), uart));
+    // Loopback: THR to RBR inside the UART.
+    let mut lo = Vec::new();
+    lo.extend(short_write(0, MCR as u8, 0x10));
+    lo.extend(short_write(0, DATA as u8, 0x5a));
+    lo.extend(short_read(0, LSR as u8));
+    lo.extend(short_read(0, DATA as u8));
+    seeds.push(("uart-loopback".to_string(), lo));
+    // Boot timer, pvpanic (read the capability, then report), i8042 reset.
+    let mut misc = Vec::new();
+    misc.extend(short_write(1, 0x10, 1));
+    misc.extend(short_read(1, 0x05));
+    misc.extend(short_write(1, 0x05, 1));
+    misc.extend(short_read(3, 0x04));
+    misc.extend(short_write(3, 0x04, 0xfe));
+    seeds.push(("timer-pvpanic-i8042".to_string(), misc));
+    // ACPI: read the sleep status, write S5, then the reset register.
+    let mut acpi = Vec::new();
+    acpi.extend(short_read(2, 1));
+    acpi.extend(short_write(2, 0, (5 << 2) | (1 << 5)));
+    acpi.extend(short_write(2, 2, 0x06));
+    seeds.push(("acpi-pm".to_string(), acpi));
+    // Wide, unaligned and unmapped accesses (full address forms).
+    let mut odd = vec![0b0000_1000, 0xf8, 0x03];
+    odd.extend_from_slice(&[0b0100_0011, 0x11, 0x05, 0, 0, 0, 0, 0, 0, 0]);
+    odd.extend_from_slice(&[0b0000_0011, 0xff, 0xff, 1]);
+    seeds.push(("odd-accesses".to_string(), odd));
+    seeds
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::serial::regs;
 
-    /// xorshift64*, to generate inputs without extra dependencies.
-    fn rng(seed: u64) -> impl FnMut() -> u8 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
+    use super::xorshift as rng;
+
+    #[test]
+    fn seeds_reach_every_device() {
+        let fx = legacy_bus().unwrap();
+        for (name, input) in seeds() {
+            let s = drive_legacy(&fx, &input);
+            assert_eq!(s.violations, 0, "{name}: {s:?}");
+            assert!(s.forwarded > 0, "{name}: {s:?}");
         }
+        assert!(fx.output.contents().starts_with(b"ok\n"));
+        assert_eq!(fx.panic_evt.read().unwrap(), 1);
+        assert!(fx.reset_evt.read().unwrap() >= 1);
+        assert_eq!(fx.poweroff_evt.read().unwrap(), 1);
+        assert!(fx.boot_time.get().is_some());
     }
 
     #[test]
@@ -308,20 +409,23 @@ mod tests {
         // Host input "z", then read RBR.
         input.extend_from_slice(&[0b1100_0010, b'z', 0b1000_0010, regs::DATA as u8]);
         // Boot timer write (port 0x510 = 0x500 + 0x10), pvpanic write 1 (0x505), reset.
-        input.extend_from_slice(&[0b1010_0011, 0x10, 1]);
-        input.extend_from_slice(&[0b1010_0011, 0x05, 1]);
+        input.extend_from_slice(&[0b1000_0011, 0x50, 1]);
+        input.extend_from_slice(&[0b1000_0011, 0x45, 1]);
         input.extend_from_slice(&[0b0000_0011, 0x64, 0x00, 0xfe]);
+        // ACPI S5 (SLP_TYP 5 | SLP_EN to 0x600).
+        input.extend_from_slice(&[0b1000_0011, 0x80, (5 << 2) | (1 << 5)]);
         // Exit-loop port (unmapped).
         input.extend_from_slice(&[0b0000_0011, 0x11, 0x05, 0]);
         let stats = drive_legacy(&fx, &input);
         assert_eq!(stats.violations, 0);
         assert_eq!(stats.host_inputs, 1);
         assert_eq!(stats.unhandled, 1);
-        assert_eq!(stats.forwarded, 6);
+        assert_eq!(stats.forwarded, 7);
         assert_eq!(fx.output.contents(), b"ok");
         assert!(fx.boot_time.get().is_some());
         assert_eq!(fx.panic_evt.read().unwrap(), 1);
         assert_eq!(fx.reset_evt.read().unwrap(), 1);
+        assert_eq!(fx.poweroff_evt.read().unwrap(), 1);
         assert_eq!(fx.serial.lock().unwrap().counters().rx_bytes, 1);
     }
 

@@ -709,6 +709,9 @@ pub fn load_kernel_from<F: Read + ReadVolatile + Seek, M: GuestMemoryBackend>(
 /// Reads the initrd at `path` straight into guest memory at
 /// [`MemoryLayout::initrd_addr`] (page aligned, as high as possible in low
 /// RAM, above `kernel_end`). Returns its `(address, size)`.
+///
+/// The file must be a regular file ([`open_regular_file`]: a FIFO or a device is refused at
+/// once).
 pub fn load_initrd<M: GuestMemoryBackend>(
     mem: &M,
     path: &Path,
@@ -726,6 +729,20 @@ pub fn load_initrd<M: GuestMemoryBackend>(
             source,
         })?
         .len();
+    load_initrd_from(mem, &mut file, size, layout, kernel_end, path)
+}
+
+/// [`load_initrd`] from an already open image of `size` bytes (e.g. a `&[u8]` when fuzzing);
+/// errors name `path`. Fails with [`Error::InitrdTruncated`] if the image ends before `size`
+/// bytes.
+pub fn load_initrd_from<M: GuestMemoryBackend, R: ReadVolatile>(
+    mem: &M,
+    image: &mut R,
+    size: u64,
+    layout: &MemoryLayout,
+    kernel_end: u64,
+    path: &Path,
+) -> Result<(GuestAddress, u64), Error> {
     let addr = layout.initrd_addr(size, kernel_end).map_err(|e| match e {
         ember_memory::Error::InitrdTooLarge { size, available } => Error::InitrdTooLarge {
             path: path.to_path_buf(),
@@ -743,7 +760,7 @@ pub fn load_initrd<M: GuestMemoryBackend>(
         let at = GuestAddress(addr.0 + done);
         let count = (size - done).min(CHUNK) as usize;
         let n = mem
-            .read_volatile_from(at, &mut file, count)
+            .read_volatile_from(at, image, count)
             .map_err(|source| Error::InitrdRead {
                 path: path.to_path_buf(),
                 addr: at.0,

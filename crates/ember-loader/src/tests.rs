@@ -364,12 +364,13 @@ fn elf_rejections() {
             ..
         })
     ));
+    // The payload cut short: said before linux-loader's "Unable to read kernel image".
     let err = load(&good[..good.len() - 1]).unwrap_err();
     assert!(
         matches!(
             err,
             Error::Load {
-                source: LoadError::Loader(_),
+                source: LoadError::SegmentBeyondFile { .. },
                 ..
             }
         ),

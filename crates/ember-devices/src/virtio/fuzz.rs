@@ -428,56 +428,114 @@ fn invariants_hold(fx: &mut MmioFixture) -> bool {
         && len == Some(DISK_LEN)
 }
 
+/// One `run_blk` descriptor (addresses and lengths below the fold limits are taken relative
+/// to the data area).
+fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
+    let mut d = addr.to_le_bytes().to_vec();
+    d.extend_from_slice(&len.to_le_bytes());
+    d.extend_from_slice(&flags.to_le_bytes());
+    d.extend_from_slice(&next.to_le_bytes());
+    d
+}
+
+/// A `run_blk` input: a 4-entry queue with one request of `kind` (a `VIRTIO_BLK_T_*`) on
+/// `sector`, as a header, one 512-byte data buffer (device-writable for reads and GET_ID) and
+/// the status byte; `read_only` selects a read-only disk.
+pub fn blk_request_input(kind: u32, sector: u64, read_only: bool) -> Vec<u8> {
+    // size 4 = 1 << 2 -> bits 2..=5 = 2; serial on.
+    let mut input = vec![2 << 2 | 2 | u8::from(read_only)];
+    input.extend_from_slice(&1u16.to_le_bytes());
+    let data_flags = if kind == testing::BLK_T_OUT {
+        testing::DESC_F_NEXT
+    } else {
+        testing::DESC_F_NEXT | testing::DESC_F_WRITE
+    };
+    // Addresses fold as DATA + addr.
+    input.extend(descriptor(0x0, 16, testing::DESC_F_NEXT, 1));
+    input.extend(descriptor(0x1000, 512, data_flags, 2));
+    input.extend(descriptor(0x2000, 1, testing::DESC_F_WRITE, 0));
+    input.extend(descriptor(0, 0, 0, 0));
+    for head in [0u16, 0, 0, 0] {
+        input.extend_from_slice(&head.to_le_bytes());
+    }
+    // The header at DATA.
+    input.extend_from_slice(&kind.to_le_bytes());
+    input.extend_from_slice(&0u32.to_le_bytes());
+    input.extend_from_slice(&sector.to_le_bytes());
+    input
+}
+
+/// A `run_mmio` input: the handshake (no features masked), a queue of 8, one request of
+/// `kind` on `sector`, then the event loop's notification.
+pub fn mmio_request_input(kind: u8, sector: u8) -> Vec<u8> {
+    let mut input = vec![4];
+    input.extend_from_slice(&0u64.to_le_bytes());
+    input.push(5 | (3 << 3));
+    input.extend_from_slice(&[6 | (kind << 3), sector]);
+    input.push(3);
+    input
+}
+
+/// A named fuzz input: (file name, bytes).
+pub type Seed = (String, Vec<u8>);
+
+/// Seed inputs for the `virtio_blk` and `virtio_mmio` fuzz targets (file name, bytes), each a
+/// valid request the device completes: reads, writes, flushes and GET_ID, on read-write and
+/// read-only disks, and a driver reset in the middle of the MMIO sequence.
+pub fn seeds() -> (Vec<Seed>, Vec<Seed>) {
+    use testing::{BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT};
+    let mut blk = Vec::new();
+    for (name, kind) in [
+        ("in", BLK_T_IN),
+        ("out", BLK_T_OUT),
+        ("flush", BLK_T_FLUSH),
+        ("get-id", BLK_T_GET_ID),
+    ] {
+        for ro in [false, true] {
+            let suffix = if ro { "-ro" } else { "" };
+            blk.push((format!("{name}{suffix}"), blk_request_input(kind, 3, ro)));
+        }
+    }
+    let mut mmio = Vec::new();
+    for (name, kind) in [("in", 0u8), ("out", 1), ("flush", 4), ("get-id", 8)] {
+        mmio.push((name.to_string(), mmio_request_input(kind, 1)));
+    }
+    // A read, a reset (status 0), then the whole sequence again.
+    let mut reset = mmio_request_input(0, 1);
+    reset.extend_from_slice(&[2, (regs::STATUS / 4) as u8, 0, 0, 0, 0]);
+    reset.extend(mmio_request_input(0, 2));
+    mmio.push(("reset-and-again".to_string(), reset));
+    (blk, mmio)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuzz::xorshift as rng;
 
-    /// xorshift64*, to generate inputs without extra dependencies.
-    fn rng(seed: u64) -> impl FnMut() -> u8 {
-        let mut s = seed | 1;
-        move || {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            (s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 56) as u8
-        }
-    }
-
-    fn descriptor(addr: u64, len: u32, flags: u16, next: u16) -> Vec<u8> {
-        let mut d = addr.to_le_bytes().to_vec();
-        d.extend_from_slice(&len.to_le_bytes());
-        d.extend_from_slice(&flags.to_le_bytes());
-        d.extend_from_slice(&next.to_le_bytes());
-        d
-    }
-
-    /// A hand-written `run_blk` input: a 4-entry queue with one valid 512-byte read of sector 3.
     #[test]
     fn blk_input_with_a_valid_read() {
-        // size 4 = 1 << 2 -> bits 2..=5 = 2; serial on.
-        let mut input = vec![2 << 2 | 2];
-        input.extend_from_slice(&1u16.to_le_bytes());
-        // Addresses fold as DATA + addr.
-        input.extend(descriptor(0x0, 16, testing::DESC_F_NEXT, 1));
-        input.extend(descriptor(
-            0x1000,
-            512,
-            testing::DESC_F_NEXT | testing::DESC_F_WRITE,
-            2,
-        ));
-        input.extend(descriptor(0x2000, 1, testing::DESC_F_WRITE, 0));
-        input.extend(descriptor(0, 0, 0, 0));
-        for head in [0u16, 0, 0, 0] {
-            input.extend_from_slice(&head.to_le_bytes());
-        }
-        // Header at DATA: IN, sector 3.
-        input.extend_from_slice(&0u32.to_le_bytes());
-        input.extend_from_slice(&0u32.to_le_bytes());
-        input.extend_from_slice(&3u64.to_le_bytes());
-        let s = run_blk(&input).unwrap();
+        let s = run_blk(&blk_request_input(testing::BLK_T_IN, 3, false)).unwrap();
         assert_eq!(s.violations, 0, "{s:?}");
         assert_eq!(s.ok_requests, 1, "{s:?}");
         assert_eq!(s.ops, 1);
+    }
+
+    #[test]
+    fn every_seed_completes_a_request() {
+        let (blk, mmio) = seeds();
+        for (name, input) in blk {
+            let s = run_blk(&input).unwrap();
+            assert_eq!(s.violations, 0, "{name}: {s:?}");
+            // A write to a read-only disk completes with IOERR.
+            let expect = u64::from(name != "out-ro");
+            assert_eq!(s.ok_requests, expect, "{name}: {s:?}");
+        }
+        for (name, input) in mmio {
+            let s = run_mmio(&input).unwrap();
+            assert_eq!(s.violations, 0, "{name}: {s:?}");
+            assert!(s.ok_requests >= 1, "{name}: {s:?}");
+        }
     }
 
     #[test]
@@ -494,12 +552,7 @@ mod tests {
     #[test]
     fn mmio_canned_sequence_reads() {
         // Handshake (mask 0), queue of 8 at 0, a read of sector 1, then the event loop.
-        let mut input = vec![4];
-        input.extend_from_slice(&0u64.to_le_bytes());
-        input.push(5 | (3 << 3));
-        input.extend_from_slice(&[6, 1]);
-        input.push(3);
-        let s = run_mmio(&input).unwrap();
+        let s = run_mmio(&mmio_request_input(0, 1)).unwrap();
         assert_eq!(s.violations, 0, "{s:?}");
         assert_eq!(s.ok_requests, 1, "{s:?}");
     }

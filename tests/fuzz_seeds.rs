@@ -1,0 +1,229 @@
+//! The seed corpus of every fuzz target (`fuzz/seeds/<target>/`), generated here from valid
+//! inputs of each parser: this test fails when a committed seed differs from what the
+//! generators produce (or is missing), and `EMBER_UPDATE_SEEDS=1 cargo test --test fuzz_seeds`
+//! rewrites them. `cargo xtask fuzz` starts every target from its seeds: unseeded,
+//! `loader_kernel` stayed at its initial coverage after two million runs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use ember_test_support::{tiny_elf_kernel, workspace_root, POPCNT_THEN_RESET};
+
+type Seeds = BTreeMap<String, Vec<u8>>;
+
+fn named(list: Vec<(String, Vec<u8>)>) -> Seeds {
+    list.into_iter().collect()
+}
+
+/// A tiny ELF kernel with a Xen PVH entry note (type 18) after the code.
+fn tiny_pvh_elf() -> Vec<u8> {
+    let mut elf = tiny_elf_kernel(POPCNT_THEN_RESET);
+    let note_off = elf.len() as u64;
+    let mut note = Vec::new();
+    note.extend_from_slice(&4u32.to_le_bytes()); // namesz
+    note.extend_from_slice(&4u32.to_le_bytes()); // descsz
+    note.extend_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+    note.extend_from_slice(b"Xen\0");
+    note.extend_from_slice(&0x10_0000u32.to_le_bytes());
+    elf.extend_from_slice(&note);
+    // A second program header, PT_NOTE, after the first (the code starts at 0x1000).
+    elf[56..58].copy_from_slice(&2u16.to_le_bytes());
+    let ph = &mut elf[120..176];
+    ph[0..4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+    ph[8..16].copy_from_slice(&note_off.to_le_bytes());
+    ph[32..40].copy_from_slice(&(note.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(note.len() as u64).to_le_bytes());
+    ph[48..56].copy_from_slice(&4u64.to_le_bytes());
+    elf
+}
+
+/// A bzImage header (boot protocol 2.15, loaded high) with `init_size` and a small payload.
+fn tiny_bzimage(init_size: u32) -> Vec<u8> {
+    let mut f = vec![0u8; 2 * 512];
+    f[0x1f1] = 1; // setup_sects
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    f[0x211] = 1; // LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
+    f[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    f[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes());
+    f[0x260..0x264].copy_from_slice(&init_size.to_le_bytes());
+    f.extend_from_slice(POPCNT_THEN_RESET);
+    f
+}
+
+fn loader_kernel() -> Seeds {
+    named(vec![
+        ("elf".into(), tiny_elf_kernel(POPCNT_THEN_RESET)),
+        ("elf-pvh".into(), tiny_pvh_elf()),
+        ("bzimage".into(), tiny_bzimage(0x10_0000)),
+        ("bzimage-no-init-size".into(), tiny_bzimage(0)),
+        (
+            "cmdline".into(),
+            b"console=ttyS0 reboot=k panic=1 probe=memmap".to_vec(),
+        ),
+    ])
+}
+
+/// `[claimed size: u32][kernel end: u64][image]`.
+fn loader_initrd() -> Seeds {
+    let input = |claimed: u32, kernel_end: u64, image: &[u8]| {
+        let mut v = claimed.to_le_bytes().to_vec();
+        v.extend_from_slice(&kernel_end.to_le_bytes());
+        v.extend_from_slice(image);
+        v
+    };
+    let image: Vec<u8> = b"070701".iter().copied().cycle().take(600).collect();
+    named(vec![
+        ("fits".into(), input(600, 0x20_0000, &image)),
+        ("truncated".into(), input(4096, 0x20_0000, &image)),
+        ("above-ram".into(), input(600, 0x1000_0000, &image)),
+        ("empty".into(), input(0, 0x10_0000, &[])),
+    ])
+}
+
+fn vm_config() -> Seeds {
+    let example = std::fs::read(workspace_root().join("examples/vm.json")).unwrap();
+    let minimal = serde_json::to_vec(&ember_vmm::VmConfig::new("/boot/vmlinux")).unwrap();
+    named(vec![
+        ("example".into(), example),
+        ("defaults".into(), minimal),
+        (
+            "linux64-no-acpi".into(),
+            br#"{"kernel":"k","boot_protocol":"linux64","acpi":false,"pit":true,"vcpus":4,
+"disks":[{"path":"a.img","read_only":true,"id":"root"},{"path":"b.img"}],
+"cpu_template":"emulated-ring0","memory_mib":4608,"initrd":"i.cpio"}"#
+                .to_vec(),
+        ),
+    ])
+}
+
+fn disk_option() -> Seeds {
+    [
+        "/images/root.img",
+        "disk.img,ro",
+        "disk.img,rw,id=data",
+        "a.img,id=01234567890123456789",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, s)| (format!("disk-{i}"), s.as_bytes().to_vec()))
+    .collect()
+}
+
+/// `[vcpu id][vcpu count][template JSON]`.
+fn cpu_template() -> Seeds {
+    ember_vcpu::template::BUILTIN_NAMES
+        .iter()
+        .map(|name| {
+            let t = ember_vcpu::template::CpuTemplate::builtin(name).unwrap();
+            let mut v = vec![1u8, 4];
+            v.extend_from_slice(t.to_json().as_bytes());
+            (name.to_string(), v)
+        })
+        .collect()
+}
+
+/// `[virtio devices][host-compat choice][configured command line]`.
+fn cmdline() -> Seeds {
+    let input = |devices: u8, compat: u8, text: &str| {
+        let mut v = vec![devices, compat];
+        v.extend_from_slice(text.as_bytes());
+        v
+    };
+    named(vec![
+        (
+            "probe".into(),
+            input(2, 3, "probe=memmap,virtio,blk console=ttyS0"),
+        ),
+        (
+            "linux".into(),
+            input(
+                1,
+                2,
+                "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=-1 pci=off ember.shell",
+            ),
+        ),
+        ("near-limit".into(), input(19, 2, &"x".repeat(1900))),
+    ])
+}
+
+fn all_seeds() -> BTreeMap<&'static str, Seeds> {
+    let (blk, mmio) = ember_devices::virtio::fuzz::seeds();
+    let mut all = BTreeMap::new();
+    all.insert("loader_kernel", loader_kernel());
+    all.insert("loader_initrd", loader_initrd());
+    all.insert("pio_bus", named(ember_devices::fuzz::seeds()));
+    all.insert("virtio_blk", named(blk));
+    all.insert("virtio_mmio", named(mmio));
+    all.insert("vm_config", vm_config());
+    all.insert("disk_option", disk_option());
+    all.insert("cpu_template", cpu_template());
+    all.insert("cmdline", cmdline());
+    all
+}
+
+fn committed(dir: &Path) -> Seeds {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Seeds::new();
+    };
+    entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                std::fs::read(e.path()).ok()?,
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn every_fuzz_target_has_its_generated_seeds() {
+    let root = workspace_root().join("fuzz/seeds");
+    let update = std::env::var("EMBER_UPDATE_SEEDS").as_deref() == Ok("1");
+    let mut stale = Vec::new();
+    for (target, seeds) in all_seeds() {
+        assert!(!seeds.is_empty(), "{target}: no seeds generated");
+        let dir = root.join(target);
+        if update {
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            for (name, bytes) in &seeds {
+                std::fs::write(dir.join(name), bytes).unwrap();
+            }
+        } else if committed(&dir) != seeds {
+            stale.push(target);
+        }
+    }
+    assert!(
+        stale.is_empty(),
+        "the committed seeds of {stale:?} differ from the generators; rewrite them with \
+         EMBER_UPDATE_SEEDS=1 cargo test --test fuzz_seeds"
+    );
+}
+
+#[test]
+fn parser_seeds_are_accepted_by_their_parsers() {
+    for (name, bytes) in vm_config() {
+        let text = String::from_utf8(bytes).unwrap();
+        ember_vmm::VmConfig::from_json(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, bytes) in disk_option() {
+        let text = String::from_utf8(bytes).unwrap();
+        text.parse::<ember_vmm::DiskConfig>()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, bytes) in cpu_template() {
+        let json = std::str::from_utf8(&bytes[2..]).unwrap();
+        ember_vcpu::template::CpuTemplate::from_json(json)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, bytes) in cmdline() {
+        let text = String::from_utf8(bytes[2..].to_vec()).unwrap();
+        ember_vmm::KernelCmdline::new(&text)
+            .build()
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+}
