@@ -120,13 +120,8 @@ fn cpu_templates_reach_the_guest() {
     let checks = "cpuid,cmdline";
     let emulated = boot_probe(&ProbeOptions::new(checks).cpu_template("emulated-ring0")).unwrap();
     emulated.expect_all_ok(checks);
-    // CX16 is a bit KVM honours everywhere: the template hides it from CPUID itself.
-    assert_eq!(
-        emulated.expect_ok("cpuid").get("cx16"),
-        Some("no"),
-        "{}",
-        emulated.output
-    );
+    // Hidden from CPUID, or (where this host's KVM shows a bit whatever the table says)
+    // cleared for Linux on the command line: which applies depends on the CPU.
     assert_hidden(&emulated, EMULATED_RING0_HIDES);
 
     let host = boot_probe(&ProbeOptions::new(checks)).unwrap();
@@ -165,11 +160,5 @@ fn json_cpu_template_from_a_file() {
     let checks = "cpuid,cmdline";
     let run = boot_probe(&ProbeOptions::new(checks).cpu_template(path.to_str().unwrap())).unwrap();
     run.expect_all_ok(checks);
-    assert_eq!(
-        run.expect_ok("cpuid").get("cx16"),
-        Some("no"),
-        "{}",
-        run.output
-    );
     assert_hidden(&run, EMULATED_RING0_HIDES);
 }

@@ -195,7 +195,9 @@ fn hostile_driver_cannot_hurt_the_vmm() {
     let b = &disk.block;
     eprintln!("transport counters: {t:?}\nblock counters: {b:?}");
     assert!(t.invalid_state_writes + t.invalid_queue_values + t.invalid_status_transitions > 0);
-    assert!(t.activation_failures > 0 || t.notifications_ignored > 0);
+    // DRIVER_OK with rings outside RAM (notifications before activation are also ignored,
+    // but how many of them the event loop sees before the guest's next step is timing).
+    assert!(t.activation_failures > 0, "{t:?}");
     assert!(b.malformed_chains + b.dropped_chains > 0, "{b:?}");
     assert!(b.out_of_range > 0, "{b:?}");
     // Only the valid pattern was ever written by the blk check after the attack.

@@ -730,6 +730,29 @@ impl Hostile {
         self.sent += 9;
         vio::reset(b);
         self.sent += 1;
+        // A proper handshake, then DRIVER_OK with a ready queue whose rings lie outside RAM:
+        // the device must refuse to activate (DEVICE_NEEDS_RESET), not touch that memory.
+        self.w(STATUS, S_ACK | S_DRIVER);
+        self.w(DRIVER_FEATURES_SEL, 1);
+        self.w(DRIVER_FEATURES, 1); // VIRTIO_F_VERSION_1
+        self.w(STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+        self.w(QUEUE_SEL, 0);
+        self.w(QUEUE_NUM, 8);
+        for (lo, hi) in [
+            (QUEUE_DESC_LOW, QUEUE_DESC_HIGH),
+            (QUEUE_DRIVER_LOW, QUEUE_DRIVER_HIGH),
+            (QUEUE_DEVICE_LOW, QUEUE_DEVICE_HIGH),
+        ] {
+            self.w(lo, OUTSIDE as u32);
+            self.w(hi, (OUTSIDE >> 32) as u32);
+        }
+        self.w(QUEUE_READY, 1);
+        self.w(STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        if self.r(STATUS) & S_NEEDS_RESET != 0 {
+            self.needs_reset += 1;
+        }
+        vio::reset(b);
+        self.sent += 1;
     }
 
     /// Sets the device up properly, then sends one hostile chain built by `build` and

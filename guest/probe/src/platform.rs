@@ -10,8 +10,8 @@ use crate::smp;
 /// Low pages the AP trampoline may use, in order of preference (RAM below 1 MiB that no
 /// VMM places boot structures in; checked against the boot information at run time).
 const TRAMPOLINE_PAGES: [u64; 4] = [0x70000, 0x60000, 0x50000, 0x80000];
-/// Time an AP gets to report (on top of a fixed 200 ms).
-const AP_BUDGET_MS: u64 = 20;
+/// Time an AP gets to report (on top of a fixed 2 s).
+const AP_BUDGET_MS: u64 = 100;
 
 fn fail_acpi(check: &str, e: &AcpiError) {
     let mut l = Line::new(check);
@@ -321,7 +321,10 @@ impl Ctx<'_> {
                 smp::send_ipi(lapic, id, smp::IPI_SIPI | vector);
             }
         }
-        let budget = khz * (200 + AP_BUDGET_MS * n_aps as u64);
+        // Generous: the loop ends as soon as every AP reported, and the APs' start-up is
+        // emulated (real mode, paging set-up) at a speed that differs between hosts and with
+        // how many other vCPU threads share the host's cores.
+        let budget = khz * (2000 + AP_BUDGET_MS * n_aps as u64);
         loop {
             let pending = (0..n_aps).filter(|&s| smp::state(s) < 3).count();
             if pending == 0 || rdtsc().wrapping_sub(t0) > budget {
