@@ -50,53 +50,27 @@
 
 use std::io;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod acpi_pm;
 pub mod boot_timer;
-mod bus;
 pub mod fuzz;
 pub mod i8042;
 pub mod pvpanic;
 pub mod serial;
 pub mod virtio;
 
-pub use bus::{Bus, BusDevice, SharedDevice, MAX_ACCESS_LEN};
+pub use ember_bus::{lock, Bus, BusDevice, Buses, Error as BusError, SharedDevice, MAX_ACCESS_LEN};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
-    /// The new range overlaps a device already on the bus.
-    #[error(
-        "bus range [{base:#x}, {base:#x}+{len:#x}) overlaps the device at \
-         [{existing_base:#x}, {existing_base:#x}+{existing_len:#x})"
-    )]
-    Overlap {
-        /// Base of the refused range.
-        base: u64,
-        /// Length of the refused range.
-        len: u64,
-        /// Base of the device already there.
-        existing_base: u64,
-        /// Length of the device already there.
-        existing_len: u64,
-    },
-    /// A device range must not be empty.
-    #[error("bus range at {base:#x} has zero length")]
-    ZeroLength {
-        /// Base of the refused range.
-        base: u64,
-    },
-    /// `base + len` does not fit in 64 bits.
-    #[error("bus range at {base:#x} with length {len:#x} wraps around the address space")]
-    RangeOverflow {
-        /// Base of the refused range.
-        base: u64,
-        /// Length of the refused range.
-        len: u64,
-    },
+    /// A device could not be mapped on a bus.
+    #[error(transparent)]
+    Bus(#[from] ember_bus::Error),
     /// Creating or cloning an eventfd failed.
     #[error("eventfd: {0}")]
     EventFd(#[source] io::Error),
@@ -165,13 +139,6 @@ impl vm_superio::Trigger for EventFdTrigger {
     fn trigger(&self) -> Result<(), io::Error> {
         self.0.write(1)
     }
-}
-
-/// Locks a mutex, recovering the guard if another thread panicked while holding it: a device
-/// whose handler panicked is still in a consistent-enough state for emulation, and the VMM must
-/// not go down because of it.
-pub(crate) fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A cloneable in-memory [`std::io::Write`] sink (`Arc<Mutex<Vec<u8>>>`), handy as serial output
@@ -248,18 +215,5 @@ mod tests {
         assert_eq!(b.len(), 3);
         assert_eq!(b.take(), b"abc");
         assert!(b.is_empty());
-    }
-
-    #[test]
-    fn poisoned_lock_is_recovered() {
-        let m = Arc::new(Mutex::new(5u32));
-        let m2 = m.clone();
-        let _ = std::thread::spawn(move || {
-            let _g = m2.lock().unwrap();
-            panic!("poison it");
-        })
-        .join();
-        assert!(m.is_poisoned());
-        assert_eq!(*lock(&m), 5);
     }
 }
