@@ -103,8 +103,7 @@ pub const DSDT_TABLE_ID: [u8; 8] = *b"EMBRDSDT";
 /// FADT "Hypervisor Vendor Identity" ("EMBERVMM" as a little-endian u64).
 pub const HYPERVISOR_VENDOR_ID: [u8; 8] = *b"EMBERVMM";
 
-/// Largest number of vCPUs the tables describe.
-pub const MAX_VCPUS: u8 = 32;
+pub use ember_memory::MAX_VCPUS;
 /// Guest physical address of the local APICs.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 /// Guest physical address of the IOAPIC.

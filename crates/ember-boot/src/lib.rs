@@ -8,7 +8,9 @@
 //! * [`write_pvh_start_info`]: the PVH `hvm_start_info`, its memory map table
 //!   and module list (initrd);
 //! * [`gdt`]: the boot GDT (long mode or 32-bit protected mode) and an empty IDT;
-//! * [`paging`]: identity page tables for the first GiB (2 MiB pages).
+//! * [`paging`]: identity page tables for the first GiB (2 MiB pages);
+//! * [`write_boot_params`]: all of the above for one boot protocol, plus the command line,
+//!   returning the boot vCPU's starting registers ([`BootRegs`]).
 //!
 //! They only write guest memory through [`vm_memory::Bytes`]; errors are
 //! typed ([`Error`]) and no guest-controlled input can make them panic.
@@ -89,7 +91,16 @@ pub const PVH_START_INFO_VERSION: u32 = 1;
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// The command line is too long or contains a NUL byte.
+    #[error("a command line of {len} bytes (with its NUL) does not fit the {max}-byte boot protocol limit, or contains a NUL byte")]
+    Cmdline {
+        /// Bytes needed, NUL included.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The memory map has more entries than the table can hold.
     #[error("memory map has {count} entries, but the {table} holds at most {max}")]
     TooManyE820Entries {
@@ -365,7 +376,10 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
 }
 
 pub mod acpi;
+mod configure;
 pub mod mptable;
+
+pub use configure::{write_boot_params, BootConfig, BootEntry, BootRegs, EntryMode};
 
 /// Boot GDT and IDT.
 pub mod gdt {

@@ -78,6 +78,9 @@ pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
 pub const MIN_MEMORY_MIB: u64 = 16;
 /// The largest guest memory size accepted, in bytes (1 TiB).
 pub const MAX_MEMORY: u64 = 1 << 40;
+/// Largest number of vCPUs an Ember machine describes (APIC ids 0..32 in the MADT and MP
+/// table): the one definition every crate uses.
+pub const MAX_VCPUS: u8 = 32;
 
 /// Fixed guest physical addresses of the boot structures.
 pub mod addresses {
@@ -106,6 +109,9 @@ pub mod addresses {
     pub const CMDLINE_MAX_SIZE: u64 = 2048;
     /// Where a bzImage's protected-mode kernel is loaded (= `HIMEM_START`).
     pub const KERNEL_LOAD_ADDR: u64 = super::HIMEM_START;
+    /// The three pages KVM needs for its TSS on Intel hosts (`KVM_SET_TSS_ADDR`): just below
+    /// the BIOS area at the top of the 32-bit space, inside the MMIO gap, never RAM.
+    pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 }
 
 /// A byte count as people write it: `8 MiB`, `1 GiB`, or `12345 bytes` when it is not a
@@ -349,14 +355,16 @@ impl MemoryLayout {
     }
 }
 
-/// Guest memory as created by [`create_guest_memory`].
-pub type GuestMemory = vm_memory::GuestMemoryMmap;
+/// Ember's guest memory type, as created by [`create_guest_memory`] and used by every Ember crate
+/// that does not take a generic `M: GuestMemoryBackend`. Giving it a dirty bitmap
+/// (`GuestMemoryMmap<Option<AtomicBitmap>>`) is a change of this line.
+pub type GuestRam = vm_memory::GuestMemoryMmap;
 
 /// Maps the RAM ranges of `layout` as anonymous, private, `MAP_NORESERVE`
 /// memory (vm-memory's `GuestMemoryMmap::from_ranges`). The memory is not
 /// touched: host pages are only allocated when the guest (or the VMM) uses
 /// them.
-pub fn create_guest_memory(layout: &MemoryLayout) -> Result<vm_memory::GuestMemoryMmap, Error> {
+pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestRam, Error> {
     vm_memory::GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|source| Error::Mmap {
         size: layout.mem_size,
         source,
@@ -644,7 +652,7 @@ mod tests {
     #[test]
     fn create_128m() {
         let layout = MemoryLayout::new(128 * MIB).unwrap();
-        let mem: GuestMemory = create_guest_memory(&layout).unwrap();
+        let mem: GuestRam = create_guest_memory(&layout).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress(128 * MIB - 1));
     }

@@ -109,6 +109,7 @@
 pub mod cpuid;
 pub mod kick;
 pub mod template;
+pub mod vm;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -122,7 +123,20 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
+    /// A VM-level KVM ioctl failed ([`vm`]).
+    #[error("{ioctl} failed: {source}")]
+    VmIoctl {
+        /// The ioctl.
+        ioctl: &'static str,
+        /// The KVM error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory has more regions than KVM has memory slot numbers.
+    #[error("guest memory has more regions than KVM memory slots")]
+    TooManyMemorySlots,
     /// `KVM_CREATE_VCPU` failed.
     #[error("cannot create vCPU {id}: {source}")]
     CreateVcpu {
@@ -187,8 +201,8 @@ pub enum Error {
         /// The linear address.
         gva: u64,
     },
-    /// Guest memory could not be read.
-    #[error("cannot read guest memory at {gpa:#x}: {source}")]
+    /// Guest memory could not be read (or mapped).
+    #[error("cannot access guest memory at {gpa:#x}: {source}")]
     GuestMemory {
         /// The guest physical address.
         gpa: u64,
@@ -274,58 +288,9 @@ pub enum Error {
     },
 }
 
-/// The VMM's side of port I/O and MMIO exits. Called on the vCPU thread from the hot path of
-/// [`Vcpu::run`]: implementations should be quick and must not block for long.
-///
-/// Every call is one access of 1, 2 or 4 bytes (MMIO: up to 8), as the device would see it on
-/// hardware: a string instruction (`rep outsb`, `rep insw`, ...) that KVM reports as one exit
-/// with several items reaches the handler as one call per item, in order.
-pub trait IoHandler {
-    /// The guest read `data.len()` bytes from I/O port `port`; fill `data`.
-    fn pio_read(&self, port: u16, data: &mut [u8]);
-    /// The guest wrote `data` to I/O port `port`.
-    fn pio_write(&self, port: u16, data: &[u8]);
-    /// The guest read `data.len()` bytes at guest physical address `addr` that is not RAM.
-    fn mmio_read(&self, addr: u64, data: &mut [u8]);
-    /// The guest wrote `data` at guest physical address `addr` that is not RAM.
-    fn mmio_write(&self, addr: u64, data: &[u8]);
-}
+pub use ember_bus::IoHandler;
 
-/// How the vCPU enters the kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryMode {
-    /// Xen PVH boot ABI: 32-bit protected mode, paging off, EBX = start info.
-    Pvh {
-        /// Guest physical entry point (RIP).
-        entry: u64,
-        /// Guest physical address of the `hvm_start_info` (EBX).
-        start_info: u64,
-    },
-    /// Linux 64-bit boot protocol: long mode, identity paging, RSI = zero page.
-    Linux64 {
-        /// Guest physical = virtual entry point (RIP).
-        entry: u64,
-        /// Guest physical address of the zero page / `boot_params` (RSI).
-        zero_page: u64,
-        /// Guest physical address of the PML4 (CR3).
-        pml4: u64,
-    },
-}
-
-/// Everything [`Vcpu::configure`] needs about the boot structures the caller wrote.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BootRegs {
-    /// Entry protocol and its addresses.
-    pub mode: EntryMode,
-    /// Guest physical address of the GDT (GDTR base; limit = 4 * 8 - 1).
-    pub gdt_addr: u64,
-    /// The GDT as written: null, code (selector 0x08), data (0x10), TSS (0x18).
-    pub gdt: [u64; 4],
-    /// Guest physical address of the IDT (IDTR base; limit 7, one null gate).
-    pub idt_addr: u64,
-    /// Initial RSP and RBP for [`EntryMode::Linux64`] (unused for PVH, whose ABI has no stack).
-    pub stack_top: u64,
-}
+pub use ember_boot::{BootRegs, EntryMode};
 
 /// Why [`Vcpu::run`] returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -504,8 +469,7 @@ pub fn segment_from_gdt_entry(entry: u64, table_index: u8) -> kvm_segment {
     }
 }
 
-/// The largest number of vCPUs of an Ember VM (ids, and APIC ids, 0..32).
-pub const MAX_VCPUS: u8 = 32;
+pub use ember_memory::MAX_VCPUS;
 
 /// One KVM vCPU.
 #[derive(Debug)]
