@@ -5,7 +5,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_devices::virtio::block::{Block, BlockConfig};
 use ember_devices::virtio::testing::{self, Buf, GuestQueue};
-use ember_devices::virtio::{Interrupt, VirtioDevice};
+use ember_devices::virtio::{MmioInterrupt, VirtioDevice};
 use ember_devices::EventFdTrigger;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
@@ -25,7 +25,7 @@ fn bench_reads(c: &mut Criterion) {
 
     let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let mut gq = GuestQueue::new(&mem, QSIZE, GuestAddress(0)).unwrap();
-    let mut block = Block::new(BlockConfig {
+    let mut block: Block = Block::new(BlockConfig {
         path: img.as_path().to_path_buf(),
         read_only: true,
         serial: None,
@@ -43,7 +43,7 @@ fn bench_reads(c: &mut Criterion) {
             mem.clone(),
             block.features(),
             vec![q],
-            Interrupt::new(irq.try_clone().unwrap()),
+            std::sync::Arc::new(MmioInterrupt::new(irq.try_clone().unwrap())),
         )
         .unwrap();
 

@@ -1,21 +1,31 @@
 //! The COM1 8250/16550A UART, wrapping [`vm_superio::Serial`].
 //!
-//! Guest output goes to the `Write` sink given to [`SerialDevice::new`]; host input is pushed
-//! with [`SerialDevice::enqueue_input`] (at most [`SerialDevice::input_space`] bytes fit in the
-//! 64-byte receive FIFO). When the guest has drained input the host enqueued, the eventfd returned
-//! by [`SerialDevice::input_drained_evt`] is signalled so the VMM's loop knows it may enqueue
-//! more.
+//! Guest output goes to the `Write` sink given to [`SerialDevice::new`], or, in a VMM, to an
+//! [`OutputBuffer`] ([`SerialDevice::with_output_buffer`]): a bounded buffer the vCPU thread
+//! only appends to, drained by the VMM's event loop with non-blocking writes, so that a console
+//! nobody reads never blocks a vCPU. While that buffer is full the UART reports its transmitter
+//! busy (LSR.THRE and TEMT clear), so a driver that polls LSR (every 8250 console driver does)
+//! waits instead of losing output; a byte written anyway is dropped and counted
+//! ([`SerialCounters::tx_errors`]). When the buffer has room again the VMM calls
+//! [`SerialDevice::output_drained`], which raises the THRE interrupt for interrupt-driven
+//! drivers.
+//!
+//! Host input is pushed with [`SerialDevice::enqueue_input`] (at most
+//! [`SerialDevice::input_space`] bytes fit in the 64-byte receive FIFO). When the guest has
+//! drained input the host enqueued, the eventfd returned by [`SerialDevice::input_drained_evt`]
+//! is signalled so the VMM's loop knows it may enqueue more.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::io::Write;
+use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{Error as SerialError, SerialEvents};
 use vm_superio::Serial;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::{BusDevice, Error, EventFdTrigger};
+use crate::{lock, BusDevice, Error, EventFdTrigger};
 
 /// Port I/O base of COM1.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -50,6 +60,8 @@ pub mod regs {
     pub const LSR_DR: u8 = 0x01;
     /// LSR bit: transmitter holding register empty.
     pub const LSR_THRE: u8 = 0x20;
+    /// LSR bit: transmitter empty (holding and shift registers).
+    pub const LSR_TEMT: u8 = 0x40;
     /// MCR bit: loopback mode.
     pub const MCR_LOOP: u8 = 0x10;
 }
@@ -151,6 +163,102 @@ impl SerialEvents for SerialEventCounters {
     }
 }
 
+#[derive(Debug)]
+struct OutputInner {
+    bytes: Mutex<VecDeque<u8>>,
+    capacity: usize,
+    ready: EventFd,
+}
+
+/// A bounded byte buffer between the UART and the console: the guest's output is appended to it
+/// on the vCPU thread (never blocking), the VMM drains it from its event loop. Cloning gives
+/// another handle on the same buffer.
+#[derive(Clone, Debug)]
+pub struct OutputBuffer(Arc<OutputInner>);
+
+/// Default capacity of an [`OutputBuffer`]: 64 KiB.
+pub const OUTPUT_BUFFER_CAPACITY: usize = 64 << 10;
+
+impl OutputBuffer {
+    /// An empty buffer of `capacity` bytes (at least 1).
+    pub fn new(capacity: usize) -> Result<Self, Error> {
+        Ok(OutputBuffer(Arc::new(OutputInner {
+            bytes: Mutex::new(VecDeque::with_capacity(
+                capacity.min(OUTPUT_BUFFER_CAPACITY),
+            )),
+            capacity: capacity.max(1),
+            ready: crate::new_eventfd().map_err(Error::EventFd)?,
+        })))
+    }
+
+    /// Signalled (written once) each time the buffer goes from empty to not empty: poll it and
+    /// drain.
+    pub fn ready_evt(&self) -> &EventFd {
+        &self.0.ready
+    }
+
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        lock(&self.0.bytes).len()
+    }
+
+    /// Whether nothing is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether the buffer is full (the UART then reports its transmitter busy).
+    pub fn is_full(&self) -> bool {
+        lock(&self.0.bytes).len() >= self.0.capacity
+    }
+
+    /// Hands the held bytes, oldest first and as one contiguous slice, to `write`, and removes
+    /// as many as it took. `write` is called at most once; it returns how many bytes it took
+    /// (a non-blocking `write(2)`), or an error (`WouldBlock` when the sink is full), which is
+    /// returned with nothing removed. Returns the bytes taken (0 when empty).
+    pub fn drain(&self, write: impl FnOnce(&[u8]) -> io::Result<usize>) -> io::Result<usize> {
+        let mut bytes = lock(&self.0.bytes);
+        if bytes.is_empty() {
+            return Ok(0);
+        }
+        let n = write(bytes.make_contiguous())?.min(bytes.len());
+        bytes.drain(..n);
+        Ok(n)
+    }
+
+    /// Throws the held bytes away (a console that can no longer be written); returns how many.
+    pub fn discard(&self) -> usize {
+        let mut bytes = lock(&self.0.bytes);
+        let n = bytes.len();
+        bytes.clear();
+        n
+    }
+}
+
+impl Write for OutputBuffer {
+    /// Takes as much of `buf` as fits; `WouldBlock` when the buffer is full.
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let mut bytes = lock(&self.0.bytes);
+        let room = self.0.capacity.saturating_sub(bytes.len());
+        if room == 0 && !buf.is_empty() {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
+        }
+        let n = room.min(buf.len());
+        let was_empty = bytes.is_empty();
+        bytes.extend(&buf[..n]);
+        drop(bytes);
+        if was_empty && n > 0 {
+            // Non-blocking: a saturated counter means a wake-up is pending anyway.
+            let _ = self.0.ready.write(1);
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// The concrete `vm_superio` serial type wrapped by [`SerialDevice`].
 pub type InnerSerial = Serial<EventFdTrigger, SerialEventCounters, Box<dyn Write + Send>>;
 
@@ -158,6 +266,10 @@ pub type InnerSerial = Serial<EventFdTrigger, SerialEventCounters, Box<dyn Write
 pub struct SerialDevice {
     serial: InnerSerial,
     events: SerialEventCounters,
+    /// The output buffer when the output goes through one (back-pressure on LSR).
+    output: Option<OutputBuffer>,
+    /// The guest read LSR while the output buffer was full (so it saw THRE clear).
+    tx_held: bool,
 }
 
 impl fmt::Debug for SerialDevice {
@@ -187,6 +299,31 @@ impl SerialDevice {
         SerialDevice {
             serial: Serial::with_events(irq, events.clone(), out),
             events,
+            output: None,
+            tx_held: false,
+        }
+    }
+
+    /// A UART writing guest output into `output` (drained by the VMM, see the
+    /// [module docs](self)), with back-pressure on LSR while it is full.
+    pub fn with_output_buffer(irq: EventFdTrigger, output: OutputBuffer) -> Result<Self, Error> {
+        let mut dev = Self::new(irq, Box::new(output.clone()))?;
+        dev.output = Some(output);
+        Ok(dev)
+    }
+
+    /// The VMM drained the output buffer: if the guest found the transmitter busy, tell it the
+    /// transmitter is empty again (the THRE interrupt, when the guest enabled it).
+    pub fn output_drained(&mut self) {
+        if !self.tx_held || self.output.as_ref().is_some_and(OutputBuffer::is_full) {
+            return;
+        }
+        self.tx_held = false;
+        // vm-superio raises THRE (if enabled and not pending) on an IER write; writing the
+        // current value changes nothing else.
+        let ier = self.serial.read(regs::IER as u8);
+        if self.serial.write(regs::IER as u8, ier).is_err() {
+            SerialEventCounters::add(&self.events.0.signal_errors, 1);
         }
     }
 
@@ -269,7 +406,17 @@ impl SerialDevice {
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match self.single_byte_offset(offset, data.len()) {
-            Some(off) => data[0] = self.serial.read(off),
+            Some(off) => {
+                let mut v = self.serial.read(off);
+                if u64::from(off) == regs::LSR
+                    && self.output.as_ref().is_some_and(OutputBuffer::is_full)
+                {
+                    // The console is behind: the transmitter is busy until it catches up.
+                    v &= !(regs::LSR_THRE | regs::LSR_TEMT);
+                    self.tx_held = true;
+                }
+                data[0] = v;
+            }
             None => data.fill(0xff),
         }
     }
@@ -463,5 +610,51 @@ mod tests {
         dev.write(DATA, b"z");
         assert_eq!(h.snapshot().tx_bytes, 1);
         assert!(format!("{dev:?}").contains("tx_bytes: 1"));
+    }
+
+    #[test]
+    fn a_full_output_buffer_holds_the_transmitter_and_drops_what_is_forced() {
+        let irq = EventFdTrigger::new().unwrap();
+        let buf = OutputBuffer::new(4).unwrap();
+        let mut dev =
+            SerialDevice::with_output_buffer(irq.try_clone().unwrap(), buf.clone()).unwrap();
+        assert_ne!(rd(&mut dev, LSR) & LSR_THRE, 0);
+        for b in b"abcd" {
+            dev.write(DATA, &[*b]);
+        }
+        // One wake-up for the drainer, when the buffer stopped being empty.
+        assert_eq!(buf.ready_evt().read().unwrap(), 1);
+        assert!(buf.is_full());
+        // Busy: a polling driver waits.
+        assert_eq!(rd(&mut dev, LSR) & (LSR_THRE | LSR_TEMT), 0);
+        // A driver that writes anyway loses the byte, counted.
+        dev.write(DATA, b"e");
+        assert_eq!(dev.counters().tx_errors, 1);
+        assert_eq!(dev.counters().tx_bytes, 4);
+        // With THRE interrupts enabled, draining tells the driver the transmitter is free.
+        dev.write(IER, &[IER_THRE]);
+        let _ = irq.read();
+        assert_eq!(rd(&mut dev, IIR) & 0x0f, 0x02);
+        assert_eq!(rd(&mut dev, LSR) & LSR_THRE, 0);
+        let mut out = Vec::new();
+        let n = buf
+            .drain(|b| {
+                out.extend_from_slice(&b[..2]);
+                Ok(2)
+            })
+            .unwrap();
+        assert_eq!((n, out.as_slice()), (2, &b"ab"[..]));
+        dev.output_drained();
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_ne!(rd(&mut dev, LSR) & LSR_THRE, 0);
+        // A sink that would block leaves the bytes in place.
+        let e = buf
+            .drain(|_| Err(io::Error::from(io::ErrorKind::WouldBlock)))
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        assert_eq!(buf.len(), 2);
+        assert_eq!(buf.discard(), 2);
+        assert!(buf.is_empty());
+        assert_eq!(buf.drain(|_| unreachable!()).unwrap(), 0);
     }
 }

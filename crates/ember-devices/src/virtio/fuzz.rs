@@ -67,7 +67,7 @@ use virtio_queue::{Queue, QueueT};
 
 use super::block::{Block, BlockConfig, QUEUE_SIZE};
 use super::testing::{self, Buf, GuestQueue};
-use super::{regs, status, Error, Interrupt, MmioTransport, VirtioDevice, MMIO_MAGIC};
+use super::{regs, status, Error, MmioInterrupt, MmioTransport, VirtioDevice, MMIO_MAGIC};
 use crate::{BusDevice, EventFdTrigger};
 
 /// Guest RAM regions of the harnesses.
@@ -95,11 +95,11 @@ pub struct FuzzStats {
     pub violations: u64,
 }
 
-fn memory() -> Result<GuestMemoryMmap, Error> {
-    GuestMemoryMmap::from_ranges(&RAM).map_err(|e| Error::BadImage {
-        path: "<guest memory>".into(),
-        why: e.to_string(),
-    })
+/// Why a harness could not set itself up (never the input's fault).
+pub type FixtureError = Box<dyn std::error::Error + Send + Sync>;
+
+fn memory() -> Result<GuestMemoryMmap, FixtureError> {
+    Ok(GuestMemoryMmap::from_ranges(&RAM)?)
 }
 
 /// The image contents every run starts from.
@@ -115,29 +115,17 @@ thread_local! {
     static IMAGE: RefCell<Option<File>> = const { RefCell::new(None) };
 }
 
-fn image_error(why: String) -> Error {
-    Error::BadImage {
-        path: "<fuzz image>".into(),
-        why,
-    }
-}
-
 /// The path of this thread's image, with the pattern contents.
-fn image() -> Result<(PathBuf, File), Error> {
+fn image() -> Result<(PathBuf, File), FixtureError> {
     IMAGE.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
-            let tmp = TempFile::new().map_err(|e| image_error(e.to_string()))?;
+            let tmp = TempFile::new()?;
             let file = tmp.into_file();
-            file.write_all_at(pattern(), 0)
-                .map_err(|e| image_error(e.to_string()))?;
+            file.write_all_at(pattern(), 0)?;
             *slot = Some(file);
         }
-        let file = slot
-            .as_ref()
-            .ok_or_else(|| image_error("no image".into()))?
-            .try_clone()
-            .map_err(|e| image_error(e.to_string()))?;
+        let file = slot.as_ref().ok_or("no image")?.try_clone()?;
         Ok((format!("/proc/self/fd/{}", file.as_raw_fd()).into(), file))
     })
 }
@@ -190,7 +178,7 @@ impl Cursor<'_> {
 }
 
 /// Runs one `virtio_blk` fuzz input (format in the module docs).
-pub fn run_blk(input: &[u8]) -> Result<FuzzStats, Error> {
+pub fn run_blk(input: &[u8]) -> Result<FuzzStats, FixtureError> {
     let mut c = Cursor(input);
     let flags = c.u8();
     let read_only = flags & 1 != 0;
@@ -223,11 +211,7 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, Error> {
             len,
             dflags,
             next,
-        )
-        .map_err(|e| Error::BadImage {
-            path: "<guest memory>".into(),
-            why: e.to_string(),
-        })?;
+        )?;
     }
     for i in 0..size {
         let head = c.u16();
@@ -239,14 +223,13 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, Error> {
     let _ = mem.write_slice(rest, GuestAddress(DATA));
 
     let (path, img) = image()?;
-    let mut block = Block::new(BlockConfig {
+    let mut block: Block<GuestMemoryMmap> = Block::new(BlockConfig {
         path,
         read_only,
         serial: (flags & 2 != 0).then(|| "fuzz-serial".to_string()),
     })?;
     let counters = block.counters_handle();
-    let mut queue =
-        Queue::new(QUEUE_SIZE).map_err(|source| Error::QueueBroken { queue: 0, source })?;
+    let mut queue = Queue::new(QUEUE_SIZE)?;
     queue.set_size(size);
     queue.set_desc_table_address(Some(DESC as u32), Some(0));
     queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
@@ -257,7 +240,7 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, Error> {
         mem.clone(),
         block.features(),
         vec![queue],
-        Interrupt::new(irq),
+        std::sync::Arc::new(MmioInterrupt::new(irq)),
     )?;
 
     let mut stats = FuzzStats::default();
@@ -309,10 +292,10 @@ struct MmioFixture {
     queue: Option<GuestQueue>,
 }
 
-fn mmio_fixture() -> Result<MmioFixture, Error> {
+fn mmio_fixture() -> Result<MmioFixture, FixtureError> {
     let mem = memory()?;
     let (path, img) = image()?;
-    let block = Block::new(BlockConfig {
+    let block: Block<GuestMemoryMmap> = Block::new(BlockConfig {
         path,
         read_only: false,
         serial: Some("mmio".into()),
@@ -327,7 +310,7 @@ fn mmio_fixture() -> Result<MmioFixture, Error> {
 }
 
 /// Runs one `virtio_mmio` fuzz input (format in the module docs).
-pub fn run_mmio(input: &[u8]) -> Result<FuzzStats, Error> {
+pub fn run_mmio(input: &[u8]) -> Result<FuzzStats, FixtureError> {
     let mut fx = mmio_fixture()?;
     let mut stats = FuzzStats::default();
     let mut c = Cursor(input);

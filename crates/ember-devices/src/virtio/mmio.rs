@@ -1,14 +1,16 @@
 //! The virtio-mmio register file (virtio spec 1.x §4.2.2, version 2).
 
 use std::fmt;
+use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::state::{MmioTransportState, QueueConfigState};
 use super::{
-    interrupt_status, status, Error, Interrupt, VirtioDevice, CONFIG_SPACE_OFFSET, MMIO_MAGIC,
-    MMIO_VERSION, MMIO_WINDOW, VENDOR_ID, VIRTIO_F_VERSION_1,
+    interrupt_status, status, Error, GuestRam, MmioInterrupt, VirtioDevice, VirtioInterrupt,
+    CONFIG_SPACE_OFFSET, MMIO_MAGIC, MMIO_VERSION, MMIO_WINDOW, VENDOR_ID, VIRTIO_F_VERSION_1,
 };
 use crate::{BusDevice, EventFdTrigger};
 
@@ -112,19 +114,11 @@ pub struct TransportCounters {
 }
 
 /// Driver-visible configuration of one queue, before activation.
-#[derive(Clone, Copy, Debug)]
-struct QueueConfig {
-    max_size: u16,
-    size: u32,
-    ready: bool,
-    desc: u64,
-    avail: u64,
-    used: u64,
-}
+type QueueConfig = QueueConfigState;
 
-impl QueueConfig {
+impl QueueConfigState {
     fn new(max_size: u16) -> Self {
-        QueueConfig {
+        QueueConfigState {
             max_size,
             size: u32::from(max_size),
             ready: false,
@@ -135,7 +129,7 @@ impl QueueConfig {
     }
 
     /// The queue the device gets: the configured values if the driver enabled it.
-    fn build(&self, mem: &GuestMemoryMmap) -> Result<Queue, virtio_queue::Error> {
+    fn build<M: GuestMemoryBackend>(&self, mem: &M) -> Result<Queue, virtio_queue::Error> {
         let mut q = Queue::new(self.max_size)?;
         if !self.ready {
             return Ok(q);
@@ -176,10 +170,10 @@ const STATES: [u32; 5] = [
 /// DRIVER_OK. On DRIVER_OK every ready queue is checked (size, alignment, rings inside guest
 /// memory) and the device activated; if that fails, DEVICE_NEEDS_RESET is set and a
 /// configuration-change interrupt raised.
-pub struct MmioTransport {
-    device: Box<dyn VirtioDevice>,
-    mem: GuestMemoryMmap,
-    interrupt: Interrupt,
+pub struct MmioTransport<M: GuestMemoryBackend = GuestRam> {
+    device: Box<dyn VirtioDevice<M>>,
+    mem: M,
+    interrupt: Arc<MmioInterrupt>,
     notify_evts: Vec<EventFd>,
     queues: Vec<QueueConfig>,
     device_features_sel: u32,
@@ -191,7 +185,7 @@ pub struct MmioTransport {
     counters: TransportCounters,
 }
 
-impl fmt::Debug for MmioTransport {
+impl<M: GuestMemoryBackend> fmt::Debug for MmioTransport<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MmioTransport")
             .field("device_type", &self.device.device_type())
@@ -204,14 +198,14 @@ impl fmt::Debug for MmioTransport {
     }
 }
 
-impl MmioTransport {
+impl<M: GuestMemoryBackend + Clone + Send> MmioTransport<M> {
     /// A transport for `device` over guest memory `mem`, raising interrupts through `irq`.
     ///
     /// Fails if the device declares no queue or an invalid maximum queue size, or if an eventfd
     /// cannot be created.
     pub fn new(
-        device: Box<dyn VirtioDevice>,
-        mem: GuestMemoryMmap,
+        device: Box<dyn VirtioDevice<M>>,
+        mem: M,
         irq: EventFdTrigger,
     ) -> Result<Self, Error> {
         let sizes = device.queue_max_sizes();
@@ -230,7 +224,7 @@ impl MmioTransport {
         Ok(MmioTransport {
             device,
             mem,
-            interrupt: Interrupt::new(irq),
+            interrupt: Arc::new(MmioInterrupt::new(irq)),
             notify_evts,
             queues,
             device_features_sel: 0,
@@ -279,12 +273,12 @@ impl MmioTransport {
     }
 
     /// The device.
-    pub fn device(&self) -> &dyn VirtioDevice {
+    pub fn device(&self) -> &dyn VirtioDevice<M> {
         self.device.as_ref()
     }
 
     /// The device, mutably.
-    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice {
+    pub fn device_mut(&mut self) -> &mut dyn VirtioDevice<M> {
         self.device.as_mut()
     }
 
@@ -304,8 +298,109 @@ impl MmioTransport {
     }
 
     /// The device's interrupt (status register and irqfd trigger).
-    pub fn interrupt(&self) -> &Interrupt {
+    pub fn interrupt(&self) -> &MmioInterrupt {
         &self.interrupt
+    }
+
+    /// The transport's state and, while the device is activated, the device's queues and
+    /// device-specific state: what a snapshot keeps. Take it while no vCPU runs and no
+    /// notification is being processed (the VMM pauses the VM first). Fails if the activated
+    /// device cannot give its state ([`VirtioDevice::queues`], `save_state`).
+    pub fn state(&self) -> Result<MmioTransportState, Error> {
+        let unsupported = || Error::StateUnsupported {
+            device_type: self.device.device_type(),
+        };
+        let queues = if self.activated {
+            let q = self.device.queues();
+            if q.len() != self.queues.len() {
+                return Err(unsupported());
+            }
+            q.iter().map(|q| q.state().into()).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(MmioTransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            acked_features: self.acked_features,
+            queue_sel: self.queue_sel,
+            queue_configs: self.queues.clone(),
+            interrupt_status: self.interrupt.status(),
+            activated: self.activated,
+            queues,
+            #[cfg(feature = "serde")]
+            device: if self.activated {
+                self.device.save_state()?
+            } else {
+                serde_json::Value::Null
+            },
+        })
+    }
+
+    /// Puts a transport that was just created (its device fresh, of the same type and
+    /// configuration as the saved one) into the saved state: registers, interrupt status, and,
+    /// if the device was activated, activates it with the saved queues (checked against guest
+    /// memory) and restores its device-specific state. A pending interrupt is raised again.
+    pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), Error> {
+        let invalid = |why: String| Error::InvalidState(why);
+        if state.device_type != self.device.device_type() {
+            return Err(invalid(format!(
+                "saved device type {} is not this device's {}",
+                state.device_type,
+                self.device.device_type()
+            )));
+        }
+        if state.queue_configs.len() != self.queues.len()
+            || state
+                .queue_configs
+                .iter()
+                .zip(&self.queues)
+                .any(|(s, q)| s.max_size != q.max_size)
+        {
+            return Err(invalid("the saved queues are not this device's".into()));
+        }
+        if self.activated {
+            return Err(invalid("restore into a transport in use".into()));
+        }
+        if state.activated {
+            if state.queues.len() != self.queues.len() {
+                return Err(invalid("saved queue states are missing".into()));
+            }
+            let mut queues = Vec::with_capacity(state.queues.len());
+            for (i, q) in state.queues.iter().enumerate() {
+                let q = Queue::try_from(virtio_queue::QueueState::from(*q))
+                    .map_err(|source| Error::QueueBroken { queue: i, source })?;
+                if q.ready() && !q.is_valid(&self.mem) {
+                    return Err(invalid(format!("queue {i} lies outside guest memory")));
+                }
+                queues.push(q);
+            }
+            self.device.activate(
+                self.mem.clone(),
+                state.acked_features,
+                queues,
+                self.interrupt.clone() as Arc<dyn VirtioInterrupt>,
+            )?;
+            #[cfg(feature = "serde")]
+            if let Err(e) = self.device.restore_state(&state.device) {
+                self.device.reset();
+                return Err(e);
+            }
+        }
+        self.activated = state.activated;
+        self.status = state.status;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.acked_features = state.acked_features;
+        self.queue_sel = state.queue_sel;
+        self.queues.clone_from(&state.queue_configs);
+        self.interrupt.set_status(state.interrupt_status);
+        if state.interrupt_status != 0 && self.interrupt.trigger().write(1).is_err() {
+            self.counters.signal_errors += 1;
+        }
+        Ok(())
     }
 
     fn set_needs_reset(&mut self) {
@@ -419,7 +514,7 @@ impl MmioTransport {
             self.mem.clone(),
             self.acked_features,
             queues,
-            self.interrupt.clone(),
+            self.interrupt.clone() as Arc<dyn VirtioInterrupt>,
         ) {
             Ok(()) => {
                 self.activated = true;
@@ -587,7 +682,7 @@ fn config_access(offset: u64, len: usize) -> bool {
             .is_some_and(|end| end <= MMIO_WINDOW)
 }
 
-impl BusDevice for MmioTransport {
+impl<M: GuestMemoryBackend + Clone + Send> BusDevice for MmioTransport<M> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= CONFIG_SPACE_OFFSET {
             if config_access(offset, data.len()) {

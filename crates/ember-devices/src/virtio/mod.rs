@@ -2,15 +2,18 @@
 //! devices behind it.
 //!
 //! * [`VirtioDevice`]: the small trait a device implements (features, config space, activation
-//!   with its queues, queue processing, reset). Queues are [`virtio_queue::Queue`]s over
-//!   [`vm_memory::GuestMemoryMmap`].
+//!   with its queues, queue processing, reset; and, with the `serde` feature, its state for
+//!   snapshots). Queues are [`virtio_queue::Queue`]s over any vm-memory backend `M` (by default
+//!   [`GuestRam`], Ember's guest memory type).
 //! * [`MmioTransport`]: the register file of one device (virtio spec 1.x §4.2.2) as a
 //!   [`BusDevice`](crate::BusDevice) for the MMIO bus, with the device status state machine,
 //!   feature negotiation and queue setup. It validates the queues against guest memory before
 //!   activating the device.
-//! * [`Interrupt`]: the shared interrupt status register plus the irqfd the transport and its
-//!   device raise interrupts through.
-//! * [`block::Block`]: virtio-blk on a raw image file.
+//! * [`VirtioInterrupt`]: how a device tells its driver it used buffers or changed its
+//!   configuration; [`MmioInterrupt`] is the virtio-mmio one (the InterruptStatus register plus
+//!   an irqfd trigger). A PCI transport would bring its own (MSI-X vectors).
+//! * [`block::Block`]: virtio-blk, parsing requests without I/O ([`block::request`]) and doing
+//!   the I/O through a [`block::DiskBackend`] (the first being a raw image file).
 //! * [`testing`]: a guest-side driver (register handshake, split virtqueue rings in guest
 //!   memory) used by the unit tests, the benchmark, the fuzz targets and the example below.
 //! * [`fuzz`]: input decoders and invariant checks for the `virtio_blk` and `virtio_mmio` fuzz
@@ -80,12 +83,13 @@
 //! assert_eq!(irq.read().unwrap(), 1); // one interrupt
 //! ```
 
+use std::fmt;
 use std::io;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use vm_memory::GuestMemoryMmap;
+pub use ember_memory::GuestRam;
+use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::EventFdTrigger;
@@ -93,12 +97,14 @@ use crate::EventFdTrigger;
 pub mod block;
 pub mod fuzz;
 mod mmio;
+mod state;
 pub mod testing;
 
 #[cfg(test)]
 mod tests;
 
 pub use mmio::{regs, MmioTransport, TransportCounters};
+pub use state::{MmioTransportState, QueueConfigState, QueueState};
 
 /// Size of one virtio-mmio register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -146,8 +152,9 @@ pub mod status {
     pub const FAILED: u32 = 128;
 }
 
-/// Errors of the virtio transport and devices.
+/// Errors of the virtio transport and of devices behind [`VirtioDevice`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Creating an eventfd failed.
     #[error("eventfd: {0}")]
@@ -190,29 +197,18 @@ pub enum Error {
         #[source]
         source: virtio_queue::Error,
     },
-    /// Opening a disk image failed.
-    #[error("cannot open disk image {path}: {source}")]
-    Open {
-        /// The image path.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
+    /// The device cannot save or restore its state.
+    #[error("this virtio device (type {device_type}) cannot save or restore its state")]
+    StateUnsupported {
+        /// Its device type.
+        device_type: u32,
     },
-    /// The disk image is not a regular file or block device, or its size cannot be read.
-    #[error("disk image {path}: {why}")]
-    BadImage {
-        /// The image path.
-        path: PathBuf,
-        /// What is wrong.
-        why: String,
-    },
-    /// The block device serial is longer than 20 bytes.
-    #[error("block device serial is {len} bytes long; at most 20 fit")]
-    SerialTooLong {
-        /// Length of the refused serial.
-        len: usize,
-    },
+    /// A saved state does not fit this device or transport.
+    #[error("invalid virtio device state: {0}")]
+    InvalidState(String),
+    /// A device-specific failure (its own error type).
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
 }
 
 impl Error {
@@ -223,14 +219,16 @@ impl Error {
     }
 }
 
-impl From<crate::Error> for Error {
-    fn from(e: crate::Error) -> Self {
-        match e {
-            crate::Error::Trigger(e) => Error::Trigger(e),
-            crate::Error::EventFd(e) => Error::EventFd(e),
-            other => Error::EventFd(io::Error::other(other.to_string())),
-        }
-    }
+/// How a device tells its driver something happened: an interrupt of its transport.
+///
+/// virtio-mmio has one interrupt line per device with a status register telling why
+/// ([`MmioInterrupt`]); a PCI transport would map queues to MSI-X vectors. Devices hold an
+/// `Arc<dyn VirtioInterrupt>` from [`VirtioDevice::activate`] on.
+pub trait VirtioInterrupt: Send + Sync + fmt::Debug {
+    /// The device used buffers in queue `queue`.
+    fn signal_used_queue(&self, queue: u16) -> Result<(), Error>;
+    /// The device's configuration changed (or it needs a reset).
+    fn signal_config(&self) -> Result<(), Error>;
 }
 
 /// A virtio device behind a transport.
@@ -239,7 +237,10 @@ impl From<crate::Error> for Error {
 /// enabled already validated against guest memory), `process_queue` from the VMM's event loop
 /// when the driver notified a queue, and `reset` when the driver writes 0 to the status register.
 /// None of the methods may panic on guest-controlled input.
-pub trait VirtioDevice: Send {
+///
+/// Eight methods, six of them required; the state methods (feature `serde`) default to
+/// "unsupported", so a device that does not care about snapshots implements nothing more.
+pub trait VirtioDevice<M: GuestMemoryBackend = GuestRam>: Send {
     /// The virtio device type (DeviceID register), e.g. [`TYPE_BLOCK`].
     fn device_type(&self) -> u32;
     /// The maximum size of each queue (their number is the number of queues). Each must be a
@@ -248,19 +249,24 @@ pub trait VirtioDevice: Send {
     /// The feature bits the device offers (must include [`VIRTIO_F_VERSION_1`]).
     fn features(&self) -> u64;
     /// Reads `data.len()` bytes of the device configuration space at `offset`. Bytes beyond the
-    /// configuration structure read as 0.
-    fn read_config(&self, offset: u64, data: &mut [u8]);
-    /// A driver write of `data` to the configuration space at `offset`.
-    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// configuration structure read as 0 (the default: a device without configuration space).
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        let _ = offset;
+        data.fill(0);
+    }
+    /// A driver write of `data` to the configuration space at `offset` (default: ignored).
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        let _ = (offset, data);
+    }
     /// Starts the device with the negotiated features and its queues (one per entry of
     /// [`queue_max_sizes`](VirtioDevice::queue_max_sizes), in order; queues the driver did not
     /// enable are not ready).
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: M,
         acked_features: u64,
         queues: Vec<virtio_queue::Queue>,
-        interrupt: Interrupt,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), Error>;
     /// Processes everything available on queue `index`. Called by the VMM's event loop (through
     /// [`MmioTransport::process_notification`]) when that queue's notify eventfd fired, never on
@@ -268,66 +274,97 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize) -> Result<(), Error>;
     /// Returns the device to its pre-activation state (drops the queues, memory and interrupt).
     fn reset(&mut self);
-}
-
-#[derive(Debug)]
-struct InterruptInner {
-    status: AtomicU32,
-    irq: EventFdTrigger,
+    /// The activated device's queues, with its positions in them, for a snapshot (default:
+    /// none, and the device cannot be saved while activated). The device must have finished
+    /// every request it took from a queue when this is called (Ember's devices complete requests
+    /// within `process_queue`).
+    fn queues(&self) -> &[virtio_queue::Queue] {
+        &[]
+    }
+    /// Device-specific state beyond the queues and what the transport keeps (e.g. an open
+    /// connection table), for a snapshot. Default: unsupported.
+    #[cfg(feature = "serde")]
+    fn save_state(&self) -> Result<serde_json::Value, Error> {
+        Err(Error::StateUnsupported {
+            device_type: self.device_type(),
+        })
+    }
+    /// Restores what [`save_state`](VirtioDevice::save_state) returned, into a device that is
+    /// fresh or was just activated with the saved queues. Default: unsupported.
+    #[cfg(feature = "serde")]
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), Error> {
+        let _ = state;
+        Err(Error::StateUnsupported {
+            device_type: self.device_type(),
+        })
+    }
 }
 
 /// The interrupt of one virtio-mmio device: the InterruptStatus register shared between the
-/// transport (guest reads and acknowledges it) and the device (sets bits), plus the irqfd
-/// trigger. Cloning gives another handle on the same state.
-#[derive(Clone, Debug)]
-pub struct Interrupt(Arc<InterruptInner>);
+/// transport (the driver reads and acknowledges it) and the device (sets bits), plus the irqfd
+/// trigger.
+#[derive(Debug)]
+pub struct MmioInterrupt<T: vm_superio::Trigger<E = io::Error> = EventFdTrigger> {
+    status: AtomicU32,
+    irq: T,
+}
 
-impl Interrupt {
+impl<T: vm_superio::Trigger<E = io::Error>> MmioInterrupt<T> {
     /// An interrupt raising `irq` (the VMM registers its eventfd as an irqfd).
-    pub fn new(irq: EventFdTrigger) -> Self {
-        Interrupt(Arc::new(InterruptInner {
+    pub fn new(irq: T) -> Self {
+        MmioInterrupt {
             status: AtomicU32::new(0),
             irq,
-        }))
+        }
     }
 
     fn raise(&self, bit: u32) -> Result<(), Error> {
-        self.0.status.fetch_or(bit, Ordering::AcqRel);
-        self.0.irq.write(1).map_err(Error::Trigger)
-    }
-
-    /// Sets the "used buffer" bit and raises the interrupt.
-    pub fn signal_used_queue(&self) -> Result<(), Error> {
-        self.raise(interrupt_status::USED_BUFFER)
-    }
-
-    /// Sets the "configuration change" bit and raises the interrupt.
-    pub fn signal_config(&self) -> Result<(), Error> {
-        self.raise(interrupt_status::CONFIG_CHANGE)
+        self.status.fetch_or(bit, Ordering::AcqRel);
+        self.irq.trigger().map_err(Error::Trigger)
     }
 
     /// The current InterruptStatus value.
     pub fn status(&self) -> u32 {
-        self.0.status.load(Ordering::Acquire)
+        self.status.load(Ordering::Acquire)
+    }
+
+    /// Sets the InterruptStatus value (restoring a saved transport).
+    pub fn set_status(&self, value: u32) {
+        self.status.store(value, Ordering::Release);
     }
 
     /// Clears the bits set in `bits` (InterruptACK).
     pub fn ack(&self, bits: u32) {
-        self.0.status.fetch_and(!bits, Ordering::AcqRel);
+        self.status.fetch_and(!bits, Ordering::AcqRel);
     }
 
     /// Clears the whole status (device reset).
     pub fn clear(&self) {
-        self.0.status.store(0, Ordering::Release);
+        self.status.store(0, Ordering::Release);
     }
 
     /// The irqfd trigger.
-    pub fn trigger(&self) -> &EventFdTrigger {
-        &self.0.irq
+    pub fn trigger(&self) -> &T {
+        &self.irq
     }
+}
 
+impl MmioInterrupt<EventFdTrigger> {
     /// The irqfd eventfd.
     pub fn eventfd(&self) -> &EventFd {
-        self.0.irq.eventfd()
+        self.irq.eventfd()
+    }
+}
+
+impl<T> VirtioInterrupt for MmioInterrupt<T>
+where
+    T: vm_superio::Trigger<E = io::Error> + Send + Sync + fmt::Debug,
+{
+    fn signal_used_queue(&self, _queue: u16) -> Result<(), Error> {
+        self.raise(interrupt_status::USED_BUFFER)
+    }
+
+    fn signal_config(&self) -> Result<(), Error> {
+        self.raise(interrupt_status::CONFIG_CHANGE)
     }
 }

@@ -4,7 +4,7 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;
 
-use super::block::{Block, BlockConfig, BlockCountersHandle, QUEUE_SIZE};
+use super::block::{Block, BlockConfig, BlockCountersHandle, BlockError, DiskError, QUEUE_SIZE};
 use super::testing::{self, read_reg, write_reg, Buf, GuestQueue, BLK_S_IOERR, BLK_S_OK};
 use super::testing::{BLK_S_UNSUPP, BLK_T_FLUSH, BLK_T_GET_ID, BLK_T_IN, BLK_T_OUT};
 use super::*;
@@ -283,26 +283,30 @@ fn get_id_without_serial_and_unknown_types_are_unsupported() {
 #[test]
 fn serial_longer_than_20_bytes_is_refused() {
     let img = image(4096);
-    let err = Block::new(BlockConfig {
+    let open = |cfg| Block::<GuestMemoryMmap>::new(cfg).unwrap_err();
+    let err = open(BlockConfig {
         path: img.as_path().to_path_buf(),
         read_only: false,
         serial: Some("x".repeat(21)),
-    })
-    .unwrap_err();
-    assert!(matches!(err, Error::SerialTooLong { len: 21 }));
-    let err = Block::new(BlockConfig {
+    });
+    assert!(matches!(err, BlockError::SerialTooLong { len: 21 }));
+    let err = open(BlockConfig {
         path: "/nonexistent/ember.img".into(),
         ..Default::default()
-    })
-    .unwrap_err();
-    assert!(matches!(err, Error::Open { .. }), "{err}");
-    let err = Block::new(BlockConfig {
+    });
+    assert!(
+        matches!(err, BlockError::Disk(DiskError::Open { .. })),
+        "{err}"
+    );
+    let err = open(BlockConfig {
         path: "/tmp".into(),
         ..Default::default()
-    })
-    .unwrap_err();
+    });
     assert!(
-        matches!(err, Error::BadImage { .. } | Error::Open { .. }),
+        matches!(
+            err,
+            BlockError::Disk(DiskError::BadImage { .. } | DiskError::Open { .. })
+        ),
         "{err}"
     );
 }
@@ -940,7 +944,7 @@ impl VirtioDevice for TwoQueues {
         _mem: GuestMemoryMmap,
         _acked: u64,
         queues: Vec<virtio_queue::Queue>,
-        _interrupt: Interrupt,
+        _interrupt: std::sync::Arc<dyn VirtioInterrupt>,
     ) -> Result<(), Error> {
         use virtio_queue::QueueT;
         self.activated = Some(queues.iter().map(|q| q.ready()).collect());
@@ -1017,7 +1021,7 @@ fn invalid_queue_max_sizes_are_refused() {
                 m: GuestMemoryMmap,
                 a: u64,
                 q: Vec<virtio_queue::Queue>,
-                i: Interrupt,
+                i: std::sync::Arc<dyn VirtioInterrupt>,
             ) -> Result<(), Error> {
                 self.0.activate(m, a, q, i)
             }

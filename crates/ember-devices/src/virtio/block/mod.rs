@@ -25,35 +25,35 @@
 //! * `IN`/`OUT` must satisfy `sector * 512 + len <= capacity * 512` (overflow-checked), or
 //!   complete with `IOERR` ([`BlockCounters::out_of_range`]).
 //!
-//! Data moves straight between the image file and guest memory (`pread`/`pwrite` into
-//! [`vm_memory::VolatileSlice`]s), without an intermediate buffer. The used length is the
-//! number of bytes written into the chain's writable buffers, status byte included (1 for
-//! every request that failed).
+//! [`request::parse`] applies these rules without any I/O; the device then runs the request
+//! against its [`DiskBackend`]. With [`FileDisk`], data moves straight between the image file
+//! and guest memory (`pread`/`pwrite` into [`vm_memory::VolatileSlice`]s), without an
+//! intermediate buffer. The used length is the number of bytes written into the chain's writable
+//! buffers, status byte included (1 for every request that failed).
 
-use std::fs::{File, OpenOptions};
-use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use virtio_bindings::bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_S_UNSUPP,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile, VolatileMemoryError,
-    VolatileSlice, WriteVolatile,
-};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{
-    Error, Interrupt, VirtioDevice, TYPE_BLOCK, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1,
+    Error, GuestRam, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
 };
+
+mod backend;
+pub mod request;
+
+pub use backend::{DiskBackend, DiskError, FileDisk};
+use request::{for_each_segment, Parsed, Refusal, Request, RequestKind};
 
 /// Size of a virtio-blk sector (the unit of `capacity` and of the request `sector` field).
 pub const SECTOR_SIZE: u64 = 512;
@@ -67,7 +67,7 @@ pub const HEADER_LEN: u64 = 16;
 /// `geometry`, `blk_size`); reads beyond it return 0.
 pub const CONFIG_LEN: usize = 24;
 
-/// How to create a [`Block`] device.
+/// How to create a [`Block`] device on a raw image file.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BlockConfig {
     /// Raw disk image (regular file or block device). Its size, rounded down to whole sectors,
@@ -77,6 +77,21 @@ pub struct BlockConfig {
     pub read_only: bool,
     /// The serial returned by `GET_ID` (at most [`ID_LEN`] bytes).
     pub serial: Option<String>,
+}
+
+/// Why a [`Block`] device could not be created.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BlockError {
+    /// The disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// The serial is longer than 20 bytes.
+    #[error("block device serial is {len} bytes long; at most {ID_LEN} fit")]
+    SerialTooLong {
+        /// Length of the refused serial.
+        len: usize,
+    },
 }
 
 /// A snapshot of the block device counters.
@@ -165,82 +180,79 @@ impl BlockCountersHandle {
     }
 }
 
-/// The disk image and what the device knows about it.
-#[derive(Debug)]
-struct Disk {
-    file: File,
-    read_only: bool,
+struct Active<M> {
+    mem: M,
+    queue: Queue,
+    interrupt: Arc<dyn VirtioInterrupt>,
+}
+
+/// A virtio-blk device on a [`DiskBackend`] (see the [module docs](self)), over guest memory
+/// `M`.
+pub struct Block<M = GuestRam, D = FileDisk> {
+    disk: D,
     /// Capacity in sectors.
     capacity: u64,
     serial: Option<[u8; ID_LEN]>,
-}
-
-#[derive(Debug)]
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    interrupt: Interrupt,
-}
-
-/// A virtio-blk device on a raw image file (see the [module docs](self)).
-#[derive(Debug)]
-pub struct Block {
-    disk: Disk,
     config: [u8; CONFIG_LEN],
     features: u64,
     queue_sizes: [u16; 1],
     counters: Arc<Counters>,
-    active: Option<Active>,
+    active: Option<Active<M>>,
     /// Scratch space for the descriptors of the chain being handled (reused: no allocation per
     /// request).
     descs: Vec<Descriptor>,
 }
 
-impl Block {
+impl<M, D: std::fmt::Debug> std::fmt::Debug for Block<M, D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Block")
+            .field("disk", &self.disk)
+            .field("capacity", &self.capacity)
+            .field("features", &self.features)
+            .field("activated", &self.active.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M> Block<M, FileDisk> {
     /// Opens the image (read-write unless `cfg.read_only`).
     ///
-    /// Fails with [`Error::Open`] if it cannot be opened, [`Error::BadImage`] if it is neither a
-    /// regular file nor a block device, and [`Error::SerialTooLong`] for a serial above
-    /// [`ID_LEN`] bytes.
-    pub fn new(cfg: BlockConfig) -> Result<Self, Error> {
-        let serial = match &cfg.serial {
-            None => None,
-            Some(s) if s.len() > ID_LEN => return Err(Error::SerialTooLong { len: s.len() }),
-            Some(s) => {
-                let mut id = [0u8; ID_LEN];
-                id[..s.len()].copy_from_slice(s.as_bytes());
-                Some(id)
-            }
-        };
-        // O_NONBLOCK: a FIFO (refused below) must not block the open.
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!cfg.read_only)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(&cfg.path)
-            .map_err(|source| Error::Open {
-                path: cfg.path.clone(),
-                source,
-            })?;
-        let bad = |why: String| Error::BadImage {
-            path: cfg.path.clone(),
-            why,
-        };
-        let meta = file.metadata().map_err(|e| bad(format!("metadata: {e}")))?;
-        let bytes = if meta.file_type().is_block_device() {
-            block_device_size(&file).map_err(|e| bad(format!("BLKGETSIZE64: {e}")))?
-        } else if meta.is_file() {
-            meta.len()
-        } else {
-            return Err(bad("not a regular file or block device".into()));
-        };
-        let capacity = bytes / SECTOR_SIZE;
+    /// Fails with [`DiskError::Open`] if it cannot be opened, [`DiskError::BadImage`] if it is
+    /// neither a regular file nor a block device, and [`BlockError::SerialTooLong`] for a serial
+    /// above [`ID_LEN`] bytes.
+    pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
+        let serial = check_serial(cfg.serial.as_deref())?;
+        let disk = FileDisk::open(&cfg.path, cfg.read_only)?;
+        Ok(Self::with_serial(disk, serial))
+    }
+}
 
+fn check_serial(serial: Option<&str>) -> Result<Option<[u8; ID_LEN]>, BlockError> {
+    match serial {
+        None => Ok(None),
+        Some(s) if s.len() > ID_LEN => Err(BlockError::SerialTooLong { len: s.len() }),
+        Some(s) => {
+            let mut id = [0u8; ID_LEN];
+            id[..s.len()].copy_from_slice(s.as_bytes());
+            Ok(Some(id))
+        }
+    }
+}
+
+impl<M, D: DiskBackend> Block<M, D> {
+    /// A device on `disk`, answering `GET_ID` with `serial` (at most [`ID_LEN`] bytes).
+    pub fn with_backend(disk: D, serial: Option<&str>) -> Result<Self, BlockError> {
+        let serial = check_serial(serial)?;
+        Ok(Self::with_serial(disk, serial))
+    }
+
+    fn with_serial(disk: D, serial: Option<[u8; ID_LEN]>) -> Self {
+        let capacity = disk.size() / SECTOR_SIZE;
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_F_INDIRECT_DESC
             | (1 << VIRTIO_BLK_F_SEG_MAX)
             | (1 << VIRTIO_BLK_F_FLUSH);
-        if cfg.read_only {
+        if disk.read_only() {
             features |= 1 << VIRTIO_BLK_F_RO;
         }
         let mut config = [0u8; CONFIG_LEN];
@@ -249,31 +261,32 @@ impl Block {
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         // geometry (16..20) not offered; blk_size (20..24) for completeness.
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-
-        Ok(Block {
-            disk: Disk {
-                file,
-                read_only: cfg.read_only,
-                capacity,
-                serial,
-            },
+        Block {
+            disk,
+            capacity,
+            serial,
             config,
             features,
             queue_sizes: [QUEUE_SIZE],
             counters: Arc::new(Counters::default()),
             active: None,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-        })
+        }
     }
 
     /// Disk capacity in 512-byte sectors.
     pub fn capacity(&self) -> u64 {
-        self.disk.capacity
+        self.capacity
     }
 
     /// Whether the disk is read-only.
     pub fn read_only(&self) -> bool {
-        self.disk.read_only
+        self.disk.read_only()
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &D {
+        &self.disk
     }
 
     /// Whether the device is activated.
@@ -293,26 +306,11 @@ impl Block {
     }
 }
 
-#[cfg(target_os = "linux")]
-fn block_device_size(file: &File) -> io::Result<u64> {
-    // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
-    const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
-    let mut size: u64 = 0;
-    // SAFETY: the fd is valid for the lifetime of `file`; BLKGETSIZE64 writes one u64 to the
-    // pointer, which points to a live, properly aligned u64.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(size)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn block_device_size(_file: &File) -> io::Result<u64> {
-    Err(io::Error::from(io::ErrorKind::Unsupported))
-}
-
-impl VirtioDevice for Block {
+impl<M, D> VirtioDevice<M> for Block<M, D>
+where
+    M: GuestMemoryBackend + Send,
+    D: DiskBackend,
+{
     fn device_type(&self) -> u32 {
         TYPE_BLOCK
     }
@@ -342,10 +340,10 @@ impl VirtioDevice for Block {
 
     fn activate(
         &mut self,
-        mem: GuestMemoryMmap,
+        mem: M,
         _acked_features: u64,
         queues: Vec<Queue>,
-        interrupt: Interrupt,
+        interrupt: Arc<dyn VirtioInterrupt>,
     ) -> Result<(), Error> {
         let got = queues.len();
         let Ok([queue]) = <[Queue; 1]>::try_from(queues) else {
@@ -365,6 +363,8 @@ impl VirtioDevice for Block {
         }
         let Block {
             disk,
+            capacity,
+            serial,
             counters,
             active,
             descs,
@@ -399,7 +399,15 @@ impl VirtioDevice for Block {
                 complete = !d.has_next();
                 descs.push(d);
             }
-            let len = handle_chain(disk, mem, descs, complete, counters);
+            let len = handle_chain(
+                disk,
+                *capacity,
+                serial.as_ref(),
+                mem,
+                descs,
+                complete,
+                counters,
+            );
             match active.queue.add_used(mem, head, len) {
                 Ok(()) => used_any = true,
                 // A head index outside the table: the chain was already counted as dropped
@@ -409,7 +417,7 @@ impl VirtioDevice for Block {
             }
         };
         let signal = if used_any {
-            active.interrupt.signal_used_queue()
+            active.interrupt.signal_used_queue(0)
         } else {
             Ok(())
         };
@@ -423,141 +431,38 @@ impl VirtioDevice for Block {
     fn reset(&mut self) {
         self.active = None;
     }
-}
 
-/// A file position for positional volatile I/O (`pread`/`pwrite` straight into/out of guest
-/// memory). Both directions transfer the whole slice unless the file ends or an error occurs,
-/// so a short count always means failure.
-struct FileAt<'a> {
-    file: &'a File,
-    offset: u64,
-}
-
-impl FileAt<'_> {
-    fn off(&self) -> Result<libc::off_t, VolatileMemoryError> {
-        libc::off_t::try_from(self.offset)
-            .map_err(|_| VolatileMemoryError::IOError(io::Error::from_raw_os_error(libc::EINVAL)))
+    fn queues(&self) -> &[Queue] {
+        self.active
+            .as_ref()
+            .map_or(&[], |a| std::slice::from_ref(&a.queue))
     }
-}
 
-impl ReadVolatile for FileAt<'_> {
-    fn read_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &mut VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let len = buf.len();
-        let mut done = 0usize;
-        let result = {
-            let guard = buf.ptr_guard_mut();
-            let ptr = guard.as_ptr();
-            loop {
-                if done == len {
-                    break Ok(done);
-                }
-                let off = match self.off() {
-                    Ok(o) => o,
-                    Err(e) => break Err(e),
-                };
-                // SAFETY: `ptr` is valid for writes of `len` bytes (VolatileSlice invariant, kept
-                // alive by `guard`) and `done < len`, so `ptr + done` with `len - done` bytes stays
-                // inside it; the fd is valid for the lifetime of `self.file`.
-                let n = unsafe {
-                    libc::pread(self.file.as_raw_fd(), ptr.add(done).cast(), len - done, off)
-                };
-                match n {
-                    0 => break Ok(done),
-                    n if n > 0 => {
-                        // n > 0 and n <= len - done: lossless.
-                        done += n as usize;
-                        self.offset += n as u64;
-                    }
-                    _ => {
-                        let e = io::Error::last_os_error();
-                        if e.kind() != io::ErrorKind::Interrupted {
-                            break Err(VolatileMemoryError::IOError(e));
-                        }
-                    }
-                }
-            }
-        };
-        buf.bitmap()
-            .mark_dirty(0, if result.is_ok() { done } else { len });
-        result
+    /// virtio-blk keeps nothing beyond its queue: every request is finished within
+    /// `process_queue`, so nothing is in flight between calls.
+    #[cfg(feature = "serde")]
+    fn save_state(&self) -> Result<serde_json::Value, Error> {
+        Ok(serde_json::Value::Null)
     }
-}
 
-impl WriteVolatile for FileAt<'_> {
-    fn write_volatile<B: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<B>,
-    ) -> Result<usize, VolatileMemoryError> {
-        let len = buf.len();
-        let mut done = 0usize;
-        let guard = buf.ptr_guard();
-        let ptr = guard.as_ptr();
-        while done < len {
-            let off = self.off()?;
-            // SAFETY: `ptr` is valid for reads of `len` bytes (VolatileSlice invariant, kept
-            // alive by `guard`) and `done < len`; the fd is valid for the lifetime of
-            // `self.file`.
-            let n = unsafe {
-                libc::pwrite(self.file.as_raw_fd(), ptr.add(done).cast(), len - done, off)
-            };
-            match n {
-                0 => break,
-                n if n > 0 => {
-                    done += n as usize;
-                    self.offset += n as u64;
-                }
-                _ => {
-                    let e = io::Error::last_os_error();
-                    if e.kind() != io::ErrorKind::Interrupted {
-                        return Err(VolatileMemoryError::IOError(e));
-                    }
-                }
-            }
-        }
-        Ok(done)
-    }
-}
-
-/// Calls `f(addr, len)` for the bytes `[skip, skip + take)` of the readable (`writable ==
-/// false`) or writable descriptors of `descs`, in order. Every descriptor must already be
-/// known to lie inside guest memory.
-fn for_each_segment(
-    descs: &[Descriptor],
-    writable: bool,
-    mut skip: u64,
-    mut take: u64,
-    mut f: impl FnMut(GuestAddress, usize) -> bool,
-) -> bool {
-    for d in descs.iter().filter(|d| d.is_write_only() == writable) {
-        if take == 0 {
-            break;
-        }
-        let len = u64::from(d.len());
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let Some(addr) = d.addr().0.checked_add(skip) else {
-            return false;
-        };
-        let n = (len - skip).min(take);
-        skip = 0;
-        take -= n;
-        // n <= u32::MAX: lossless on 64-bit hosts.
-        if !f(GuestAddress(addr), n as usize) {
-            return false;
+    #[cfg(feature = "serde")]
+    fn restore_state(&mut self, state: &serde_json::Value) -> Result<(), Error> {
+        if state.is_null() {
+            Ok(())
+        } else {
+            Err(Error::InvalidState(format!(
+                "virtio-blk keeps no device state, got {state}"
+            )))
         }
     }
-    take == 0
 }
 
 /// Handles one chain, writing its status byte; returns the used length.
-fn handle_chain(
-    disk: &Disk,
-    mem: &GuestMemoryMmap,
+fn handle_chain<M: GuestMemoryBackend, D: DiskBackend>(
+    disk: &mut D,
+    capacity: u64,
+    serial: Option<&[u8; ID_LEN]>,
+    mem: &M,
     descs: &[Descriptor],
     complete: bool,
     counters: &Counters,
@@ -567,24 +472,26 @@ fn handle_chain(
         inc(&counters.dropped_chains);
         0
     };
-    let Some(last) = descs.last() else {
-        return dropped();
+    let (status_addr, request) = match request::parse(mem, descs, complete, capacity) {
+        Parsed::Dropped => return dropped(),
+        Parsed::Chain { status, request } => (status, request),
     };
-    if !complete
-        || !last.is_write_only()
-        || last.len() == 0
-        || !mem.check_range(last.addr(), last.len() as usize)
-    {
-        return dropped();
-    }
-    let Some(status_addr) = last.addr().0.checked_add(u64::from(last.len()) - 1) else {
-        return dropped();
+    let outcome = match request {
+        Ok(r) => execute(disk, serial, mem, descs, r, counters),
+        Err(Refusal::Malformed) => {
+            inc(&counters.malformed_chains);
+            Err(IOERR)
+        }
+        Err(Refusal::OutOfRange) => {
+            inc(&counters.out_of_range);
+            Err(IOERR)
+        }
     };
-    let (status, used) = match execute(disk, mem, descs, counters) {
+    let (status, used) = match outcome {
         Ok(written) => (VIRTIO_BLK_S_OK as u8, written.saturating_add(1)),
         Err(status) => (status, 1),
     };
-    if mem.write_obj(status, GuestAddress(status_addr)).is_err() {
+    if mem.write_obj(status, status_addr).is_err() {
         return dropped();
     }
     // The chain is at most u32::MAX bytes long (virtio-queue enforces it).
@@ -594,140 +501,100 @@ fn handle_chain(
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
-/// Validates and executes a request whose status byte is usable. Returns the number of bytes
-/// written into the writable buffers before the status byte, or the failure status.
-fn execute(
-    disk: &Disk,
-    mem: &GuestMemoryMmap,
+/// Moves `len` bytes between the disk at `offset` and the guest memory at `addr` (which may
+/// span memory regions), marking guest pages the device wrote dirty.
+fn transfer<M: GuestMemoryBackend, D: DiskBackend>(
+    disk: &mut D,
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+    mut offset: u64,
+    to_guest: bool,
+) -> bool {
+    for slice in mem.get_slices(addr, len) {
+        let Ok(slice) = slice else {
+            return false;
+        };
+        let ok = if to_guest {
+            let ok = disk.read_at(offset, &slice).is_ok();
+            slice.bitmap().mark_dirty(0, slice.len());
+            ok
+        } else {
+            disk.write_at(offset, &slice).is_ok()
+        };
+        if !ok {
+            return false;
+        }
+        offset += slice.len() as u64;
+    }
+    true
+}
+
+/// Runs a validated request. Returns the number of bytes written into the writable buffers
+/// before the status byte, or the failure status.
+fn execute<M: GuestMemoryBackend, D: DiskBackend>(
+    disk: &mut D,
+    serial: Option<&[u8; ID_LEN]>,
+    mem: &M,
     descs: &[Descriptor],
+    req: Request,
     counters: &Counters,
 ) -> Result<u64, u8> {
-    let malformed = || {
-        inc(&counters.malformed_chains);
-        IOERR
-    };
-    // Layout: all readable descriptors before all writable ones, everything inside guest RAM.
-    let (mut readable, mut writable) = (0u64, 0u64);
-    for d in descs {
-        let len = u64::from(d.len());
-        if d.is_write_only() {
-            writable += len;
-        } else if writable > 0 {
-            return Err(malformed());
-        } else {
-            readable += len;
-        }
-        if !mem.check_range(d.addr(), d.len() as usize) {
-            return Err(malformed());
-        }
-    }
-    // The last descriptor is writable and non-empty (checked by the caller).
-    let data_out = readable.saturating_sub(HEADER_LEN);
-    let data_in = writable - 1;
-    if readable < HEADER_LEN {
-        return Err(malformed());
-    }
-    let mut hdr = [0u8; HEADER_LEN as usize];
-    let mut pos = 0;
-    let ok = for_each_segment(descs, false, 0, HEADER_LEN, |addr, len| {
-        let r = mem.read_slice(&mut hdr[pos..pos + len], addr).is_ok();
-        pos += len;
-        r
-    });
-    if !ok {
-        return Err(malformed());
-    }
-    let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-    let sector = u64::from_le_bytes([
-        hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
-    ]);
-
-    match req_type {
-        VIRTIO_BLK_T_IN | VIRTIO_BLK_T_OUT => {
-            let is_read = req_type == VIRTIO_BLK_T_IN;
-            let (len, wrong_direction) = if is_read {
-                (data_in, data_out)
-            } else {
-                (data_out, data_in)
-            };
-            if wrong_direction != 0 || len % SECTOR_SIZE != 0 {
-                return Err(malformed());
-            }
-            if !is_read && disk.read_only {
+    match req.kind {
+        RequestKind::Read | RequestKind::Write => {
+            let read = req.kind == RequestKind::Read;
+            if !read && disk.read_only() {
                 inc(&counters.read_only_rejected);
                 return Err(IOERR);
             }
-            let in_range = sector
-                .checked_mul(SECTOR_SIZE)
-                .and_then(|start| start.checked_add(len))
-                .zip(disk.capacity.checked_mul(SECTOR_SIZE))
-                .is_some_and(|(end, cap)| end <= cap);
-            if !in_range {
-                inc(&counters.out_of_range);
-                return Err(IOERR);
-            }
-            let mut file = FileAt {
-                file: &disk.file,
-                offset: sector * SECTOR_SIZE,
-            };
-            let ok = if is_read {
-                for_each_segment(
-                    descs,
-                    true,
-                    0,
-                    len,
-                    |addr, n| matches!(mem.read_volatile_from(addr, &mut file, n), Ok(m) if m == n),
-                )
-            } else {
-                for_each_segment(
-                    descs,
-                    false,
-                    HEADER_LEN,
-                    len,
-                    |addr, n| matches!(mem.write_volatile_to(addr, &mut file, n), Ok(m) if m == n),
-                )
-            };
+            let mut offset = req.sector * SECTOR_SIZE;
+            let (writable, skip) = if read { (true, 0) } else { (false, HEADER_LEN) };
+            let ok = for_each_segment(descs, writable, skip, req.len, |addr, n| {
+                let ok = transfer(disk, mem, addr, n, offset, read);
+                offset += n as u64;
+                ok
+            });
             if !ok {
                 inc(&counters.io_errors);
                 return Err(IOERR);
             }
-            if is_read {
+            if read {
                 inc(&counters.reads);
-                counters.read_bytes.fetch_add(len, Ordering::Relaxed);
-                Ok(len)
+                counters.read_bytes.fetch_add(req.len, Ordering::Relaxed);
+                Ok(req.len)
             } else {
                 inc(&counters.writes);
-                counters.write_bytes.fetch_add(len, Ordering::Relaxed);
+                counters.write_bytes.fetch_add(req.len, Ordering::Relaxed);
                 Ok(0)
             }
         }
-        VIRTIO_BLK_T_FLUSH => {
-            if !disk.read_only && disk.file.sync_data().is_err() {
+        RequestKind::Flush => {
+            if disk.flush().is_err() {
                 inc(&counters.io_errors);
                 return Err(IOERR);
             }
             inc(&counters.flushes);
             Ok(0)
         }
-        VIRTIO_BLK_T_GET_ID => {
-            let Some(id) = &disk.serial else {
+        RequestKind::GetId => {
+            let Some(id) = serial else {
                 inc(&counters.unsupported);
                 return Err(UNSUPP);
             };
-            let n = data_in.min(ID_LEN as u64);
             let mut pos = 0;
-            let ok = for_each_segment(descs, true, 0, n, |addr, len| {
+            let ok = for_each_segment(descs, true, 0, req.len, |addr, len| {
                 let r = mem.write_slice(&id[pos..pos + len], addr).is_ok();
                 pos += len;
                 r
             });
             if !ok {
-                return Err(malformed());
+                inc(&counters.malformed_chains);
+                return Err(IOERR);
             }
             inc(&counters.get_id);
-            Ok(n)
+            Ok(req.len)
         }
-        _ => {
+        RequestKind::Unsupported(_) => {
             inc(&counters.unsupported);
             Err(UNSUPP)
         }
