@@ -5,29 +5,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
-use ember_test_support::{kvm_or_skip, probe_elf};
+use ember_test_support::{kvm_or_skip, open_pty, probe_elf};
 
-/// The `ember` binary and the `minimal` example, built once (`cargo test --all-targets` compiles
-/// examples only as test harnesses) into the profile directory this test runs from.
 fn ember() -> PathBuf {
-    static BUILT: std::sync::Once = std::sync::Once::new();
-    // target/<profile>/deps/cli-<hash> -> target/<profile>/ember
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
-    BUILT.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-            .args(["build", "--quiet", "--bin", "ember", "--example", "minimal"])
-            .env("CARGO_TARGET_DIR", &target_dir);
-        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-            cmd.arg("--release");
-        }
-        let status = cmd.status().expect("run cargo build");
-        assert!(status.success(), "building ember and the examples failed");
-    });
-    profile_dir.join("ember")
+    ember_test_support::ember_binary()
 }
 
 fn run(args: &[&str], stdin: &[u8]) -> Output {
@@ -182,30 +163,6 @@ fn emulation_failure_exits_non_zero_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("emulation failure"), "{stderr}");
     assert!(stderr.contains("rip 0x100000"), "{stderr}");
-}
-
-/// Opens a pseudo-terminal pair: (controller, terminal).
-fn open_pty() -> (std::fs::File, std::fs::File) {
-    use std::os::unix::io::FromRawFd;
-    let (mut controller, mut terminal) = (-1, -1);
-    // SAFETY: openpty writes two fds into the given ints; name/termios/winsize may be null.
-    let rc = unsafe {
-        libc::openpty(
-            &mut controller,
-            &mut terminal,
-            std::ptr::null_mut(),
-            std::ptr::null(),
-            std::ptr::null(),
-        )
-    };
-    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
-    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
-    unsafe {
-        (
-            std::fs::File::from_raw_fd(controller),
-            std::fs::File::from_raw_fd(terminal),
-        )
-    }
 }
 
 fn termios_of(f: &std::fs::File) -> libc::termios {

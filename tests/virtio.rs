@@ -84,7 +84,7 @@ fn guest_writes_reach_the_image_and_survive_the_vm() {
     assert_eq!(virtio.get("devices"), Some("1"), "{}", run.output);
     assert_eq!(virtio.get("acpi"), Some("1"), "{}", run.output);
     assert_eq!(virtio.get("versions"), Some("2"), "{}", run.output);
-    let disk = &run.outcome.disks[0];
+    let (disk, block) = run.outcome.disks().next().expect("a disk");
     assert_eq!(
         virtio.get("bases"),
         Some(format!("{:#x}", disk.mmio_base).as_str())
@@ -98,12 +98,8 @@ fn guest_writes_reach_the_image_and_survive_the_vm() {
     for k in ["read", "write", "flush", "readback"] {
         assert_eq!(blk.get(k), Some("ok"), "{k}: {}", run.output);
     }
-    assert!(
-        disk.block.writes > 0 && disk.block.flushes > 0,
-        "{:?}",
-        disk.block
-    );
-    assert_eq!(disk.block.malformed_chains, 0);
+    assert!(block.writes > 0 && block.flushes > 0, "{block:?}");
+    assert_eq!(block.malformed_chains, 0);
     assert_written(&img);
 }
 
@@ -124,7 +120,7 @@ fn read_only_disk_refuses_writes_and_stays_unchanged() {
     let blk = run.expect_ok("blk");
     assert_eq!(blk.get("ro"), Some("yes"), "{}", run.output);
     assert_eq!(blk.get("write"), Some("ioerr"), "{}", run.output);
-    assert!(run.outcome.disks[0].block.read_only_rejected > 0);
+    assert!(run.outcome.disks().next().unwrap().1.read_only_rejected > 0);
     assert_untouched(&img);
 }
 
@@ -190,9 +186,9 @@ fn hostile_driver_cannot_hurt_the_vmm() {
     // The VMM survived everything and still serves valid requests afterwards.
     run.expect_all_ok(checks);
     assert_eq!(run.expect_ok("hostile").get("valid_read"), Some("ok"));
-    let disk = &run.outcome.disks[0];
+    let (disk, block) = run.outcome.disks().next().expect("a disk");
     let t = &disk.transport;
-    let b = &disk.block;
+    let b = block;
     eprintln!("transport counters: {t:?}\nblock counters: {b:?}");
     assert!(t.invalid_state_writes + t.invalid_queue_values + t.invalid_status_transitions > 0);
     // DRIVER_OK with rings outside RAM (notifications before activation are also ignored,

@@ -8,22 +8,25 @@
 //! path); the guest's reset or poweroff ends the process with status 0; an emulation failure,
 //! triple fault or guest panic ends it with status 1 and a message on stderr.
 
-use std::os::unix::io::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Parser;
-use ember_vmm::{BootProtocolChoice, Vm, VmConfig};
+use ember_vmm::{BootProtocolChoice, Vm, VmConfig, VmExit};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "ember",
     version,
     about = "Boot a microVM with Ember",
-    after_help = "The guest's reset or poweroff ends ember with status 0; an emulation failure, \
-                  triple fault or guest panic with status 1; a bad argument or configuration with \
-                  status 2; SIGTERM, SIGINT or SIGHUP stop the VM (status 128 + the signal)."
+    after_help = "The guest's serial console is stdin and stdout. On a terminal, Ctrl-A x ends \
+                  the VM (Ctrl-A Ctrl-A sends a Ctrl-A).\n\n\
+                  The guest's reset or poweroff ends ember with status 0 (so does Ctrl-A x); an \
+                  emulation failure, triple fault or guest panic with status 1; a bad argument or \
+                  configuration with status 2; SIGTERM, SIGINT or SIGHUP stop the VM (status 128 + \
+                  the signal)."
 )]
 struct Args {
     /// Kernel image: an ELF vmlinux (with or without a PVH note) or a bzImage.
@@ -189,10 +192,14 @@ fn main() -> ExitCode {
         }
     };
     let stdin = std::io::stdin();
-    let vm = match Vm::builder(config)
-        .serial_input_fd(stdin.as_raw_fd())
-        .build()
-    {
+    // SAFETY: isatty only inspects the descriptor.
+    let terminal = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
+    let mut builder = Vm::builder(config).console_escape(terminal);
+    match stdin.as_fd().try_clone_to_owned() {
+        Ok(fd) => builder = builder.serial_input(fd),
+        Err(e) => eprintln!("ember: warning: stdin is not read ({e})"),
+    }
+    let vm = match builder.build() {
         Ok(vm) => vm,
         Err(e) => {
             eprintln!("ember: error: {e}");
@@ -231,11 +238,17 @@ fn main() -> ExitCode {
                     );
                 }
             }
+            if outcome.console_dropped > 0 {
+                eprintln!(
+                    "ember: {} bytes of guest console output could not be written",
+                    outcome.console_dropped
+                );
+            }
             if signal != 0 {
                 eprintln!("ember: stopped by signal {signal}");
                 return ExitCode::from(128u8.wrapping_add(signal as u8));
             }
-            if outcome.exit.is_clean() {
+            if outcome.exit.is_clean() || outcome.exit == VmExit::ConsoleEscape {
                 eprintln!("ember: {}", outcome.exit);
                 ExitCode::SUCCESS
             } else {

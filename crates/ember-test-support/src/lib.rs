@@ -90,6 +90,55 @@ pub fn probe_elf() -> PathBuf {
     elf
 }
 
+/// The `ember` binary (and the root package's `minimal` example), built once per test process
+/// into the profile directory the calling test runs from (`cargo test --all-targets` builds
+/// examples only as test harnesses and other packages' binaries not at all).
+pub fn ember_binary() -> PathBuf {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    // target/<profile>/deps/cli-<hash> -> target/<profile>/ember
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "--quiet", "--bin", "ember", "--example", "minimal"])
+            .env("CARGO_TARGET_DIR", &target_dir);
+        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build");
+        assert!(status.success(), "building ember and the examples failed");
+    });
+    profile_dir.join("ember")
+}
+
+/// Opens a pseudo-terminal pair: (controller, terminal), for tests of what a VMM does on a
+/// terminal.
+pub fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::unix::io::FromRawFd;
+    let (mut controller, mut terminal) = (-1, -1);
+    // SAFETY: openpty writes two fds into the given ints; name/termios/winsize may be null.
+    let rc = unsafe {
+        libc::openpty(
+            &mut controller,
+            &mut terminal,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just returned by openpty and are owned by nobody else.
+    unsafe {
+        (
+            std::fs::File::from_raw_fd(controller),
+            std::fs::File::from_raw_fd(terminal),
+        )
+    }
+}
+
 /// Result of one probe check line.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Status {

@@ -9,8 +9,7 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// Guest memory used when the configuration does not give a size.
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
-/// Largest number of vCPUs Ember starts.
-pub const MAX_VCPUS: u8 = 32;
+pub use ember_memory::MAX_VCPUS;
 
 /// Largest VM configuration file [`VmConfig::from_file`] reads (1 MiB).
 pub const MAX_CONFIG_FILE_SIZE: u64 = 1 << 20;
@@ -40,6 +39,17 @@ pub struct DiskConfig {
     /// Serial number the guest reads with GET_ID (at most 20 bytes).
     #[serde(default)]
     pub id: Option<String>,
+}
+
+impl DiskConfig {
+    /// The virtio-blk device configuration for this disk.
+    pub fn block_config(&self) -> ember_devices::virtio::block::BlockConfig {
+        ember_devices::virtio::block::BlockConfig {
+            path: self.path.clone(),
+            read_only: self.read_only,
+            serial: self.id.clone(),
+        }
+    }
 }
 
 impl std::str::FromStr for DiskConfig {

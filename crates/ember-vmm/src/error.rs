@@ -6,6 +6,7 @@ use ember_loader::BootProtocol;
 
 /// Why a VM could not be built or run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The configuration is invalid.
     #[error(transparent)]
@@ -13,9 +14,6 @@ pub enum Error {
     /// The memory size or layout is invalid, or guest memory could not be mapped.
     #[error(transparent)]
     Memory(#[from] ember_memory::Error),
-    /// A guest memory access failed while setting up the VM.
-    #[error("guest memory access failed: {0}")]
-    GuestMemory(vm_memory::GuestMemoryError),
     /// The kernel command line is too long or invalid.
     #[error(transparent)]
     Cmdline(#[from] crate::cmdline::CmdlineError),
@@ -26,24 +24,38 @@ pub enum Error {
     #[error(transparent)]
     Boot(#[from] ember_boot::Error),
     /// A disk could not be opened or set up.
-    #[error("disk {}: {source}", path.display())]
+    #[error("disk {index} of the configuration: {source}")]
     Disk {
-        /// The image file.
-        path: PathBuf,
+        /// Its position in [`VmConfig::disks`](crate::VmConfig::disks), from 0.
+        index: usize,
         /// Why.
+        #[source]
+        source: ember_devices::virtio::block::BlockError,
+    },
+    /// A virtio device could not be attached.
+    #[error("virtio device {id}: {source}")]
+    Device {
+        /// The device's id.
+        id: String,
+        /// Why.
+        #[source]
         source: ember_devices::virtio::Error,
     },
     /// Guest address space or interrupt lines ran out.
-    #[error("cannot allocate {what}: {reason}")]
+    #[error("cannot allocate {what}: {source}")]
     Allocate {
         /// What was being allocated.
         what: &'static str,
         /// The allocator's error.
-        reason: String,
+        #[source]
+        source: vm_allocator::Error,
     },
     /// A device could not be set up.
     #[error(transparent)]
     Devices(#[from] ember_devices::Error),
+    /// A device could not be mapped on a bus.
+    #[error(transparent)]
+    Bus(#[from] ember_devices::BusError),
     /// vCPU set-up or run failed.
     #[error(transparent)]
     Vcpu(#[from] ember_vcpu::Error),
@@ -61,6 +73,7 @@ pub enum Error {
         /// The device path.
         path: PathBuf,
         /// Why it could not be opened.
+        #[source]
         source: kvm_ioctls::Error,
     },
     /// KVM lacks a capability Ember needs.
@@ -68,14 +81,17 @@ pub enum Error {
     MissingCapability(&'static str),
     /// A KVM ioctl failed.
     #[error("{0} failed: {1}")]
-    Kvm(&'static str, kvm_ioctls::Error),
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
     /// An eventfd could not be created or cloned.
     #[error("eventfd: {0}")]
-    EventFd(std::io::Error),
+    EventFd(#[source] std::io::Error),
     /// The event loop's epoll failed.
     #[error("epoll: {0}")]
-    Epoll(std::io::Error),
+    Epoll(#[source] std::io::Error),
+    /// The console output could not be set up.
+    #[error("console output: {0}")]
+    Console(#[source] std::io::Error),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
 }

@@ -22,8 +22,15 @@
 
 mod cmdline;
 mod config;
+mod console;
 mod control;
+mod cpu;
+mod devices;
 mod error;
+mod event_loop;
+mod handle;
+mod kvm;
+mod outcome;
 mod vm;
 
 use std::sync::OnceLock;
@@ -34,10 +41,12 @@ pub use config::{
     BootProtocolChoice, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
     MAX_CONFIG_FILE_SIZE, MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,
 };
+pub use console::ESCAPE as CONSOLE_ESCAPE;
+pub use devices::{FIRST_VIRTIO_GSI, LAST_GSI};
 pub use error::Error;
-pub use vm::{
-    DiskReport, StartupTimings, UnbufferedStdout, Vm, VmBuilder, VmExit, VmHandle, VmOutcome,
-};
+pub use handle::VmHandle;
+pub use outcome::{DeviceCounters, DeviceReport, StartupTimings, VmExit, VmOutcome};
+pub use vm::{Vm, VmBuilder};
 
 /// Re-exports for callers that want the layout or loader types without naming those crates.
 pub use ember_loader::BootProtocol;

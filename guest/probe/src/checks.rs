@@ -168,6 +168,7 @@ pub fn run() -> ! {
             b"boottimer" => ctx.boottimer(),
             b"serial" => ctx.serial(),
             b"stringio" => ctx.stringio(),
+            b"spew" => ctx.spew(),
             b"exitloop" => ctx.exitloop(),
             b"ring0" => ctx.ring0(),
             b"reset" => ctx.reset_check(),
@@ -511,6 +512,35 @@ impl Ctx<'_> {
             .s("ok scratch=ok loopback=ok echo=")
             .b(want)
             .end();
+        false
+    }
+
+    /// Console output in bulk: `probe.spew.bytes` (default 1 MiB) of 64-byte lines, for tests
+    /// of a console nobody reads and of console throughput.
+    fn spew(&mut self) -> bool {
+        let total = match self.params.num(b"probe.spew.bytes=", 1 << 20) {
+            Ok(n) => n,
+            Err(bad) => {
+                Line::new("spew").s("FAIL bad probe.spew.bytes=").b(bad).end();
+                return true;
+            }
+        };
+        let t0 = rdtsc();
+        let mut sent = 0u64;
+        let mut line = [b'.'; 64];
+        line[..11].copy_from_slice(b"PROBE spew ");
+        line[63] = b'\n';
+        while sent < total {
+            console::write(&line);
+            sent += 64;
+        }
+        let cycles = rdtsc().wrapping_sub(t0);
+        let mut l = Line::new("spew");
+        l.s("ok bytes=").dec(sent).s(" cycles=").dec(cycles);
+        if let Some(khz) = self.tsc_khz {
+            l.s(" kib_per_s=").dec(sent * khz / 1024 / (cycles / 1000).max(1));
+        }
+        l.end();
         false
     }
 

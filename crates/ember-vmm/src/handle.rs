@@ -1,0 +1,72 @@
+//! [`VmHandle`]: what another thread (a signal handler, an API server, a test) may do to a
+//! running VM: stop it, pause and resume it, feed its console.
+
+use std::collections::VecDeque;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, Weak};
+
+use ember_devices::{lock, Buses};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::control::VcpuControl;
+
+/// A clonable handle to a running VM: feed its console, pause it, ask it to stop.
+#[derive(Clone)]
+pub struct VmHandle {
+    pub(crate) stop_evt: Arc<EventFd>,
+    pub(crate) input_evt: Arc<EventFd>,
+    pub(crate) input: Arc<Mutex<VecDeque<u8>>>,
+    pub(crate) control: Arc<VcpuControl>,
+    // Weak: a console sink may hold a handle, and the devices hold the sink.
+    pub(crate) buses: Weak<Buses>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle")
+            .field("paused", &self.is_paused())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmHandle {
+    /// Asks the VM to stop; [`Vm::run`](crate::Vm::run) then returns
+    /// [`VmExit::Stopped`](crate::VmExit::Stopped).
+    pub fn stop(&self) {
+        // An eventfd write only fails if the counter would overflow, which a stop cannot cause.
+        let _ = self.stop_evt.write(1);
+    }
+
+    /// Pauses every vCPU: returns once none is inside `KVM_RUN` (at most about 5 s; `false`
+    /// if some vCPU did not leave in that time). Devices and the event loop keep running.
+    pub fn pause(&self) -> bool {
+        self.control.pause()
+    }
+
+    /// Resumes vCPUs paused by [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Guest port and MMIO accesses so far that hit no device (e.g. the probe's exit loop).
+    pub fn unhandled_io(&self) -> u64 {
+        self.buses.upgrade().map_or(0, |b| b.unhandled())
+    }
+
+    /// A descriptor that stops the VM when an 8-byte native-endian non-zero integer is written
+    /// to it. Writing is async-signal-safe, so a SIGTERM handler may use it.
+    pub fn stop_fd(&self) -> RawFd {
+        self.stop_evt.as_raw_fd()
+    }
+
+    /// Queues bytes for the guest's serial console.
+    pub fn send_serial(&self, bytes: &[u8]) {
+        lock(&self.input).extend(bytes.iter().copied());
+        let _ = self.input_evt.write(1);
+    }
+}
