@@ -108,6 +108,7 @@
 
 pub mod cpuid;
 pub mod kick;
+pub mod state;
 pub mod template;
 pub mod vm;
 
@@ -175,7 +176,21 @@ pub enum Error {
         /// The KVM error.
         source: kvm_ioctls::Error,
     },
-    /// KVM accepted only the first `set` of the boot MSRs.
+    /// A saved state belongs to another vCPU.
+    #[error("the state of vCPU {saved} cannot be restored into vCPU {id}")]
+    StateMismatch {
+        /// This vCPU's id.
+        id: u8,
+        /// The id in the state.
+        saved: u8,
+    },
+    /// More MSRs in one request than a `kvm_msrs` holds.
+    #[error("{count} MSRs in one request are more than KVM takes")]
+    TooManyMsrs {
+        /// Entries in the request.
+        count: usize,
+    },
+    /// KVM accepted only the first `set` of the MSRs given (boot MSRs, or a restored state).
     #[error("KVM_SET_MSRS on vCPU {id} stopped at MSR {index:#x} ({set} of {total} set)")]
     SetMsrs {
         /// The vCPU id.
