@@ -64,12 +64,20 @@ pub const WAK_STS: u8 = 1 << 7;
 /// Value written to the reset register to reset the machine.
 pub const RESET_VALUE: u8 = 0x06;
 
+/// What [`AcpiPmRegisters`] keeps across a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct AcpiPmState {
+    /// `WAK_STS` in the sleep status register.
+    pub wake_status: bool,
+}
+
 /// The sleep control/status and reset registers as a [`BusDevice`] (insert at [`ACPI_PM_BASE`]
 /// with length [`ACPI_PM_LEN`]); see the module docs.
 #[derive(Debug)]
-pub struct AcpiPmRegisters {
-    poweroff: EventFdTrigger,
-    reset: EventFdTrigger,
+pub struct AcpiPmRegisters<T: Trigger = EventFdTrigger> {
+    poweroff: T,
+    reset: T,
     wake_status: bool,
     poweroffs: u64,
     resets: u64,
@@ -78,9 +86,9 @@ pub struct AcpiPmRegisters {
     trigger_errors: u64,
 }
 
-impl AcpiPmRegisters {
+impl<T: Trigger> AcpiPmRegisters<T> {
     /// Registers firing `poweroff` on an S5 sleep request and `reset` on a reset write.
-    pub fn new(poweroff: EventFdTrigger, reset: EventFdTrigger) -> Self {
+    pub fn new(poweroff: T, reset: T) -> Self {
         AcpiPmRegisters {
             poweroff,
             reset,
@@ -94,13 +102,25 @@ impl AcpiPmRegisters {
     }
 
     /// The poweroff trigger (poll its eventfd).
-    pub fn poweroff_evt(&self) -> &EventFdTrigger {
+    pub fn poweroff_evt(&self) -> &T {
         &self.poweroff
     }
 
     /// The reset trigger (poll its eventfd).
-    pub fn reset_evt(&self) -> &EventFdTrigger {
+    pub fn reset_evt(&self) -> &T {
         &self.reset
+    }
+
+    /// The registers' state.
+    pub fn state(&self) -> AcpiPmState {
+        AcpiPmState {
+            wake_status: self.wake_status,
+        }
+    }
+
+    /// Applies a saved state.
+    pub fn restore(&mut self, state: &AcpiPmState) {
+        self.wake_status = state.wake_status;
     }
 
     /// How many S5 (poweroff) requests the guest made.
@@ -172,7 +192,7 @@ impl AcpiPmRegisters {
     }
 }
 
-impl BusDevice for AcpiPmRegisters {
+impl<T: Trigger + Send> BusDevice for AcpiPmRegisters<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         for (reg, b) in (offset..).zip(data.iter_mut()) {
             *b = self.read_byte(reg);

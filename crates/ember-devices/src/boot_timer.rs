@@ -11,6 +11,15 @@ pub const BOOT_TIMER_PORT: u64 = 0x510;
 /// Length of the boot timer bus range.
 pub const BOOT_TIMER_LEN: u64 = 1;
 
+/// What [`BootTimer`] keeps across a snapshot: whether the guest already wrote (its boot
+/// time belongs to the process that booted it and is not carried over).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct BootTimerState {
+    /// The guest wrote the port.
+    pub written: bool,
+}
+
 /// The boot timer as a [`BusDevice`]. Reads return 0; the first write (any value, any width)
 /// records `process_start.elapsed()`; later writes are ignored and counted.
 #[derive(Debug)]
@@ -43,6 +52,20 @@ impl BootTimer {
     /// Writes after the first one (ignored).
     pub fn ignored_writes(&self) -> u64 {
         self.ignored_writes
+    }
+
+    /// The timer's state.
+    pub fn state(&self) -> BootTimerState {
+        BootTimerState {
+            written: self.recorded.get().is_some(),
+        }
+    }
+
+    /// Applies a saved state: a timer the guest already wrote records nothing more.
+    pub fn restore(&mut self, state: &BootTimerState) {
+        if state.written {
+            let _ = self.recorded.set(Duration::ZERO);
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 //! offset 4 the command port (0x64). Writing [`CMD_RESET_CPU`] (0xFE) to the command port fires
 //! the reset trigger; the VMM polls its eventfd and ends the VM with "reset".
 
-use vm_superio::I8042Device;
+use vm_superio::{I8042Device, Trigger};
 
 use crate::{BusDevice, EventFdTrigger};
 
@@ -25,17 +25,20 @@ pub const CMD_RESET_CPU: u8 = 0xFE;
 /// 1-byte accesses anywhere in the range go to the `vm_superio` device (reads return 0, only
 /// 0xFE to the command port does anything). Wider accesses are refused (reads get `0xff`) and
 /// counted in [`I8042::bad_accesses`].
+///
+/// It keeps no state worth a snapshot: vm-superio's `I8042Device` has none beyond its reset
+/// trigger.
 #[derive(Debug)]
-pub struct I8042 {
-    dev: I8042Device<EventFdTrigger>,
+pub struct I8042<T: Trigger = EventFdTrigger> {
+    dev: I8042Device<T>,
     resets: u64,
     bad_accesses: u64,
     trigger_errors: u64,
 }
 
-impl I8042 {
+impl<T: Trigger> I8042<T> {
     /// An i8042 firing `reset` when the guest requests a CPU reset.
-    pub fn new(reset: EventFdTrigger) -> Self {
+    pub fn new(reset: T) -> Self {
         I8042 {
             dev: I8042Device::new(reset),
             resets: 0,
@@ -45,7 +48,7 @@ impl I8042 {
     }
 
     /// The reset trigger (poll its eventfd).
-    pub fn reset_evt(&self) -> &EventFdTrigger {
+    pub fn reset_evt(&self) -> &T {
         self.dev.reset_evt()
     }
 
@@ -74,7 +77,7 @@ impl I8042 {
     }
 }
 
-impl BusDevice for I8042 {
+impl<T: Trigger + Send> BusDevice for I8042<T> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match self.offset(offset, data.len()) {
             Some(off) => data[0] = self.dev.read(off),

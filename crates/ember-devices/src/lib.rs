@@ -77,6 +77,9 @@ pub enum Error {
     /// Signalling an eventfd (interrupt or notification) failed.
     #[error("failed to signal an eventfd: {0}")]
     Trigger(#[source] io::Error),
+    /// A saved device state cannot be applied.
+    #[error("invalid device state: {0}")]
+    InvalidState(String),
 }
 
 /// A new eventfd as every Ember device and VMM uses them: non-blocking (signalling never

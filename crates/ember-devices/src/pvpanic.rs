@@ -5,6 +5,14 @@
 use crate::{BusDevice, EventFdTrigger};
 use vm_superio::Trigger;
 
+/// What [`PvPanic`] keeps across a snapshot.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct PvPanicState {
+    /// The value of the last panic write, if any.
+    pub last_event: Option<u8>,
+}
+
 /// Port of the pvpanic device.
 pub const PVPANIC_PORT: u64 = 0x505;
 /// Length of the pvpanic bus range.
@@ -18,17 +26,17 @@ pub const PVPANIC_CRASH_LOADED: u8 = 1 << 1;
 /// event) in the first byte; a write whose first byte has bit 0 set fires the panic trigger and
 /// records the value; other writes are ignored.
 #[derive(Debug)]
-pub struct PvPanic {
-    evt: EventFdTrigger,
+pub struct PvPanic<T: Trigger = EventFdTrigger> {
+    evt: T,
     last_event: Option<u8>,
     panics: u64,
     ignored_writes: u64,
     trigger_errors: u64,
 }
 
-impl PvPanic {
+impl<T: Trigger> PvPanic<T> {
     /// A pvpanic device firing `panic` when the guest reports a panic.
-    pub fn new(panic: EventFdTrigger) -> Self {
+    pub fn new(panic: T) -> Self {
         PvPanic {
             evt: panic,
             last_event: None,
@@ -39,8 +47,20 @@ impl PvPanic {
     }
 
     /// The panic trigger (poll its eventfd).
-    pub fn panic_evt(&self) -> &EventFdTrigger {
+    pub fn panic_evt(&self) -> &T {
         &self.evt
+    }
+
+    /// The device's state.
+    pub fn state(&self) -> PvPanicState {
+        PvPanicState {
+            last_event: self.last_event,
+        }
+    }
+
+    /// Applies a saved state.
+    pub fn restore(&mut self, state: &PvPanicState) {
+        self.last_event = state.last_event;
     }
 
     /// The value of the last panic write, if any.
@@ -64,7 +84,7 @@ impl PvPanic {
     }
 }
 
-impl BusDevice for PvPanic {
+impl<T: Trigger + Send> BusDevice for PvPanic<T> {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         data.fill(0);
         if let Some(b) = data.first_mut() {

@@ -259,6 +259,68 @@ impl Write for OutputBuffer {
     }
 }
 
+/// What [`SerialDevice`] keeps across a snapshot: the UART's registers and the bytes in its
+/// receive FIFO (vm-superio's `SerialState`, as plain data that serializes). Output waiting in
+/// an [`OutputBuffer`] belongs to the host side and is not part of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct SerialDeviceState {
+    /// Divisor latch, low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch, high byte.
+    pub baud_divisor_high: u8,
+    /// IER.
+    pub interrupt_enable: u8,
+    /// IIR.
+    pub interrupt_identification: u8,
+    /// LCR.
+    pub line_control: u8,
+    /// LSR.
+    pub line_status: u8,
+    /// MCR.
+    pub modem_control: u8,
+    /// MSR.
+    pub modem_status: u8,
+    /// SCR.
+    pub scratch: u8,
+    /// The receive FIFO, oldest byte first.
+    pub in_buffer: Vec<u8>,
+}
+
+impl From<vm_superio::serial::SerialState> for SerialDeviceState {
+    fn from(s: vm_superio::serial::SerialState) -> Self {
+        SerialDeviceState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+}
+
+impl From<&SerialDeviceState> for vm_superio::serial::SerialState {
+    fn from(s: &SerialDeviceState) -> Self {
+        vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer.clone(),
+        }
+    }
+}
+
 /// The concrete `vm_superio` serial type wrapped by [`SerialDevice`].
 pub type InnerSerial = Serial<EventFdTrigger, SerialEventCounters, Box<dyn Write + Send>>;
 
@@ -388,9 +450,39 @@ impl SerialDevice {
         self.events.clone()
     }
 
-    /// The wrapped `vm_superio` serial (e.g. for its state).
+    /// The wrapped `vm_superio` serial.
     pub fn inner(&self) -> &InnerSerial {
         &self.serial
+    }
+
+    /// The UART's state (registers and receive FIFO).
+    pub fn state(&self) -> SerialDeviceState {
+        self.serial.state().into()
+    }
+
+    /// Puts the UART into a saved state, keeping its interrupt, counters and output (vm-superio's
+    /// `from_state`). A pending interrupt the state records is raised again.
+    pub fn restore(&mut self, state: &SerialDeviceState) -> Result<(), Error> {
+        let irq = self.serial.interrupt_evt().try_clone()?;
+        let placeholder = Serial::with_events(
+            irq.try_clone()?,
+            self.events.clone(),
+            Box::new(io::sink()) as Box<dyn Write + Send>,
+        );
+        let old = std::mem::replace(&mut self.serial, placeholder);
+        let out = old.into_writer();
+        self.serial = Serial::from_state(&state.into(), irq, self.events.clone(), out).map_err(
+            |e| match e {
+                SerialError::Trigger(e) => Error::Trigger(e),
+                SerialError::FullFifo => Error::InvalidState(format!(
+                    "{} bytes in the receive FIFO, which holds 64",
+                    state.in_buffer.len()
+                )),
+                SerialError::IOError(e) => Error::Trigger(e),
+            },
+        )?;
+        self.tx_held = false;
+        Ok(())
     }
 
     fn single_byte_offset(&self, offset: u64, len: usize) -> Option<u8> {
@@ -656,5 +748,42 @@ mod tests {
         assert_eq!(buf.discard(), 2);
         assert!(buf.is_empty());
         assert_eq!(buf.drain(|_| unreachable!()).unwrap(), 0);
+    }
+
+    #[test]
+    fn state_round_trips_into_a_fresh_uart() {
+        let (mut a, _irq, _out) = device();
+        a.write(LCR, &[0x83]);
+        a.write(DATA, &[0x0c]); // divisor 12
+        a.write(LCR, &[0x03]);
+        a.write(IER, &[IER_RDA]);
+        a.write(SCR, &[0x77]);
+        a.enqueue_input(b"abc").unwrap();
+        assert_eq!(rd(&mut a, DATA), b'a');
+        let saved = a.state();
+        assert_eq!(saved.in_buffer, b"bc");
+
+        let (mut b, irq_b, out_b) = device();
+        b.restore(&saved).unwrap();
+        assert_eq!(b.state(), saved);
+        // Like the saved UART: its driver already took the interrupt for this input.
+        assert!(irq_b.read().is_err());
+        assert_eq!(rd(&mut b, IER), IER_RDA);
+        assert_eq!(rd(&mut b, SCR), 0x77);
+        assert_ne!(rd(&mut b, LSR) & LSR_DR, 0);
+        assert_eq!((rd(&mut b, DATA), rd(&mut b, DATA)), (b'b', b'c'));
+        assert_eq!(rd(&mut b, LSR) & LSR_DR, 0);
+        // The divisor survived; the next output goes to the restored UART's own sink.
+        b.write(LCR, &[0x83]);
+        assert_eq!(rd(&mut b, DATA), 0x0c);
+        b.write(LCR, &[0x03]);
+        b.write(DATA, b"!");
+        assert_eq!(out_b.contents(), b"!");
+        // A state with more than the FIFO holds is refused.
+        let too_full = SerialDeviceState {
+            in_buffer: vec![0; 65],
+            ..saved
+        };
+        assert!(matches!(b.restore(&too_full), Err(Error::InvalidState(_))));
     }
 }

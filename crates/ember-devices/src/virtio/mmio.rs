@@ -339,10 +339,11 @@ impl<M: GuestMemoryBackend + Clone + Send> MmioTransport<M> {
         })
     }
 
-    /// Puts a transport that was just created (its device fresh, of the same type and
-    /// configuration as the saved one) into the saved state: registers, interrupt status, and,
-    /// if the device was activated, activates it with the saved queues (checked against guest
-    /// memory) and restores its device-specific state. A pending interrupt is raised again.
+    /// Puts the transport into a saved state (of a device of the same type and configuration):
+    /// registers, interrupt status, and, if the device was activated, activates it with the
+    /// saved queues (checked against guest memory) and restores its device-specific state. A
+    /// device activated now is reset first (the VM is paused; its driver never sees it). A
+    /// pending interrupt is raised again.
     pub fn restore(&mut self, state: &MmioTransportState) -> Result<(), Error> {
         let invalid = |why: String| Error::InvalidState(why);
         if state.device_type != self.device.device_type() {
@@ -362,7 +363,8 @@ impl<M: GuestMemoryBackend + Clone + Send> MmioTransport<M> {
             return Err(invalid("the saved queues are not this device's".into()));
         }
         if self.activated {
-            return Err(invalid("restore into a transport in use".into()));
+            self.device.reset();
+            self.activated = false;
         }
         if state.activated {
             if state.queues.len() != self.queues.len() {

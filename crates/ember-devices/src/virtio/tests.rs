@@ -1040,3 +1040,90 @@ fn invalid_queue_max_sizes_are_refused() {
         assert!(r.is_err(), "{sizes:?}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// State
+
+/// A transport saved with a request published but not yet processed, restored into a fresh
+/// transport over a fresh device on the same image and memory: the driver's next notify
+/// completes that request there, and the queue positions carry on.
+#[test]
+fn transport_state_round_trips_with_a_request_in_the_ring() {
+    let mut fx = ready_fx(false, Some("disk-a"));
+    assert_eq!(fx.read(3, 1).0, BLK_S_OK);
+    // Published, not yet seen by the device.
+    fx.header(BLK_T_IN, 5);
+    fx.mem.write_obj(0xffu8, GuestAddress(STATUS)).unwrap();
+    let head =
+        fx.q.add_chain(&[
+            Buf::readable(HDR, 16),
+            Buf::writable(DATA, 512),
+            Buf::writable(STATUS, 1),
+        ])
+        .unwrap();
+    let saved = fx.dev.state().unwrap();
+    assert!(saved.activated);
+    assert_eq!(saved.queues[0].next_avail, 1);
+    assert_eq!(saved.queues[0].next_used, 1);
+
+    let block = Block::new(BlockConfig {
+        path: fx.img.as_path().to_path_buf(),
+        read_only: false,
+        serial: Some("disk-a".into()),
+    })
+    .unwrap();
+    let counters = block.counters_handle();
+    let irq = EventFdTrigger::new().unwrap();
+    let mut fresh =
+        MmioTransport::new(Box::new(block), fx.mem.clone(), irq.try_clone().unwrap()).unwrap();
+    fresh.restore(&saved).unwrap();
+    assert!(fresh.is_activated());
+    assert_eq!(fresh.status(), saved.status);
+    assert_eq!(fresh.acked_features(), saved.acked_features);
+    // The driver's notify, handled by the restored transport.
+    write_reg(&mut fresh, QUEUE_NOTIFY_OFFSET, 0);
+    fresh.process_notification(0);
+    assert_eq!(fx.q.pop_used(), Some((u32::from(head), 513)));
+    assert_eq!(fx.status(), BLK_S_OK);
+    let expect: Vec<u8> = (5 * 512..6 * 512).map(pattern).collect();
+    assert_eq!(fx.data(512), expect);
+    assert_eq!(counters.snapshot().reads, 1);
+    // The saved InterruptStatus still had the first read's bit (never acknowledged): the
+    // restore raised it again, then the new completion.
+    assert_eq!(saved.interrupt_status, interrupt_status::USED_BUFFER);
+    assert_eq!(irq.read().unwrap(), 2);
+    assert_eq!(fresh.state().unwrap().queues[0].next_used, 2);
+
+    // A state from another device type is refused; one restored over a transport in use
+    // replaces what it was doing.
+    let mut other = saved.clone();
+    other.device_type = 1;
+    assert!(matches!(
+        block_fx(false, None, 16).dev.restore(&other),
+        Err(Error::InvalidState(_))
+    ));
+    fresh.restore(&saved).unwrap();
+    assert_eq!(fresh.state().unwrap().queues[0].next_used, 1);
+    // Rings outside guest memory are refused.
+    let mut outside = saved.clone();
+    outside.queues[0].desc_table = 0x7fff_0000_0000;
+    assert!(block_fx(false, None, 16).dev.restore(&outside).is_err());
+}
+
+/// A transport saved before DRIVER_OK keeps the driver's registers.
+#[test]
+fn transport_state_before_activation() {
+    let mut fx = block_fx(false, None, 16);
+    write_reg(
+        &mut fx.dev,
+        regs::STATUS,
+        status::ACKNOWLEDGE | status::DRIVER,
+    );
+    write_reg(&mut fx.dev, regs::QUEUE_SEL, 0);
+    let saved = fx.dev.state().unwrap();
+    assert!(!saved.activated && saved.queues.is_empty());
+    let mut fresh = block_fx(false, None, 16);
+    fresh.dev.restore(&saved).unwrap();
+    assert_eq!(fresh.dev.status(), status::ACKNOWLEDGE | status::DRIVER);
+    assert_eq!(fresh.dev.state().unwrap(), saved);
+}
