@@ -169,6 +169,26 @@ pub enum Error {
         /// Bytes available for it (page aligned, between kernel end and low RAM end).
         available: u64,
     },
+    /// A memory file could not be created, sized or read.
+    #[error("{what}: {source}")]
+    File {
+        /// Which file.
+        what: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A memory file is smaller than the guest memory it should hold.
+    #[error("the memory file has {} but the guest memory needs {}", Size(*size), Size(*needed))]
+    FileTooSmall {
+        /// The file's size.
+        size: u64,
+        /// The guest memory size.
+        needed: u64,
+    },
+    /// Mapping a memory file failed.
+    #[error("cannot map guest memory: {0}")]
+    Map(String),
     /// Mapping guest RAM failed.
     #[error("failed to map {size} bytes of guest RAM: {source}")]
     Mmap {
@@ -369,6 +389,83 @@ pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestRam, Error> {
         size: layout.mem_size,
         source,
     })
+}
+
+/// How [`map_guest_memory`] maps a memory file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// `MAP_SHARED`: guest writes reach the file (a memfd a VM owns and may later be forked
+    /// from, or snapshotted by writing the file out).
+    Shared,
+    /// `MAP_PRIVATE`: copy-on-write; the file's pages are read only when the guest touches them
+    /// and written pages stay private (a restore from a memory snapshot, or a fork of a
+    /// template's memfd).
+    Private,
+}
+
+/// A new memfd holding `layout`'s RAM (sparse: nothing is allocated until used), the regions
+/// back to back from offset 0 in address order, mapped [`Sharing::Shared`] as guest memory.
+/// The memfd is close-on-exec.
+pub fn create_guest_memory_memfd(
+    layout: &MemoryLayout,
+) -> Result<(GuestRam, std::fs::File), Error> {
+    use std::os::fd::FromRawFd;
+    let io_err = |e: std::io::Error| Error::File {
+        what: "memfd",
+        source: e,
+    };
+    // SAFETY: the name is a NUL-terminated literal; the flags are valid.
+    let fd = unsafe { libc::memfd_create(c"ember-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io_err(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create just returned this descriptor, owned by nobody else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(layout.mem_size).map_err(io_err)?;
+    let mem = map_guest_memory(layout, &file, Sharing::Shared)?;
+    Ok((mem, file))
+}
+
+/// Maps `file` as `layout`'s RAM: the regions back to back from offset 0 in address order (the
+/// layout of [`create_guest_memory_memfd`] and of a memory snapshot). The file must hold at
+/// least `layout.mem_size()` bytes. Nothing is read until the guest touches a page.
+pub fn map_guest_memory(
+    layout: &MemoryLayout,
+    file: &std::fs::File,
+    sharing: Sharing,
+) -> Result<GuestRam, Error> {
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+    let io_err = |what| move |e: std::io::Error| Error::File { what, source: e };
+    let len = file.metadata().map_err(io_err("memory file"))?.len();
+    if len < layout.mem_size {
+        return Err(Error::FileTooSmall {
+            size: len,
+            needed: layout.mem_size,
+        });
+    }
+    let flags = libc::MAP_NORESERVE
+        | match sharing {
+            Sharing::Shared => libc::MAP_SHARED,
+            Sharing::Private => libc::MAP_PRIVATE,
+        };
+    let mut offset = 0u64;
+    let mut regions = Vec::new();
+    for (addr, size) in layout.ram_ranges() {
+        let f = file.try_clone().map_err(io_err("memory file"))?;
+        let mapping = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::new(f, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| Error::Map(e.to_string()))?;
+        regions.push(
+            GuestRegionMmap::new(mapping, addr)
+                .ok_or_else(|| Error::Map(format!("region at {:#x} wraps around", addr.0)))?,
+        );
+        offset += size as u64;
+    }
+    vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map(e.to_string()))
 }
 
 #[cfg(test)]
@@ -667,5 +764,43 @@ mod tests {
         assert_eq!(u32::from(E820Kind::Ram), 1);
         assert_eq!(u32::from(E820Kind::Reserved), 2);
         assert_eq!(ram(0x1000, 0x1000).end(), 0x2000);
+    }
+
+    #[test]
+    fn memfd_memory_is_shared_with_its_file_and_private_maps_copy_on_write() {
+        use std::os::unix::fs::FileExt;
+        // Both sides of the MMIO gap, so two regions at consecutive file offsets.
+        let layout = MemoryLayout::new(3328 * MIB + 16 * MIB).unwrap();
+        let (mem, file) = create_guest_memory_memfd(&layout).unwrap();
+        assert_eq!(file.metadata().unwrap().len(), layout.mem_size());
+        mem.write_obj(0x1122_3344u32, GuestAddress(0x1000)).unwrap();
+        mem.write_obj(0x5566_7788u32, GuestAddress(HIGH_RAM_START + 8))
+            .unwrap();
+        let mut b = [0u8; 4];
+        file.read_exact_at(&mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x1122_3344);
+        file.read_exact_at(&mut b, MMIO32_START + 8).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x5566_7788);
+
+        let fork = map_guest_memory(&layout, &file, Sharing::Private).unwrap();
+        assert_eq!(
+            fork.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0x1122_3344
+        );
+        fork.write_obj(0xffff_ffffu32, GuestAddress(0x1000))
+            .unwrap();
+        // The fork's write is its own; the original and the file are untouched.
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0x1122_3344
+        );
+        file.read_exact_at(&mut b, 0x1000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0x1122_3344);
+
+        file.set_len(MIB).unwrap();
+        assert!(matches!(
+            map_guest_memory(&layout, &file, Sharing::Private),
+            Err(Error::FileTooSmall { .. })
+        ));
     }
 }
