@@ -1,18 +1,42 @@
-//! Pausing, resuming and stopping a VM's vCPU threads.
+//! Pausing, resuming and stopping a VM's vCPU threads, and running requests on parked ones.
 //!
 //! Every vCPU thread runs `Vcpu::run` with one shared `exit` flag. Pausing or stopping sets the
 //! flag and kicks each thread with a signal whose handler sets `immediate_exit` in that thread's
 //! `kvm_run`, so a vCPU inside `KVM_RUN` leaves it at once and one about to enter it does not
-//! enter. A paused thread parks on a condition variable until resumed or stopped.
+//! enter. A paused thread parks on a condition variable until resumed or stopped; while parked
+//! it carries out [`VcpuRequest`]s (taking or applying its state), which KVM wants done on the
+//! vCPU's own thread.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use ember_vcpu::state::VcpuState;
 use ember_vcpu::{IoHandler, Vcpu, VcpuStop};
 
-/// How long [`VcpuControl::pause`] waits for every vCPU to leave `KVM_RUN`.
-const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long [`VcpuControl::pause`] waits for every vCPU to leave `KVM_RUN`, and
+/// [`VcpuControl::request`] for every parked vCPU to answer.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a parked vCPU thread is asked to do.
+#[derive(Debug)]
+pub(crate) enum VcpuRequest {
+    /// Take the vCPU's state, with these MSRs.
+    SaveState(Vec<u32>),
+    /// Apply the state of the same id from this list.
+    RestoreState(Vec<VcpuState>),
+}
+
+/// A parked vCPU thread's answer.
+#[derive(Debug)]
+pub(crate) enum VcpuReply {
+    /// Its state.
+    Saved(Box<VcpuState>),
+    /// The state was applied.
+    Restored,
+    /// The request failed.
+    Failed(String),
+}
 
 #[derive(Default)]
 struct State {
@@ -24,6 +48,12 @@ struct State {
     running: usize,
     /// Threads to kick.
     threads: Vec<libc::pthread_t>,
+    /// The request for parked threads, with its number (each thread answers a number once).
+    request: Option<(u64, Arc<VcpuRequest>)>,
+    /// Requests made so far.
+    requests: u64,
+    /// Answers to the current request, by vCPU id.
+    replies: Vec<(u8, VcpuReply)>,
 }
 
 /// Shared between the VM's handle, its event loop and its vCPU threads.
@@ -33,6 +63,24 @@ pub(crate) struct VcpuControl {
     stop: AtomicBool,
     state: Mutex<State>,
     changed: Condvar,
+}
+
+fn answer(vcpu: &Vcpu, request: &VcpuRequest) -> VcpuReply {
+    match request {
+        VcpuRequest::SaveState(msrs) => match vcpu.save_state(msrs) {
+            Ok(s) => VcpuReply::Saved(Box::new(s)),
+            Err(e) => VcpuReply::Failed(e.to_string()),
+        },
+        VcpuRequest::RestoreState(states) => {
+            let Some(state) = states.iter().find(|s| s.id == vcpu.id()) else {
+                return VcpuReply::Failed(format!("no saved state for vCPU {}", vcpu.id()));
+            };
+            match vcpu.restore_state(state) {
+                Ok(()) => VcpuReply::Restored,
+                Err(e) => VcpuReply::Failed(e.to_string()),
+            }
+        }
+    }
 }
 
 impl VcpuControl {
@@ -55,12 +103,14 @@ impl VcpuControl {
         st.running += 1;
     }
 
-    /// Runs `vcpu` until it stops for a reason other than a pause, parking while paused.
+    /// Runs `vcpu` until it stops for a reason other than a pause, parking while paused (and
+    /// answering requests meanwhile).
     pub(crate) fn run(
         &self,
         vcpu: &mut Vcpu,
         io: &dyn IoHandler,
     ) -> Result<VcpuStop, ember_vcpu::Error> {
+        let mut answered = 0u64;
         let result = loop {
             let r = vcpu.run(io, &self.exit);
             if !matches!(r, Ok(VcpuStop::Stopped)) || self.stop.load(Ordering::SeqCst) {
@@ -71,6 +121,19 @@ impl VcpuControl {
                 st.parked += 1;
                 self.changed.notify_all();
                 while st.paused && !self.stop.load(Ordering::SeqCst) {
+                    if let Some((number, request)) = st.request.clone() {
+                        if number != answered {
+                            answered = number;
+                            drop(st);
+                            let reply = answer(vcpu, &request);
+                            st = self.state();
+                            if st.request.as_ref().is_some_and(|(n, _)| *n == number) {
+                                st.replies.push((vcpu.id(), reply));
+                                self.changed.notify_all();
+                            }
+                            continue;
+                        }
+                    }
                     st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
                 }
                 st.parked -= 1;
@@ -94,7 +157,7 @@ impl VcpuControl {
         st.paused = true;
         self.exit.store(true, Ordering::SeqCst);
         self.kick_all(&st);
-        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        let deadline = Instant::now() + TIMEOUT;
         while st.parked < st.running {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -107,6 +170,42 @@ impl VcpuControl {
                 .0;
         }
         true
+    }
+
+    /// Has every parked vCPU carry out `request` on its own thread; returns the answers by vCPU
+    /// id. Fails unless the VM is paused with every vCPU parked, or if a vCPU does not answer
+    /// within 5 s.
+    pub(crate) fn request(&self, request: VcpuRequest) -> Result<Vec<(u8, VcpuReply)>, String> {
+        let mut st = self.state();
+        if !st.paused || st.parked < st.running {
+            return Err("the VM must be paused first".into());
+        }
+        st.requests += 1;
+        let number = st.requests;
+        st.replies.clear();
+        st.request = Some((number, Arc::new(request)));
+        self.changed.notify_all();
+        let deadline = Instant::now() + TIMEOUT;
+        while st.replies.len() < st.parked {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                st.request = None;
+                return Err(format!(
+                    "{} of {} vCPUs answered in {TIMEOUT:?}",
+                    st.replies.len(),
+                    st.parked
+                ));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        st.request = None;
+        let mut replies = std::mem::take(&mut st.replies);
+        replies.sort_by_key(|(id, _)| *id);
+        Ok(replies)
     }
 
     /// Lets paused vCPUs run again.

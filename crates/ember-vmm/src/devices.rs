@@ -44,6 +44,12 @@ pub(crate) struct LegacyDevices {
     pub poweroff_evt: EventFd,
     /// The guest's first boot-timer write.
     pub boot_time: Arc<OnceLock<Duration>>,
+    /// pvpanic.
+    pub pvpanic: Arc<Mutex<PvPanic>>,
+    /// The ACPI PM registers.
+    pub acpi_pm: Arc<Mutex<AcpiPmRegisters>>,
+    /// The boot timer.
+    pub boot_timer: Arc<Mutex<BootTimer>>,
 }
 
 /// What [`DeviceManager::attach_virtio`] attaches.
@@ -142,16 +148,15 @@ impl DeviceManager {
         );
         let boot_timer = BootTimer::new(process_start);
         let boot_time = boot_timer.handle();
+        let boot_timer = Arc::new(Mutex::new(boot_timer));
+        let pvpanic = Arc::new(Mutex::new(pvpanic));
+        let acpi_pm = Arc::new(Mutex::new(acpi_pm));
         let pio = &mut self.buses.pio;
         pio.insert(serial.clone() as SharedDevice, COM1_BASE, COM1_LEN)?;
         pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
-        pio.insert(Arc::new(Mutex::new(boot_timer)), BOOT_TIMER_PORT, 1)?;
-        pio.insert(Arc::new(Mutex::new(pvpanic)), PVPANIC_PORT, 1)?;
-        pio.insert(
-            Arc::new(Mutex::new(acpi_pm)),
-            u64::from(SLEEP_CONTROL_PORT),
-            ACPI_PM_LEN,
-        )?;
+        pio.insert(boot_timer.clone(), BOOT_TIMER_PORT, 1)?;
+        pio.insert(pvpanic.clone(), PVPANIC_PORT, 1)?;
+        pio.insert(acpi_pm.clone(), u64::from(SLEEP_CONTROL_PORT), ACPI_PM_LEN)?;
         self.acpi_devices.push(AcpiDevice::Uart {
             port: COM1_BASE as u16,
             irq: COM1_IRQ,
@@ -163,6 +168,9 @@ impl DeviceManager {
             panic_evt,
             poweroff_evt,
             boot_time,
+            pvpanic,
+            acpi_pm,
+            boot_timer,
         })
     }
 

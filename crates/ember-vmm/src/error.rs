@@ -91,6 +91,15 @@ pub enum Error {
     /// The console output could not be set up.
     #[error("console output: {0}")]
     Console(#[source] std::io::Error),
+    /// The VM is not running (it ended, or [`Vm::run`](crate::Vm::run) was not called).
+    #[error("the VM is not running")]
+    NotRunning,
+    /// Parked vCPUs could not carry out a request (the VM is not paused, a vCPU failed).
+    #[error("vCPU request: {0}")]
+    VcpuRequest(String),
+    /// A saved state does not fit this VM.
+    #[error("the saved state does not fit this VM: {0}")]
+    StateMismatch(String),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

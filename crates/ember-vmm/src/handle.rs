@@ -6,19 +6,41 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex, Weak};
 
 use ember_devices::{lock, Buses};
+use ember_memory::GuestRam;
+use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::control::VcpuControl;
+use crate::devices::{LegacyDevices, VirtioSlot};
+use crate::error::Error;
+use crate::state::MachineState;
 
-/// A clonable handle to a running VM: feed its console, pause it, ask it to stop.
+/// What a VM shares with its handles, for as long as it runs: the VM fd (before the memory it
+/// maps, so that it is closed first), the devices, the vCPU control.
+pub(crate) struct VmShared {
+    pub vm_fd: VmFd,
+    pub memory: GuestRam,
+    pub pit: bool,
+    pub vcpu_count: usize,
+    /// The MSRs a vCPU state includes.
+    pub msr_list: Vec<u32>,
+    pub legacy: LegacyDevices,
+    pub virtio: Vec<VirtioSlot>,
+    pub buses: Arc<Buses>,
+    pub control: Arc<VcpuControl>,
+}
+
+/// A clonable handle to a running VM: feed its console, pause it, take and apply its state,
+/// ask it to stop.
 #[derive(Clone)]
 pub struct VmHandle {
     pub(crate) stop_evt: Arc<EventFd>,
     pub(crate) input_evt: Arc<EventFd>,
     pub(crate) input: Arc<Mutex<VecDeque<u8>>>,
     pub(crate) control: Arc<VcpuControl>,
-    // Weak: a console sink may hold a handle, and the devices hold the sink.
-    pub(crate) buses: Weak<Buses>,
+    // Weak: a console sink may hold a handle, and the VM holds the sink; and the VM's KVM
+    // resources go when the VM ends, whoever still holds a handle.
+    pub(crate) shared: Weak<VmShared>,
 }
 
 impl std::fmt::Debug for VmHandle {
@@ -55,7 +77,23 @@ impl VmHandle {
 
     /// Guest port and MMIO accesses so far that hit no device (e.g. the probe's exit loop).
     pub fn unhandled_io(&self) -> u64 {
-        self.buses.upgrade().map_or(0, |b| b.unhandled())
+        self.shared.upgrade().map_or(0, |s| s.buses.unhandled())
+    }
+
+    /// The state of the whole machine but its memory: vCPUs, irqchip and clock, devices.
+    /// The VM must be [paused](Self::pause) (resume it afterwards to go on).
+    pub fn save_state(&self) -> Result<MachineState, Error> {
+        self.shared.upgrade().ok_or(Error::NotRunning)?.save()
+    }
+
+    /// Applies a [`MachineState`] of this VM (or of one with the same vCPUs and devices) while
+    /// it is paused; on [`resume`](Self::resume) the guest continues from that state. Guest
+    /// memory is not touched.
+    pub fn restore_state(&self, state: &MachineState) -> Result<(), Error> {
+        self.shared
+            .upgrade()
+            .ok_or(Error::NotRunning)?
+            .restore(state)
     }
 
     /// A descriptor that stops the VM when an 8-byte native-endian non-zero integer is written

@@ -31,6 +31,7 @@ mod event_loop;
 mod handle;
 mod kvm;
 mod outcome;
+mod state;
 mod vm;
 
 use std::sync::OnceLock;
@@ -46,6 +47,7 @@ pub use devices::{FIRST_VIRTIO_GSI, LAST_GSI};
 pub use error::Error;
 pub use handle::VmHandle;
 pub use outcome::{DeviceCounters, DeviceReport, StartupTimings, VmExit, VmOutcome};
+pub use state::{DevicesState, MachineState, VirtioDeviceState};
 pub use vm::{Vm, VmBuilder};
 
 /// Re-exports for callers that want the layout or loader types without naming those crates.

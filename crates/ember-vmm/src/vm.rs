@@ -22,7 +22,7 @@ use ember_devices::{lock, Buses};
 use ember_loader::{BootProtocol, LoadedKernel};
 use ember_memory::{GuestRam, MemoryLayout};
 use ember_vcpu::Vcpu;
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::Kvm;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -34,7 +34,7 @@ use crate::control::VcpuControl;
 use crate::devices::{DeviceManager, LegacyDevices, VirtioSlot, VirtioSpec};
 use crate::error::Error;
 use crate::event_loop::{EventLoop, Flow};
-use crate::handle::VmHandle;
+use crate::handle::{VmHandle, VmShared};
 use crate::outcome::{DeviceCounters, DeviceReport, StartupTimings, VmExit, VmOutcome};
 use crate::process_start;
 
@@ -122,19 +122,15 @@ impl VmBuilder {
 
 /// A built microVM, ready to [`run`](Vm::run).
 pub struct Vm {
-    // Dropped in this order: the vCPUs and the VM fd before the guest memory KVM maps.
+    // Dropped first: the vCPUs, then what holds the VM fd and the memory it maps.
     vcpus: Vec<Vcpu>,
-    vm_fd: VmFd,
-    memory: GuestRam,
+    shared: Arc<VmShared>,
     // Kept open for the VM's lifetime: the VM fd needs the KVM fd only at creation, but
     // holding it documents ownership.
     _kvm: Kvm,
     layout: MemoryLayout,
     kernel: LoadedKernel,
     protocol: BootProtocol,
-    buses: Arc<Buses>,
-    virtio: Vec<VirtioSlot>,
-    legacy: LegacyDevices,
     console: ConsoleOut,
     serial_in: Option<OwnedFd>,
     escape: bool,
@@ -276,26 +272,33 @@ impl Vm {
         timings.record("vcpu setup", &mut t);
 
         let (buses, virtio) = devices.into_parts();
-        let buses = Arc::new(buses);
+        let control = Arc::new(VcpuControl::default());
+        let shared = Arc::new(VmShared {
+            vm_fd,
+            memory,
+            pit: config.pit,
+            vcpu_count: vcpus.len(),
+            msr_list: ember_vcpu::state::saved_msrs(&kvm)?,
+            legacy,
+            virtio,
+            buses: Arc::new(buses),
+            control: control.clone(),
+        });
         let eventfd = || ember_devices::new_eventfd().map_err(Error::EventFd);
         let handle = VmHandle {
             stop_evt: Arc::new(eventfd()?),
             input_evt: Arc::new(eventfd()?),
             input: Arc::new(Mutex::new(VecDeque::new())),
-            control: Arc::new(VcpuControl::default()),
-            buses: Arc::downgrade(&buses),
+            control,
+            shared: Arc::downgrade(&shared),
         };
         Ok(Vm {
             vcpus,
-            vm_fd,
-            memory,
+            shared,
             _kvm: kvm,
             layout,
             kernel,
             protocol,
-            buses,
-            virtio,
-            legacy,
             console: ConsoleOut::new(buffer, sink),
             serial_in: b.serial_in,
             escape: b.escape,
@@ -334,7 +337,7 @@ impl Vm {
 
     /// The virtio devices attached, with their windows, interrupt lines and counters.
     pub fn devices(&self) -> Vec<DeviceReport> {
-        self.virtio.iter().map(VirtioSlot::report).collect()
+        self.shared.virtio.iter().map(VirtioSlot::report).collect()
     }
 
     /// How long each start-up phase took.
@@ -344,7 +347,7 @@ impl Vm {
 
     /// The guest memory.
     pub fn memory(&self) -> &GuestRam {
-        &self.memory
+        &self.shared.memory
     }
 
     /// Runs the VM until the guest resets, powers off, fails, or the VM is stopped.
@@ -352,6 +355,7 @@ impl Vm {
     /// Every vCPU thread is joined before this returns.
     pub fn run(mut self) -> Result<VmOutcome, Error> {
         ember_vcpu::kick::init()?;
+        let shared = self.shared.clone();
         let control = self.handle.control.clone();
         let vcpu_exit_evt = ember_devices::new_eventfd().map_err(Error::EventFd)?;
         let first_run: Arc<OnceLock<Duration>> = Arc::new(OnceLock::new());
@@ -363,9 +367,9 @@ impl Vm {
                 index,
                 vcpu,
                 VcpuThread {
-                    buses: self.buses.clone(),
+                    buses: shared.buses.clone(),
                     control: control.clone(),
-                    memory: self.memory.clone(),
+                    memory: shared.memory.clone(),
                     results: results.clone(),
                     first_run: first_run.clone(),
                     exit_evt: vcpu_exit_evt.try_clone().map_err(Error::EventFd),
@@ -383,31 +387,34 @@ impl Vm {
         let console = Rc::new(RefCell::new(self.console));
         let loop_result = event_loop(
             &self.handle,
-            &self.legacy,
+            &shared.legacy,
             &console,
             self.serial_in.as_ref(),
             self.escape,
             &vcpu_exit_evt,
             &results,
-            &self.virtio,
+            &shared.virtio,
         );
         stop_and_join(&control, threads);
         let exit = loop_result?;
         // What the guest wrote last, as far as the sink takes it now.
         let mut console = console.borrow_mut();
-        console.drain(&self.legacy.serial);
-        let console_dropped = lock(&self.legacy.serial).counters().tx_errors
+        console.drain(&shared.legacy.serial);
+        let console_dropped = lock(&shared.legacy.serial).counters().tx_errors
             + console.discarded
             + console.buffer.len() as u64;
-        drop(self.vm_fd);
-        Ok(VmOutcome {
+        let outcome = VmOutcome {
             exit,
-            boot_time: self.legacy.boot_time.get().copied(),
+            boot_time: shared.legacy.boot_time.get().copied(),
             first_run: first_run.get().copied(),
-            unhandled_io: self.buses.unhandled(),
-            devices: self.virtio.iter().map(VirtioSlot::report).collect(),
+            unhandled_io: shared.buses.unhandled(),
+            devices: shared.virtio.iter().map(VirtioSlot::report).collect(),
             console_dropped,
-        })
+        };
+        // The KVM VM goes now (handles hold only a weak reference).
+        drop(shared);
+        drop(self.shared);
+        Ok(outcome)
     }
 }
 
