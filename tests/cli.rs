@@ -123,6 +123,40 @@ fn user_errors_are_messages_not_panics() {
 }
 
 #[test]
+fn virtio_blk_example_serves_the_probes_disk_checks() {
+    if !kvm_or_skip("virtio_blk_example_serves_the_probes_disk_checks") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("ember-cli-blk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("disk.img");
+    ember_test_support::write_blk_image(&img, 2048, 0x5a).unwrap();
+    let out = Command::new(ember().with_file_name("examples").join("virtio_blk"))
+        .arg(probe_elf())
+        .arg(&img)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    assert!(stdout.contains("PROBE virtio ok devices=1"), "{stdout}");
+    assert!(stdout.contains("PROBE blk ok"), "{stdout}");
+    assert!(
+        stdout.contains("read=ok write=ok flush=ok readback=ok"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("PROBE done checks=2 failed=0"), "{stdout}");
+    // What the guest wrote is in the image (the blk check writes from sector 128).
+    let bytes = std::fs::read(&img).unwrap();
+    assert_ne!(
+        bytes[128 * 512..129 * 512],
+        (128 * 512..129 * 512u64)
+            .map(|i| ember_test_support::blk_pattern_byte(i, 0x5a))
+            .collect::<Vec<u8>>()[..]
+    );
+}
+
+#[test]
 fn minimal_example_boots_the_probe() {
     if !kvm_or_skip("minimal_example_boots_the_probe") {
         return;

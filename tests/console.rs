@@ -23,7 +23,7 @@ fn queued(read_end: &OwnedFd) -> usize {
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int to the pointer.
     unsafe { libc::ioctl(read_end.as_raw_fd(), libc::FIONREAD, &mut n) };
-    n as usize
+    usize::try_from(n).expect("FIONREAD reports a non-negative count")
 }
 
 #[test]

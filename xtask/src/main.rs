@@ -1,5 +1,10 @@
 //! Ember's task runner: `cargo xtask <command>` (`cargo xtask --help` lists the commands,
 //! `cargo xtask <command> --help` their options).
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "a task runner measuring and formatting known-size values"
+)]
 
 mod bench;
 mod disk;

@@ -246,7 +246,13 @@ fn main() -> ExitCode {
             }
             if signal != 0 {
                 eprintln!("ember: stopped by signal {signal}");
-                return ExitCode::from(128u8.wrapping_add(signal as u8));
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    clippy::cast_sign_loss,
+                    reason = "only SIGTERM, SIGINT or SIGHUP (1..=15) are stored in STOP_SIGNAL"
+                )]
+                let signal = signal as u8;
+                return ExitCode::from(128u8.wrapping_add(signal));
             }
             if outcome.exit.is_clean() || outcome.exit == VmExit::ConsoleEscape {
                 eprintln!("ember: {}", outcome.exit);

@@ -235,6 +235,7 @@ fn uart_aml(index: usize, uid: usize, port: u16, irq: u32) -> Result<Vec<u8>, Er
     let name = format!("COM{}", uid + 1);
     let hid = Name::new("_HID".into(), &EISAName::new(UART_HID));
     let uid = Name::new("_UID".into(), &uid);
+    #[allow(clippy::cast_possible_truncation, reason = "UART_PORTS is 8")]
     let io = IO::new(port, port, 1, UART_PORTS as u8);
     let int = Interrupt::new(true, true, false, false, irq);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&io, &int]));
@@ -274,8 +275,15 @@ fn virtio_mmio_aml(
     let name = format!("V{uid:03X}");
     let hid = Name::new("_HID".into(), &VIRTIO_MMIO_HID);
     let uid = Name::new("_UID".into(), &uid);
-    // Checked above: base + len <= 4 GiB and len > 0, so both fit in u32.
-    let mem = Memory32Fixed::new(true, base as u32, len as u32);
+    // Checked above: base + len <= 4 GiB and len > 0, so base fits in u32, and so does len
+    // unless the window is the whole 4 GiB, which a 32-bit descriptor cannot express.
+    let (Ok(base32), Ok(len32)) = (u32::try_from(base), u32::try_from(len)) else {
+        return Err(device_error(
+            index,
+            format!("virtio-mmio window {base:#x}+{len:#x} does not fit a 32-bit descriptor"),
+        ));
+    };
+    let mem = Memory32Fixed::new(true, base32, len32);
     let int = Interrupt::new(true, true, false, false, gsi);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&mem, &int]));
     Ok(aml_bytes(&Device::new(

@@ -181,7 +181,7 @@ fn write_cmdline<M: GuestMemoryBackend>(
     if cmdline.as_bytes().contains(&0) || len as u64 > CMDLINE_MAX_SIZE {
         return Err(Error::Cmdline {
             len,
-            max: CMDLINE_MAX_SIZE as usize,
+            max: usize::try_from(CMDLINE_MAX_SIZE).unwrap_or(usize::MAX),
         });
     }
     let mut bytes = Vec::with_capacity(len);
@@ -194,8 +194,12 @@ fn write_cmdline<M: GuestMemoryBackend>(
             size: len,
             source,
         })?;
-    // At most CMDLINE_MAX_SIZE (2048): lossless.
-    Ok(len as u32)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most CMDLINE_MAX_SIZE (2048), checked above: lossless"
+    )]
+    let len = len as u32;
+    Ok(len)
 }
 
 #[cfg(test)]

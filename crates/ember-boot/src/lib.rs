@@ -253,26 +253,39 @@ pub fn build_zero_page(p: &LinuxBootParams) -> Result<boot_params, Error> {
     params.hdr.type_of_loader = LOADER_TYPE_UNDEFINED;
 
     let cmdline = p.cmdline_addr.0;
-    params.hdr.cmd_line_ptr = cmdline as u32;
+    params.hdr.cmd_line_ptr = low_u32(cmdline);
     params.ext_cmd_line_ptr = (cmdline >> 32) as u32;
     params.hdr.cmdline_size = p.cmdline_size;
 
     let (initrd_addr, initrd_size) = p.initrd.map(|(a, s)| (a.0, s)).unwrap_or((0, 0));
-    params.hdr.ramdisk_image = initrd_addr as u32;
+    params.hdr.ramdisk_image = low_u32(initrd_addr);
     params.ext_ramdisk_image = (initrd_addr >> 32) as u32;
-    params.hdr.ramdisk_size = initrd_size as u32;
+    params.hdr.ramdisk_size = low_u32(initrd_size);
     params.ext_ramdisk_size = (initrd_size >> 32) as u32;
 
     params.acpi_rsdp_addr = p.acpi_rsdp_addr.map_or(0, |a| a.0);
 
-    // Checked above: at most E820_MAX_ENTRIES_ZEROPAGE (128) entries.
-    params.e820_entries = p.e820.len() as u8;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "checked above: at most E820_MAX_ENTRIES_ZEROPAGE (128) entries"
+    )]
+    let e820_entries = p.e820.len() as u8;
+    params.e820_entries = e820_entries;
     for (slot, entry) in params.e820_table.iter_mut().zip(p.e820) {
         slot.addr = entry.addr;
         slot.size = entry.size;
         slot.r#type = entry.kind.into();
     }
     Ok(params)
+}
+
+/// The low 32 bits of `v` (the zero page splits 64-bit addresses and sizes in two halves).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "low half of a 64-bit value; the high half goes in the ext_* field"
+)]
+fn low_u32(v: u64) -> u32 {
+    v as u32
 }
 
 /// Writes the Linux zero page (`boot_params`, 4 KiB) at `addr`; see
@@ -349,14 +362,18 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
         write_obj(mem, "PVH memory map entry", at, entry)?;
     }
 
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "checked above: at most MAX_PVH_MEMMAP_ENTRIES (128)"
+    )]
+    let memmap_entries = p.memmap.len() as u32;
     let mut start_info = hvm_start_info {
         magic: XEN_HVM_START_MAGIC_VALUE,
         version: PVH_START_INFO_VERSION,
         cmdline_paddr: p.cmdline_addr.0,
         rsdp_paddr: p.rsdp_addr.map_or(0, |a| a.0),
         memmap_paddr: memmap_addr.0,
-        // Checked above: at most MAX_PVH_MEMMAP_ENTRIES (128).
-        memmap_entries: p.memmap.len() as u32,
+        memmap_entries,
         ..Default::default()
     };
 
@@ -484,6 +501,10 @@ pub mod paging {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test inputs are small, known values"
+)]
 mod tests {
     use super::*;
     use ember_memory::addresses::*;

@@ -107,9 +107,11 @@ pub const fn mptable_size(vcpus: u8) -> usize {
 
 /// `(ISA IRQ, IOAPIC pin)` pairs of the I/O interrupt entries.
 pub fn isa_irq_pins() -> impl Iterator<Item = (u8, u8)> {
+    #[allow(clippy::cast_possible_truncation, reason = "TIMER_GSI is 2")]
+    const TIMER_PIN: u8 = TIMER_GSI as u8;
     (0..ISA_IRQS)
         .filter(|&irq| irq != ISA_CASCADE_IRQ)
-        .map(|irq| (irq, if irq == 0 { TIMER_GSI as u8 } else { irq }))
+        .map(|irq| (irq, if irq == 0 { TIMER_PIN } else { irq }))
 }
 
 /// 8-bit value making `bytes` sum to zero.
@@ -138,8 +140,12 @@ pub fn build_mptable(vcpus: u8) -> Result<Vec<u8>, Error> {
     let mut t = Vec::with_capacity(size);
     // Floating pointer structure.
     t.extend_from_slice(b"_MP_");
-    // Below 1 MiB (checked above), so it fits in 32 bits.
-    t.extend_from_slice(&(config_addr as u32).to_le_bytes());
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "MPTABLE_START + 16 is below 1 MiB, so it fits in 32 bits"
+    )]
+    let config_addr32 = config_addr as u32;
+    t.extend_from_slice(&config_addr32.to_le_bytes());
     t.push(1); // length in 16-byte units
     t.push(MP_SPEC_REV);
     t.push(0); // checksum
@@ -193,7 +199,10 @@ pub fn build_mptable(vcpus: u8) -> Result<Vec<u8>, Error> {
     }
     debug_assert_eq!(t.len(), size);
 
-    // At most 44 + 32 * 20 + 19 * 8 bytes: fits in u16.
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most 44 + 32 * 20 + 19 * 8 bytes: fits in u16"
+    )]
     let config_len = (t.len() - c) as u16;
     t[c + 4..c + 6].copy_from_slice(&config_len.to_le_bytes());
     t[c + 34..c + 36].copy_from_slice(&entries.to_le_bytes());

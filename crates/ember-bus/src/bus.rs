@@ -183,6 +183,10 @@ impl Bus {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test inputs are small, known values"
+)]
 mod tests {
     use super::*;
 

@@ -1,6 +1,10 @@
 //! virtio-blk request handling throughput: 4 KiB reads from an image file in the page cache,
 //! driven through `VirtioDevice::process_queue` (what the VMM's event loop calls on a queue
 //! notification). Reported as requests per second (criterion "elements").
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "the test queue lives in low guest memory: its addresses fit in 32 bits"
+)]
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_devices::virtio::block::{Block, BlockConfig};

@@ -68,11 +68,12 @@ impl<T: Trigger> I8042<T> {
     }
 
     fn offset(&mut self, offset: u64, len: usize) -> Option<u8> {
-        if len == 1 && offset < I8042_LEN {
-            Some(offset as u8)
-        } else {
-            self.bad_accesses += 1;
-            None
+        match u8::try_from(offset) {
+            Ok(byte) if len == 1 && offset < I8042_LEN => Some(byte),
+            _ => {
+                self.bad_accesses += 1;
+                None
+            }
         }
     }
 }

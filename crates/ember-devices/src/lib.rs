@@ -12,8 +12,8 @@
 //! * [`i8042::I8042`]: the i8042 controller, only for the CPU reset command (0xFE to port 0x64).
 //! * [`boot_timer::BootTimer`]: port 0x510; the first guest write records the boot time.
 //! * [`pvpanic::PvPanic`]: port 0x505; a guest panic notification.
-//! * [`fuzz`]: pure helpers a fuzz target (or a test) uses to drive a [`Bus`] with arbitrary
-//!   access sequences.
+//! * `fuzz` (feature `test-utils`): pure helpers a fuzz target (or a test) uses to drive a
+//!   [`Bus`] with arbitrary access sequences.
 //!
 //! # Example
 //!
@@ -56,6 +56,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub mod acpi_pm;
 pub mod boot_timer;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fuzz;
 pub mod i8042;
 pub mod pvpanic;

@@ -383,8 +383,10 @@ impl SerialDevice {
         self.tx_held = false;
         // vm-superio raises THRE (if enabled and not pending) on an IER write; writing the
         // current value changes nothing else.
-        let ier = self.serial.read(regs::IER as u8);
-        if self.serial.write(regs::IER as u8, ier).is_err() {
+        #[allow(clippy::cast_possible_truncation, reason = "regs::IER is 1")]
+        const IER: u8 = regs::IER as u8;
+        let ier = self.serial.read(IER);
+        if self.serial.write(IER, ier).is_err() {
             SerialEventCounters::add(&self.events.0.signal_errors, 1);
         }
     }
@@ -486,11 +488,12 @@ impl SerialDevice {
     }
 
     fn single_byte_offset(&self, offset: u64, len: usize) -> Option<u8> {
-        if len == 1 && offset < COM1_LEN {
-            Some(offset as u8)
-        } else {
-            SerialEventCounters::add(&self.events.0.bad_accesses, 1);
-            None
+        match u8::try_from(offset) {
+            Ok(byte) if len == 1 && offset < COM1_LEN => Some(byte),
+            _ => {
+                SerialEventCounters::add(&self.events.0.bad_accesses, 1);
+                None
+            }
         }
     }
 }

@@ -1,3 +1,8 @@
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test inputs are small, known values"
+)]
+
 use super::*;
 use ember_memory::addresses::CMDLINE_ADDR;
 use ember_memory::{create_guest_memory, MIB};

@@ -291,11 +291,14 @@ impl MemoryLayout {
     /// The RAM ranges to map: `(start, length)`, low RAM first, then high RAM
     /// if there is any.
     pub fn ram_ranges(&self) -> Vec<(GuestAddress, usize)> {
-        // Both sizes are at most MAX_MEMORY (1 TiB), which fits in usize on
-        // the 64-bit hosts this crate targets.
-        let mut ranges = vec![(GuestAddress(0), self.low_end as usize)];
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "both sizes are at most MAX_MEMORY (1 TiB), which fits in usize on the 64-bit hosts this crate targets"
+        )]
+        let (low_len, high_len) = (self.low_end as usize, self.high_size as usize);
+        let mut ranges = vec![(GuestAddress(0), low_len)];
         if self.high_size > 0 {
-            ranges.push((GuestAddress(HIGH_RAM_START), self.high_size as usize));
+            ranges.push((GuestAddress(HIGH_RAM_START), high_len));
         }
         ranges
     }
@@ -469,6 +472,10 @@ pub fn map_guest_memory(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test inputs are small, known values"
+)]
 mod tests {
     use super::*;
     use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};

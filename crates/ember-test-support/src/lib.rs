@@ -507,6 +507,7 @@ pub fn format_ram_list(layout: &MemoryLayout) -> String {
 pub fn tiny_elf_kernel(code: &[u8]) -> Vec<u8> {
     const LOAD: u64 = 0x10_0000;
     const CODE_OFFSET: u64 = 0x1000;
+    #[allow(clippy::cast_possible_truncation, reason = "CODE_OFFSET is 0x1000")]
     let mut elf = vec![0u8; CODE_OFFSET as usize];
     elf[..4].copy_from_slice(b"\x7fELF");
     elf[4] = 2; // 64-bit
@@ -544,6 +545,10 @@ pub const POPCNT_THEN_RESET: &[u8] = &[
 
 /// The byte the probe's `blk` check expects at disk offset `offset` for `seed`
 /// (`((offset >> 9) as u8) ^ (offset as u8) ^ seed`; see docs/probe.md).
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "the pattern is defined on the low bytes of offset >> 9 and offset"
+)]
 pub fn blk_pattern_byte(offset: u64, seed: u8) -> u8 {
     ((offset >> 9) as u8) ^ (offset as u8) ^ seed
 }

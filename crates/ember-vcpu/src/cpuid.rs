@@ -228,6 +228,10 @@ pub fn find(cpuid: &CpuId, function: u32, index: u32) -> Option<&kvm_cpuid_entry
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test inputs are small, known values"
+)]
 mod tests {
     use super::*;
 

@@ -167,10 +167,8 @@ mod tests {
             // SAFETY: signalling the current thread; the handler is installed.
             unsafe { libc::pthread_kill(libc::pthread_self(), kick_signal()) };
             // SAFETY: `p` points to the live box; volatile read as the handler wrote it.
-            assert_eq!(
-                unsafe { ptr::addr_of!((*p).immediate_exit).read_volatile() },
-                1
-            );
+            let immediate_exit = unsafe { ptr::addr_of!((*p).immediate_exit).read_volatile() };
+            assert_eq!(immediate_exit, 1);
         }
         assert!(CURRENT_KVM_RUN.with(Cell::get).is_null());
         run.immediate_exit = 0;

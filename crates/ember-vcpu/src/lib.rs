@@ -457,27 +457,36 @@ fn pio_item_size(run: *const kvm_run, len: usize) -> usize {
 /// a descriptor that is not present is marked unusable.
 pub fn segment_from_gdt_entry(entry: u64, table_index: u8) -> kvm_segment {
     let field = |shift: u32, width: u32| (entry >> shift) & ((1u64 << width) - 1);
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "only used for fields of at most 4 bits, which fit in u8"
+    )]
+    let flag = |shift: u32, width: u32| field(shift, width) as u8;
     let base = field(16, 24) | (field(56, 8) << 24);
     let raw_limit = field(0, 16) | (field(48, 4) << 16);
-    let g = field(55, 1) as u8;
+    let g = flag(55, 1);
     let limit = if g == 1 {
         (raw_limit << 12) | 0xfff
     } else {
         raw_limit
     };
-    let present = field(47, 1) as u8;
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "at most 20 bits shifted by 12 plus 0xfff: fits in u32"
+    )]
+    let limit = limit as u32;
+    let present = flag(47, 1);
     kvm_segment {
         base,
-        // At most 20 bits shifted by 12 plus 0xfff: fits in u32.
-        limit: limit as u32,
+        limit,
         selector: u16::from(table_index) * 8,
-        type_: field(40, 4) as u8,
-        s: field(44, 1) as u8,
-        dpl: field(45, 2) as u8,
+        type_: flag(40, 4),
+        s: flag(44, 1),
+        dpl: flag(45, 2),
         present,
-        avl: field(52, 1) as u8,
-        l: field(53, 1) as u8,
-        db: field(54, 1) as u8,
+        avl: flag(52, 1),
+        l: flag(53, 1),
+        db: flag(54, 1),
         g,
         unusable: u8::from(present == 0),
         padding: 0,
@@ -778,10 +787,18 @@ impl Vcpu {
         sregs.gs = data;
         sregs.ss = data;
         sregs.tr = tss;
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "the GDT is 4 entries (32 bytes) and the IDT one 8-byte entry"
+        )]
+        let (gdt_limit, idt_limit) = (
+            (std::mem::size_of_val(&boot.gdt) - 1) as u16,
+            (std::mem::size_of::<u64>() - 1) as u16,
+        );
         sregs.gdt.base = boot.gdt_addr;
-        sregs.gdt.limit = (std::mem::size_of_val(&boot.gdt) - 1) as u16;
+        sregs.gdt.limit = gdt_limit;
         sregs.idt.base = boot.idt_addr;
-        sregs.idt.limit = (std::mem::size_of::<u64>() - 1) as u16;
+        sregs.idt.limit = idt_limit;
         match boot.mode {
             EntryMode::Pvh { .. } => {
                 sregs.cr0 = bits::CR0_PE | bits::CR0_ET;
@@ -840,7 +857,7 @@ impl Vcpu {
             let reg = &mut state.regs[offset..offset + 4];
             let mut bytes = [0u8; 4];
             for (b, r) in bytes.iter_mut().zip(reg.iter()) {
-                *b = *r as u8;
+                *b = u8::from_ne_bytes(r.to_ne_bytes());
             }
             let value = lapic::set_delivery_mode(u32::from_le_bytes(bytes), mode);
             for (r, b) in reg.iter_mut().zip(value.to_le_bytes()) {
@@ -973,26 +990,28 @@ impl Vcpu {
         &self,
         mem: &M,
     ) -> Result<Vec<u8>, Error> {
-        const MAX_INSN: u64 = 15;
+        const MAX_INSN: usize = 15;
         const PAGE: u64 = 4096;
         let start = self.current_instruction_address()?;
-        let mut out = Vec::with_capacity(MAX_INSN as usize);
+        let mut out = Vec::with_capacity(MAX_INSN);
         let mut gva = start;
-        while (out.len() as u64) < MAX_INSN {
-            let want = (MAX_INSN - out.len() as u64).min(PAGE - (gva % PAGE));
+        while out.len() < MAX_INSN {
+            // At most 4096, so it fits in usize.
+            let to_page_end = usize::try_from(PAGE - (gva % PAGE)).unwrap_or(usize::MAX);
+            let want = (MAX_INSN - out.len()).min(to_page_end);
             let gpa = match self.translate(gva) {
                 Ok(gpa) => gpa,
                 Err(e) if out.is_empty() => return Err(e),
                 Err(_) => break,
             };
-            let mut buf = [0u8; MAX_INSN as usize];
-            let buf = &mut buf[..want as usize];
+            let mut buf = [0u8; MAX_INSN];
+            let buf = &mut buf[..want];
             match mem.read_slice(buf, GuestAddress(gpa)) {
                 Ok(()) => out.extend_from_slice(buf),
                 Err(source) if out.is_empty() => return Err(Error::GuestMemory { gpa, source }),
                 Err(_) => break,
             }
-            gva = gva.wrapping_add(want);
+            gva = gva.wrapping_add(want as u64);
         }
         Ok(out)
     }

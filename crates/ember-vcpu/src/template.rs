@@ -646,8 +646,12 @@ mod num {
             let v = d.deserialize_any(super::Num {
                 max: u64::from(u32::MAX),
             })?;
-            // `Num` checked the range.
-            Ok(v as u32)
+            #[allow(
+                clippy::cast_possible_truncation,
+                reason = "`Num` checked v <= u32::MAX"
+            )]
+            let v = v as u32;
+            Ok(v)
         }
     }
 

@@ -70,7 +70,12 @@ pub unsafe fn register_guest_memory<M: GuestMemoryBackend>(
 /// for vCPUs created afterwards, local APICs), the i8254 PIT if `pit`, and installs the PC
 /// interrupt routing of [`pc_gsi_routing`].
 pub fn create_irqchip(vm: &VmFd, pit: bool) -> Result<(), Error> {
-    vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "KVM_TSS_ADDRESS is 0xfffb_d000, below 4 GiB"
+    )]
+    let tss_address = KVM_TSS_ADDRESS as usize;
+    vm.set_tss_address(tss_address)
         .map_err(vm_err("KVM_SET_TSS_ADDR"))?;
     vm.create_irq_chip().map_err(vm_err("KVM_CREATE_IRQCHIP"))?;
     if pit {
@@ -162,13 +167,15 @@ mod tests {
         let entries = r.as_slice();
         assert_eq!(entries.len(), 15 + 23);
         // The PIT's IRQ 0 reaches IOAPIC pin 2.
-        // SAFETY: these entries were built with the irqchip member.
         let pins: Vec<(u32, u32, u32)> = entries
             .iter()
             .map(|e| {
-                (e.gsi, unsafe { e.u.irqchip.irqchip }, unsafe {
-                    e.u.irqchip.pin
-                })
+                // SAFETY: pc_gsi_routing builds every entry as KVM_IRQ_ROUTING_IRQCHIP with the
+                // irqchip member of the union set; its fields are plain u32s.
+                let irqchip = unsafe { e.u.irqchip.irqchip };
+                // SAFETY: as above.
+                let pin = unsafe { e.u.irqchip.pin };
+                (e.gsi, irqchip, pin)
             })
             .collect();
         assert!(pins.contains(&(0, KVM_IRQCHIP_IOAPIC, 2)));

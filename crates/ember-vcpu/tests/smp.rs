@@ -6,6 +6,11 @@
 //! reports its APIC id on port 0x513. Each AP, configured with `Vcpu::configure_ap`, starts in
 //! the real-mode trampoline at 0x8000, reads its APIC id with CPUID leaf 1 and writes it to port
 //! 0x513. Every vCPU runs on its own thread; kick + stop end them.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test inputs are small, known values; LAPIC register bytes (c_char) are reinterpreted as u8"
+)]
 
 mod common;
 

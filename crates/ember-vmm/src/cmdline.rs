@@ -60,7 +60,10 @@ impl KernelCmdline {
     /// Starts from the configured command line; the limit is the boot protocols' 2048 bytes
     /// including the NUL ([`CMDLINE_MAX_SIZE`]).
     pub fn new(configured: &str) -> Self {
-        Self::with_limit(configured, CMDLINE_MAX_SIZE as usize)
+        Self::with_limit(
+            configured,
+            usize::try_from(CMDLINE_MAX_SIZE).unwrap_or(usize::MAX),
+        )
     }
 
     /// Like [`new`](Self::new) with another limit (bytes, including the NUL).

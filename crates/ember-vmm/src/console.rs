@@ -83,12 +83,8 @@ impl Sink {
                         libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len())
                     }
                 };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    // n >= 0: lossless.
-                    Ok(n as usize)
-                }
+                // Negative (an error) is the one value that does not fit in usize.
+                usize::try_from(n).map_err(|_| io::Error::last_os_error())
             }
             Sink::Writer(w) => {
                 let n = w.write(bytes)?;
@@ -230,9 +226,9 @@ pub(crate) fn read_input(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     loop {
         // SAFETY: `buf` is a valid writable buffer of its length; `fd` is open.
         let got = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-        if got >= 0 {
-            // got >= 0: lossless.
-            return Ok(got as usize);
+        // Negative (an error) is the one value that does not fit in usize.
+        if let Ok(got) = usize::try_from(got) {
+            return Ok(got);
         }
         let e = io::Error::last_os_error();
         if e.kind() != io::ErrorKind::Interrupted {

@@ -157,8 +157,10 @@ impl DeviceManager {
         pio.insert(boot_timer.clone(), BOOT_TIMER_PORT, 1)?;
         pio.insert(pvpanic.clone(), PVPANIC_PORT, 1)?;
         pio.insert(acpi_pm.clone(), u64::from(SLEEP_CONTROL_PORT), ACPI_PM_LEN)?;
+        #[allow(clippy::cast_possible_truncation, reason = "COM1_BASE is 0x3f8")]
+        let port = COM1_BASE as u16;
         self.acpi_devices.push(AcpiDevice::Uart {
-            port: COM1_BASE as u16,
+            port,
             irq: COM1_IRQ,
         });
         Ok(LegacyDevices {

@@ -3,10 +3,13 @@
 //!
 //! A [`VmConfig`] (plain data, serde) describes the VM; a [`VmBuilder`] turns it into a [`Vm`]:
 //! guest memory, kernel and initramfs, boot parameters (PVH or the Linux 64-bit protocol), a KVM
-//! VM with the in-kernel irqchip and PIT, the legacy devices (COM1, i8042, boot timer, pvpanic)
-//! on a port bus, and the vCPU. [`Vm::run`] starts one thread per vCPU, runs an epoll loop for
-//! console input and device events in the calling thread, and returns a [`VmOutcome`] once the
-//! guest resets, powers off, panics, fails, or the VM is stopped through a [`VmHandle`].
+//! VM with the in-kernel irqchip (and an i8254 PIT only if [`VmConfig::pit`] asks for one), the
+//! legacy devices (COM1, i8042, boot timer, pvpanic, ACPI PM registers) on a port bus, the
+//! virtio devices on the MMIO bus, and the vCPUs. [`Vm::run`] starts one thread per vCPU, runs
+//! an event loop for the console and device events in the calling thread, and returns a
+//! [`VmOutcome`] once the guest resets, powers off, panics, fails, or the VM is stopped through
+//! a [`VmHandle`]. With the VM paused, the handle takes and applies the machine's state
+//! ([`MachineState`]).
 //!
 //! ```no_run
 //! use ember_vmm::{Vm, VmConfig};

@@ -595,8 +595,13 @@ impl<M: GuestMemoryBackend + Clone + Send> MmioTransport<M> {
             regs::VENDOR_ID => VENDOR_ID,
             regs::DEVICE_FEATURES => {
                 let f = self.device.features();
+                #[allow(
+                    clippy::cast_possible_truncation,
+                    reason = "low half of the 64-bit feature bits; the high half is selector 1"
+                )]
+                let low = f as u32;
                 match self.device_features_sel {
-                    0 => f as u32,
+                    0 => low,
                     1 => (f >> 32) as u32,
                     _ => 0,
                 }

@@ -14,10 +14,11 @@
 //!   an irqfd trigger). A PCI transport would bring its own (MSI-X vectors).
 //! * [`block::Block`]: virtio-blk, parsing requests without I/O ([`block::request`]) and doing
 //!   the I/O through a [`block::DiskBackend`] (the first being a raw image file).
-//! * [`testing`]: a guest-side driver (register handshake, split virtqueue rings in guest
-//!   memory) used by the unit tests, the benchmark, the fuzz targets and the example below.
-//! * [`fuzz`]: input decoders and invariant checks for the `virtio_blk` and `virtio_mmio` fuzz
-//!   targets.
+//! * `testing` (feature `test-utils`): a guest-side driver (register handshake, split virtqueue
+//!   rings in guest memory) used by the unit tests, the benchmark, the fuzz targets and the
+//!   example below.
+//! * `fuzz` (feature `test-utils`): input decoders and invariant checks for the `virtio_blk` and
+//!   `virtio_mmio` fuzz targets.
 //!
 //! # Threading model
 //!
@@ -95,9 +96,11 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::EventFdTrigger;
 
 pub mod block;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod fuzz;
 mod mmio;
 mod state;
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 #[cfg(test)]

@@ -3,6 +3,10 @@
 //! the way a guest kernel lays them out.
 //!
 //! Nothing here is needed by a VMM.
+#![allow(
+    clippy::cast_possible_truncation,
+    reason = "test driver: queue indices and sizes are small; 64-bit features and addresses are split into 32-bit halves on purpose"
+)]
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
 

@@ -1,5 +1,10 @@
 //! Transport and virtio-blk tests: a fake guest driver programs the registers and writes
 //! descriptor chains into real guest memory; the "VMM" calls `process_notification`.
+#![allow(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    reason = "test inputs are small, known values; 64-bit addresses are split into 32-bit halves on purpose"
+)]
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::tempfile::TempFile;

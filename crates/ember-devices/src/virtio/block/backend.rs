@@ -124,11 +124,11 @@ impl DiskBackend for FileDisk {
             // inside it; the fd is valid for the lifetime of `self.file`.
             let n =
                 unsafe { libc::pread(self.file.as_raw_fd(), ptr.add(done).cast(), len - done, at) };
-            match n {
-                0 => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
-                // n > 0 and n <= len - done: lossless.
-                n if n > 0 => done += n as usize,
-                _ => {
+            // A negative `n` (an error) is the one value that does not fit in usize.
+            match usize::try_from(n) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::UnexpectedEof)),
+                Ok(n) => done += n,
+                Err(_) => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
                         return Err(e);
@@ -152,10 +152,10 @@ impl DiskBackend for FileDisk {
             let n = unsafe {
                 libc::pwrite(self.file.as_raw_fd(), ptr.add(done).cast(), len - done, at)
             };
-            match n {
-                0 => return Err(io::Error::from(io::ErrorKind::WriteZero)),
-                n if n > 0 => done += n as usize,
-                _ => {
+            match usize::try_from(n) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => done += n,
+                Err(_) => {
                     let e = io::Error::last_os_error();
                     if e.kind() != io::ErrorKind::Interrupted {
                         return Err(e);

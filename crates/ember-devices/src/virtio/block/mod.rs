@@ -260,7 +260,9 @@ impl<M, D: DiskBackend> Block<M, D> {
         // size_max (8..12) stays 0: not offered. seg_max leaves room for header and status.
         config[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes());
         // geometry (16..20) not offered; blk_size (20..24) for completeness.
-        config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
+        #[allow(clippy::cast_possible_truncation, reason = "SECTOR_SIZE is 512")]
+        let blk_size = SECTOR_SIZE as u32;
+        config[20..24].copy_from_slice(&blk_size.to_le_bytes());
         Block {
             disk,
             capacity,
@@ -488,7 +490,7 @@ fn handle_chain<M: GuestMemoryBackend, D: DiskBackend>(
         }
     };
     let (status, used) = match outcome {
-        Ok(written) => (VIRTIO_BLK_S_OK as u8, written.saturating_add(1)),
+        Ok(written) => (OK, written.saturating_add(1)),
         Err(status) => (status, 1),
     };
     if mem.write_obj(status, status_addr).is_err() {
@@ -498,7 +500,11 @@ fn handle_chain<M: GuestMemoryBackend, D: DiskBackend>(
     u32::try_from(used).unwrap_or(u32::MAX)
 }
 
+#[allow(clippy::cast_possible_truncation, reason = "VIRTIO_BLK_S_OK is 0")]
+const OK: u8 = VIRTIO_BLK_S_OK as u8;
+#[allow(clippy::cast_possible_truncation, reason = "VIRTIO_BLK_S_IOERR is 1")]
 const IOERR: u8 = VIRTIO_BLK_S_IOERR as u8;
+#[allow(clippy::cast_possible_truncation, reason = "VIRTIO_BLK_S_UNSUPP is 2")]
 const UNSUPP: u8 = VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Moves `len` bytes between the disk at `offset` and the guest memory at `addr` (which may

@@ -114,6 +114,7 @@ fn decode<M: GuestMemoryBackend>(
     // The last descriptor is writable and non-empty (checked by `parse`).
     let data_out = readable - HEADER_LEN;
     let data_in = writable - 1;
+    #[allow(clippy::cast_possible_truncation, reason = "HEADER_LEN is 16")]
     let mut hdr = [0u8; HEADER_LEN as usize];
     let mut pos = 0;
     let ok = for_each_segment(descs, false, 0, HEADER_LEN, |addr, len| {
@@ -187,8 +188,11 @@ pub fn for_each_segment(
         let n = (len - skip).min(take);
         skip = 0;
         take -= n;
-        // n <= u32::MAX: lossless on 64-bit hosts.
-        if !f(GuestAddress(addr), n as usize) {
+        // n <= d.len() <= u32::MAX, so this never fails on 32- or 64-bit hosts.
+        let Ok(n) = usize::try_from(n) else {
+            return false;
+        };
+        if !f(GuestAddress(addr), n) {
             return false;
         }
     }
@@ -196,6 +200,10 @@ pub fn for_each_segment(
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test inputs are small, known values"
+)]
 mod tests {
     use super::*;
     use vm_memory::GuestMemoryMmap;
