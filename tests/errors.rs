@@ -354,3 +354,62 @@ fn empty_paths_are_named() {
     let err = build_err(VmConfig::new(""));
     assert_eq!(err.to_string(), "the kernel path is empty");
 }
+
+/// A device that panics on any access: the vCPU thread running it unwinds.
+struct Panicking;
+
+impl ember_devices::BusDevice for Panicking {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {
+        panic!("a device bug, on purpose");
+    }
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        panic!("a device bug, on purpose");
+    }
+}
+
+#[test]
+fn a_panicking_vcpu_thread_ends_the_vm_with_an_error() {
+    if !kvm_or_skip("a_panicking_vcpu_thread_ends_the_vm_with_an_error") {
+        return;
+    }
+    // mov dx, 0x511; out dx, al; hlt
+    let kernel = temp_file(
+        "out-0x511.elf",
+        &ember_test_support::tiny_elf_kernel(&[0x66, 0xba, 0x11, 0x05, 0xee, 0xf4]),
+    );
+    let vm = Vm::builder(VmConfig::new(&kernel))
+        .serial_output(Box::new(std::io::sink()))
+        .port_device(
+            0x511,
+            1,
+            std::sync::Arc::new(std::sync::Mutex::new(Panicking)),
+        )
+        .build()
+        .unwrap();
+    let outcome = within(std::time::Duration::from_secs(30), move || {
+        vm.run().unwrap()
+    });
+    match &outcome.exit {
+        ember_vmm::VmExit::VcpuError(why) => assert!(why.contains("panicked"), "{why}"),
+        other => panic!("expected a vCPU error, got {other:?}"),
+    }
+    // Overlapping one of Ember's own devices is refused.
+    let err = build_err_with(VmConfig::new(probe_elf()), |b| {
+        b.port_device(
+            0x3f8,
+            1,
+            std::sync::Arc::new(std::sync::Mutex::new(Panicking)),
+        )
+    });
+    assert!(err.to_string().contains("overlaps"), "{err}");
+}
+
+fn build_err_with(
+    config: VmConfig,
+    f: impl FnOnce(ember_vmm::VmBuilder) -> ember_vmm::VmBuilder,
+) -> Error {
+    match f(Vm::builder(config)).build() {
+        Ok(_) => panic!("building the VM should have failed"),
+        Err(e) => e,
+    }
+}

@@ -140,6 +140,7 @@ const ALL_PROCESSORS: u8 = 0xff;
 
 /// A device described in the DSDT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AcpiDevice {
     /// A 16550A UART (`PNP0501`): 8 I/O ports at `port`, ISA IRQ `irq`
     /// (edge, active high). UARTs are named `COM1`, `COM2`, ... with `_UID`

@@ -162,6 +162,7 @@ impl LoadedKernel {
 
 /// Why a recognized kernel image could not be loaded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoadError {
     /// linux-loader rejected the image.
     #[error("{0}")]
@@ -267,6 +268,7 @@ pub enum LoadError {
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A file could not be opened.
     #[error("cannot open {}: {source}", path.display())]

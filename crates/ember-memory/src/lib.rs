@@ -134,6 +134,7 @@ impl std::fmt::Display for Size {
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The requested guest memory is below [`MIN_MEMORY_MIB`].
     #[error("guest memory of {} is too small: at least {} are needed", Size(*requested), Size(*minimum))]

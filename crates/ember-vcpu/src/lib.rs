@@ -309,6 +309,7 @@ pub use ember_boot::{BootRegs, EntryMode};
 
 /// Why [`Vcpu::run`] returned.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum VcpuStop {
     /// The `stop` flag was set (normally followed by a [`kick`](kick::kick)).
     Stopped,

@@ -105,6 +105,7 @@ pub enum BootProtocolChoice {
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[non_exhaustive]
 pub struct VmConfig {
     /// Kernel image: an ELF `vmlinux` (with or without a PVH note) or a bzImage.
     pub kernel: PathBuf,
@@ -156,6 +157,7 @@ fn default_true() -> bool {
 
 /// Errors in a configuration file or value.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// The configuration file could not be read.
     #[error("cannot read VM config {path}: {source}")]

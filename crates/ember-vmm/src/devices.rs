@@ -176,6 +176,17 @@ impl DeviceManager {
         })
     }
 
+    /// Maps a port I/O device the builder was given.
+    pub(crate) fn attach_port_device(
+        &mut self,
+        device: SharedDevice,
+        base: u64,
+        len: u64,
+    ) -> Result<(), Error> {
+        self.buses.pio.insert(device, base, len)?;
+        Ok(())
+    }
+
     /// Attaches a virtio device over virtio-mmio: a window and a GSI from the allocators, the
     /// irqfd and the per-queue ioeventfds, the transport on the MMIO bus, its ACPI and
     /// command-line descriptions. Returns its slot index.

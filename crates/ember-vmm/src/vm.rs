@@ -18,7 +18,7 @@ use ember_boot::acpi::AcpiConfig;
 use ember_boot::{BootConfig, BootEntry};
 use ember_devices::serial::{OutputBuffer, OUTPUT_BUFFER_CAPACITY};
 use ember_devices::virtio::block::Block;
-use ember_devices::{lock, Buses};
+use ember_devices::{lock, Buses, SharedDevice};
 use ember_loader::{BootProtocol, LoadedKernel};
 use ember_memory::{GuestRam, MemoryLayout};
 use ember_vcpu::Vcpu;
@@ -55,6 +55,7 @@ pub struct VmBuilder {
     serial_in: Option<OwnedFd>,
     escape: bool,
     kvm_path: PathBuf,
+    port_devices: Vec<(u64, u64, SharedDevice)>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -75,7 +76,16 @@ impl VmBuilder {
             serial_in: None,
             escape: false,
             kvm_path: PathBuf::from("/dev/kvm"),
+            port_devices: Vec::new(),
         }
+    }
+
+    /// Adds a port I/O device of your own at `[base, base + len)` (a debug port, a device
+    /// Ember does not have). It runs on the vCPU threads, like every port device; building
+    /// fails if the range overlaps one of Ember's devices.
+    pub fn port_device(mut self, base: u64, len: u64, device: SharedDevice) -> Self {
+        self.port_devices.push((base, len, device));
+        self
     }
 
     /// The KVM device to open (default `/dev/kvm`).
@@ -194,6 +204,9 @@ impl Vm {
         };
         let mut devices = DeviceManager::new(&layout)?;
         let legacy = devices.attach_legacy(&vm_fd, buffer.clone(), process_start())?;
+        for (base, len, device) in b.port_devices {
+            devices.attach_port_device(device, base, len)?;
+        }
         for (index, disk) in config.disks.iter().enumerate() {
             let block =
                 Block::new(disk.block_config()).map_err(|source| Error::Disk { index, source })?;
