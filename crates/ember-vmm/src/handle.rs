@@ -22,8 +22,8 @@ pub(crate) struct VmShared {
     pub memory: GuestRam,
     pub pit: bool,
     pub vcpu_count: usize,
-    /// The MSRs a vCPU state includes.
-    pub msr_list: Vec<u32>,
+    /// The KVM fd (for the MSR list a vCPU state includes, asked on the first save).
+    pub kvm: kvm_ioctls::Kvm,
     pub legacy: LegacyDevices,
     pub virtio: Vec<VirtioSlot>,
     pub buses: Arc<Buses>,

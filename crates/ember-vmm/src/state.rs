@@ -118,7 +118,9 @@ impl VmShared {
     pub(crate) fn save(&self) -> Result<MachineState, Error> {
         let replies = self
             .control
-            .request(VcpuRequest::SaveState(self.msr_list.clone()))
+            .request(VcpuRequest::SaveState(ember_vcpu::state::saved_msrs(
+                &self.kvm,
+            )?))
             .map_err(vcpu_err)?;
         let mut vcpus = Vec::with_capacity(replies.len());
         for (id, reply) in replies {

@@ -22,7 +22,6 @@ use ember_devices::{lock, Buses, SharedDevice};
 use ember_loader::{BootProtocol, LoadedKernel};
 use ember_memory::{GuestRam, MemoryLayout};
 use ember_vcpu::Vcpu;
-use kvm_ioctls::Kvm;
 use vm_memory::GuestAddress;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -135,9 +134,6 @@ pub struct Vm {
     // Dropped first: the vCPUs, then what holds the VM fd and the memory it maps.
     vcpus: Vec<Vcpu>,
     shared: Arc<VmShared>,
-    // Kept open for the VM's lifetime: the VM fd needs the KVM fd only at creation, but
-    // holding it documents ownership.
-    _kvm: Kvm,
     layout: MemoryLayout,
     kernel: LoadedKernel,
     protocol: BootProtocol,
@@ -291,7 +287,7 @@ impl Vm {
             memory,
             pit: config.pit,
             vcpu_count: vcpus.len(),
-            msr_list: ember_vcpu::state::saved_msrs(&kvm)?,
+            kvm,
             legacy,
             virtio,
             buses: Arc::new(buses),
@@ -308,7 +304,6 @@ impl Vm {
         Ok(Vm {
             vcpus,
             shared,
-            _kvm: kvm,
             layout,
             kernel,
             protocol,
@@ -374,6 +369,19 @@ impl Vm {
         let first_run: Arc<OnceLock<Duration>> = Arc::new(OnceLock::new());
         let results: Arc<Mutex<Vec<VmExit>>> = Arc::new(Mutex::new(Vec::new()));
 
+        // The event loop is ready before any vCPU runs, so that the guest's first console
+        // line is written as soon as it is printed.
+        let console = Rc::new(RefCell::new(self.console));
+        let mut event_loop = build_event_loop(
+            &self.handle,
+            &shared.legacy,
+            &console,
+            self.serial_in.as_ref(),
+            self.escape,
+            &vcpu_exit_evt,
+            &results,
+            &shared.virtio,
+        )?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let spawned = spawn_vcpu(
@@ -397,17 +405,8 @@ impl Vm {
             }
         }
 
-        let console = Rc::new(RefCell::new(self.console));
-        let loop_result = event_loop(
-            &self.handle,
-            &shared.legacy,
-            &console,
-            self.serial_in.as_ref(),
-            self.escape,
-            &vcpu_exit_evt,
-            &results,
-            &shared.virtio,
-        );
+        let loop_result = event_loop.run();
+        drop(event_loop);
         stop_and_join(&control, threads);
         let exit = loop_result?;
         // What the guest wrote last, as far as the sink takes it now.
@@ -538,16 +537,16 @@ fn refill_from_file(fd: &OwnedFd, eof: &mut bool, input: &Mutex<VecDeque<u8>>) {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn event_loop(
-    handle: &VmHandle,
-    legacy: &LegacyDevices,
-    console: &Rc<RefCell<ConsoleOut>>,
-    serial_in: Option<&OwnedFd>,
+fn build_event_loop<'a>(
+    handle: &'a VmHandle,
+    legacy: &'a LegacyDevices,
+    console: &'a Rc<RefCell<ConsoleOut>>,
+    serial_in: Option<&'a OwnedFd>,
     escape: bool,
-    vcpu_exit_evt: &EventFd,
-    results: &Mutex<Vec<VmExit>>,
-    virtio: &[VirtioSlot],
-) -> Result<VmExit, Error> {
+    vcpu_exit_evt: &'a EventFd,
+    results: &'a Mutex<Vec<VmExit>>,
+    virtio: &'a [VirtioSlot],
+) -> Result<EventLoop<'a>, Error> {
     let mut ev = EventLoop::new()?;
     let serial = &legacy.serial;
     // Each of these ends the VM; the eventfds are level-triggered and never read again.
@@ -663,5 +662,5 @@ fn event_loop(
             })?;
         }
     }
-    ev.run()
+    Ok(ev)
 }
