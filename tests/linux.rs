@@ -278,6 +278,7 @@ fn linux_mounts_an_ext4_disk_and_its_write_reaches_the_image() {
         path: img.clone(),
         read_only: false,
         id: Some("data".into()),
+        ..Default::default()
     });
     config.cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 pci=off ember.cmd={}",

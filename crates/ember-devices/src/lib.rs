@@ -60,6 +60,7 @@ pub mod boot_timer;
 pub mod fuzz;
 pub mod i8042;
 pub mod pvpanic;
+pub mod rate_limiter;
 pub mod serial;
 pub mod virtio;
 

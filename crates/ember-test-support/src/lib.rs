@@ -286,6 +286,7 @@ impl ProbeOptions {
             path: path.to_path_buf(),
             read_only,
             id: id.map(str::to_string),
+            ..Default::default()
         });
         self
     }

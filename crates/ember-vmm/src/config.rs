@@ -5,6 +5,11 @@ use std::path::{Path, PathBuf};
 use ember_vcpu::template::CpuTemplate;
 use serde::{Deserialize, Serialize};
 
+pub use crate::device_config::{
+    BalloonConfig, DiskConfig, MacAddr, NetConfig, RateLimitConfig, RngConfig, TokenBucket,
+    VsockConfig,
+};
+
 /// Command line used when the configuration does not give one.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 /// Guest memory used when the configuration does not give a size.
@@ -16,73 +21,10 @@ pub const MAX_CONFIG_FILE_SIZE: u64 = 1 << 20;
 
 /// Longest virtio-blk serial (`VIRTIO_BLK_ID_BYTES`).
 pub const MAX_DISK_ID_LEN: usize = 20;
-/// Most virtio-mmio disks one VM can have (one GSI each, 5..=23).
-pub const MAX_DISKS: usize = 19;
-
-/// A virtio-blk disk backed by a raw image file.
-///
-/// On the command line: `path[,ro][,id=serial]`.
-///
-/// ```
-/// let d: ember_vmm::DiskConfig = "/images/root.img,ro,id=root".parse().unwrap();
-/// assert!(d.read_only);
-/// assert_eq!(d.id.as_deref(), Some("root"));
-/// ```
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DiskConfig {
-    /// The raw image file.
-    pub path: PathBuf,
-    /// Refuse guest writes (they complete with an I/O error; the file is opened read-only).
-    #[serde(default)]
-    pub read_only: bool,
-    /// Serial number the guest reads with GET_ID (at most 20 bytes).
-    #[serde(default)]
-    pub id: Option<String>,
-}
-
-impl DiskConfig {
-    /// The virtio-blk device configuration for this disk.
-    pub fn block_config(&self) -> ember_devices::virtio::block::BlockConfig {
-        ember_devices::virtio::block::BlockConfig {
-            path: self.path.clone(),
-            read_only: self.read_only,
-            serial: self.id.clone(),
-        }
-    }
-}
-
-impl std::str::FromStr for DiskConfig {
-    type Err = ConfigError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.split(',');
-        let path = parts.next().unwrap_or("");
-        if path.is_empty() {
-            return Err(ConfigError::Disk(format!("`{s}`: no image path")));
-        }
-        let mut disk = DiskConfig {
-            path: PathBuf::from(path),
-            read_only: false,
-            id: None,
-        };
-        for opt in parts {
-            match opt {
-                "ro" => disk.read_only = true,
-                "rw" => disk.read_only = false,
-                _ => match opt.strip_prefix("id=") {
-                    Some(id) => disk.id = Some(id.to_string()),
-                    None => {
-                        return Err(ConfigError::Disk(format!(
-                            "`{s}`: unknown option `{opt}` (expected ro, rw or id=SERIAL)"
-                        )))
-                    }
-                },
-            }
-        }
-        Ok(disk)
-    }
-}
+/// Most virtio devices one VM can have, of all kinds together (one GSI each, 5..=23).
+pub const MAX_VIRTIO_DEVICES: usize = 19;
+/// Most virtio-mmio disks one VM can have (all its virtio devices).
+pub const MAX_DISKS: usize = MAX_VIRTIO_DEVICES;
 
 /// Boot protocol a user can ask for instead of the kernel's preferred one.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -128,6 +70,18 @@ pub struct VmConfig {
     /// virtio-blk disks, in the order the guest finds them (by MMIO address).
     #[serde(default)]
     pub disks: Vec<DiskConfig>,
+    /// virtio-net interfaces on host TAP devices, attached after the disks.
+    #[serde(default)]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device.
+    #[serde(default)]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-rng entropy device.
+    #[serde(default)]
+    pub rng: Option<RngConfig>,
+    /// A virtio-balloon device.
+    #[serde(default)]
+    pub balloon: Option<BalloonConfig>,
     /// Create the in-kernel i8254 PIT (off by default). The FADT declares hardware-reduced
     /// ACPI, under which Linux uses neither PIT nor PIC; a kernel booted through the MP table
     /// alone may want it. Tearing a VM down with a PIT waits ~15 ms longer on PVM hosts.
@@ -173,6 +127,24 @@ pub enum ConfigError {
     /// A disk description is invalid.
     #[error("invalid disk: {0}")]
     Disk(String),
+    /// A network interface description is invalid.
+    #[error("invalid network interface: {0}")]
+    Net(String),
+    /// The vsock description is invalid.
+    #[error("invalid vsock: {0}")]
+    Vsock(String),
+    /// The entropy device description is invalid.
+    #[error("invalid entropy device: {0}")]
+    Rng(String),
+    /// The balloon description is invalid.
+    #[error("invalid balloon: {0}")]
+    Balloon(String),
+    /// More virtio devices than interrupt lines.
+    #[error("{count} virtio devices configured; at most {MAX_VIRTIO_DEVICES} fit (one interrupt line each)")]
+    TooManyDevices {
+        /// Devices configured.
+        count: usize,
+    },
     /// The CPU template is unknown or invalid.
     #[error("CPU template `{name}`: {reason}")]
     CpuTemplate {
@@ -208,6 +180,10 @@ impl VmConfig {
             vcpus: default_vcpus(),
             cpu_template: None,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            rng: None,
+            balloon: None,
             pit: false,
             acpi: true,
             boot_protocol: None,
@@ -304,11 +280,54 @@ impl VmConfig {
             });
         }
         self.cpu_template()?;
-        if self.disks.len() > MAX_DISKS {
-            return Err(ConfigError::Disk(format!(
-                "{} disks given; at most {MAX_DISKS}",
-                self.disks.len()
-            )));
+        let count = self.disks.len()
+            + self.nets.len()
+            + usize::from(self.vsock.is_some())
+            + usize::from(self.rng.is_some())
+            + usize::from(self.balloon.is_some());
+        if count > MAX_VIRTIO_DEVICES {
+            return Err(ConfigError::TooManyDevices { count });
+        }
+        let mut ids = std::collections::BTreeSet::new();
+        for (i, n) in self.nets.iter().enumerate() {
+            if n.tap.is_empty() || n.tap.len() >= libc::IFNAMSIZ {
+                return Err(ConfigError::Net(format!(
+                    "TAP name `{}` must be 1 to {} bytes",
+                    n.tap,
+                    libc::IFNAMSIZ - 1
+                )));
+            }
+            let id = n.id.clone().unwrap_or_else(|| format!("net{i}"));
+            if !ids.insert(id.clone()) {
+                return Err(ConfigError::Net(format!(
+                    "two interfaces have the id `{id}`"
+                )));
+            }
+            if self.nets[..i].iter().any(|o| o.tap == n.tap) {
+                return Err(ConfigError::Net(format!("TAP `{}` is given twice", n.tap)));
+            }
+        }
+        if let Some(v) = &self.vsock {
+            if v.cid < 3 || v.cid > u64::from(u32::MAX) {
+                return Err(ConfigError::Vsock(format!(
+                    "guest CID {} is reserved or too large: use 3 to {}",
+                    v.cid,
+                    u32::MAX
+                )));
+            }
+            if v.uds_path.as_os_str().is_empty() {
+                return Err(ConfigError::EmptyPath {
+                    what: "vsock socket",
+                });
+            }
+        }
+        if let Some(b) = &self.balloon {
+            if b.amount_mib > self.memory_mib {
+                return Err(ConfigError::Balloon(format!(
+                    "a balloon of {} MiB in a guest of {} MiB",
+                    b.amount_mib, self.memory_mib
+                )));
+            }
         }
         for d in &self.disks {
             if let Some(id) = &d.id {
@@ -370,8 +389,8 @@ mod tests {
         let mut cfg = VmConfig::new("/k");
         cfg.disks.push(DiskConfig {
             path: "/a".into(),
-            read_only: false,
             id: Some("x".repeat(21)),
+            ..Default::default()
         });
         assert!(cfg.validate().is_err());
     }

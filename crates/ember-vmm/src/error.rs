@@ -32,6 +32,15 @@ pub enum Error {
         #[source]
         source: ember_devices::virtio::block::BlockError,
     },
+    /// A network interface's TAP device could not be opened.
+    #[error("network interface {id}: {source}")]
+    Net {
+        /// The interface's id.
+        id: String,
+        /// Why.
+        #[source]
+        source: ember_devices::virtio::net::TapError,
+    },
     /// A virtio device could not be attached.
     #[error("virtio device {id}: {source}")]
     Device {

@@ -28,6 +28,7 @@ mod config;
 mod console;
 mod control;
 mod cpu;
+mod device_config;
 mod devices;
 mod error;
 mod event_loop;
@@ -42,8 +43,10 @@ use std::time::Instant;
 
 pub use cmdline::{CmdlineError, KernelCmdline};
 pub use config::{
-    BootProtocolChoice, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE, DEFAULT_MEMORY_MIB,
-    MAX_CONFIG_FILE_SIZE, MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,
+    BalloonConfig, BootProtocolChoice, ConfigError, DiskConfig, MacAddr, NetConfig,
+    RateLimitConfig, RngConfig, TokenBucket, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+    DEFAULT_MEMORY_MIB, MAX_CONFIG_FILE_SIZE, MAX_DISKS, MAX_DISK_ID_LEN, MAX_VCPUS,
+    MAX_VIRTIO_DEVICES,
 };
 pub use console::ESCAPE as CONSOLE_ESCAPE;
 pub use devices::{FIRST_VIRTIO_GSI, LAST_GSI};

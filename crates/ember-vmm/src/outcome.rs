@@ -4,6 +4,8 @@
 use std::time::{Duration, Instant};
 
 use ember_devices::virtio::block::BlockCounters;
+use ember_devices::virtio::net::NetCounters;
+use ember_devices::virtio::rng::RngCounters;
 use ember_devices::virtio::TransportCounters;
 
 /// How a VM ended.
@@ -95,16 +97,20 @@ impl StartupTimings {
 pub enum DeviceCounters {
     /// virtio-blk request counters.
     Block(BlockCounters),
+    /// virtio-net counters.
+    Net(NetCounters),
+    /// virtio-rng counters.
+    Rng(RngCounters),
 }
 
 /// A virtio device of a VM: where it sits and what it did.
 #[derive(Clone, Debug)]
 pub struct DeviceReport {
-    /// The device's id (a disk's `id`, or `disk<N>`).
+    /// The device's id (a disk's or interface's `id`, or `disk<N>`, `net<N>`, `rng`).
     pub id: String,
-    /// The virtio device type (2: block).
+    /// The virtio device type (1: net, 2: block, 4: rng).
     pub device_type: u32,
-    /// What it is backed by (a disk's image path).
+    /// What it is backed by (a disk's image path, an interface's TAP).
     pub backing: String,
     /// Base of its virtio-mmio window.
     pub mmio_base: u64,
@@ -121,6 +127,23 @@ impl DeviceReport {
     pub fn block(&self) -> Option<&BlockCounters> {
         match &self.counters {
             DeviceCounters::Block(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The virtio-net counters, if this is a network interface.
+    pub fn net(&self) -> Option<&NetCounters> {
+        match &self.counters {
+            DeviceCounters::Net(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The virtio-rng counters, if this is the entropy device.
+    pub fn rng(&self) -> Option<&RngCounters> {
+        match &self.counters {
+            DeviceCounters::Rng(c) => Some(c),
+            _ => None,
         }
     }
 }

@@ -18,6 +18,8 @@ use ember_boot::acpi::AcpiConfig;
 use ember_boot::{BootConfig, BootEntry};
 use ember_devices::serial::{OutputBuffer, OUTPUT_BUFFER_CAPACITY};
 use ember_devices::virtio::block::Block;
+use ember_devices::virtio::net::{self, Net, Tap};
+use ember_devices::virtio::rng::Rng;
 use ember_devices::{lock, Buses, SharedDevice};
 use ember_loader::{BootProtocol, LoadedKernel};
 use ember_memory::{GuestRam, MemoryLayout};
@@ -30,6 +32,7 @@ use crate::cmdline::KernelCmdline;
 use crate::config::{BootProtocolChoice, VmConfig};
 use crate::console::{self, ConsoleOut, Drained, Escape, Sink, Typed};
 use crate::control::VcpuControl;
+use crate::device_config::limiter;
 use crate::devices::{DeviceManager, LegacyDevices, VirtioSlot, VirtioSpec};
 use crate::error::Error;
 use crate::event_loop::{EventLoop, Flow};
@@ -215,6 +218,52 @@ impl Vm {
                     backing: disk.path.display().to_string(),
                     device: Box::new(block),
                     counters: Box::new(move || DeviceCounters::Block(counters.snapshot())),
+                },
+            )?;
+        }
+        for (index, nic) in config.nets.iter().enumerate() {
+            let id = nic.id.clone().unwrap_or_else(|| format!("net{index}"));
+            let tap = Tap::open(&nic.tap).map_err(|source| Error::Net {
+                id: id.clone(),
+                source,
+            })?;
+            let device = Net::new(
+                tap,
+                net::NetConfig {
+                    mac: nic.mac().0,
+                    mtu: nic.mtu,
+                    offload: nic.offload,
+                },
+                limiter(nic.rx_rate_limiter.as_ref()).map_err(Error::EventFd)?,
+                limiter(nic.tx_rate_limiter.as_ref()).map_err(Error::EventFd)?,
+            )
+            .map_err(|source| Error::Device {
+                id: id.clone(),
+                source,
+            })?;
+            let counters = device.counters_handle();
+            devices.attach_virtio(
+                &vm_fd,
+                &memory,
+                VirtioSpec {
+                    id,
+                    backing: format!("tap {} mac {}", nic.tap, nic.mac()),
+                    device: Box::new(device),
+                    counters: Box::new(move || DeviceCounters::Net(counters.snapshot())),
+                },
+            )?;
+        }
+        if let Some(rng) = &config.rng {
+            let rng = Rng::new(limiter(rng.rate_limiter.as_ref()).map_err(Error::EventFd)?);
+            let counters = rng.counters_handle();
+            devices.attach_virtio(
+                &vm_fd,
+                &memory,
+                VirtioSpec {
+                    id: "rng".into(),
+                    backing: "getrandom".into(),
+                    device: Box::new(rng),
+                    counters: Box::new(move || DeviceCounters::Rng(counters.snapshot())),
                 },
             )?;
         }
@@ -651,13 +700,31 @@ fn build_event_loop<'a>(
         Flow::Continue
     })?;
 
-    // virtio queue notifications: the device does the work, on this thread.
+    // virtio queue notifications and the devices' host descriptors: the device does the
+    // work, on this thread.
     for slot in virtio {
         let transport = lock(&slot.transport);
         for (q, evt) in transport.queue_notify_evts().iter().enumerate() {
             let t = slot.transport.clone();
             ev.add(evt.as_raw_fd(), EventSet::IN, move |_, _| {
                 lock(&t).process_notification(q);
+                Flow::Continue
+            })?;
+        }
+        for (i, host) in transport.host_fds().into_iter().enumerate() {
+            let mut events = EventSet::empty();
+            if host.readable {
+                events |= EventSet::IN;
+            }
+            if host.writable {
+                events |= EventSet::OUT;
+            }
+            if host.edge_triggered {
+                events |= EventSet::EDGE_TRIGGERED;
+            }
+            let t = slot.transport.clone();
+            ev.add(host.fd, events, move |_, _| {
+                lock(&t).process_host_event(i);
                 Flow::Continue
             })?;
         }

@@ -267,6 +267,23 @@ impl<M: GuestMemoryBackend + Clone + Send> MmioTransport<M> {
         }
     }
 
+    /// The host descriptors the device needs watched ([`VirtioDevice::host_fds`]).
+    pub fn host_fds(&self) -> Vec<super::HostFd> {
+        self.device.host_fds()
+    }
+
+    /// Host descriptor `index` of the device is ready: the device handles it
+    /// ([`VirtioDevice::process_host`]). An error that breaks a queue sets DEVICE_NEEDS_RESET,
+    /// as for a notification.
+    pub fn process_host_event(&mut self, index: usize) {
+        if let Err(e) = self.device.process_host(index) {
+            self.counters.device_errors += 1;
+            if e.needs_reset() && self.activated {
+                self.set_needs_reset();
+            }
+        }
+    }
+
     /// A snapshot of the counters.
     pub fn counters(&self) -> TransportCounters {
         self.counters

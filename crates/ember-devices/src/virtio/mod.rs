@@ -2,8 +2,8 @@
 //! devices behind it.
 //!
 //! * [`VirtioDevice`]: the small trait a device implements (features, config space, activation
-//!   with its queues, queue processing, reset; and, with the `serde` feature, its state for
-//!   snapshots). Queues are [`virtio_queue::Queue`]s over any vm-memory backend `M` (by default
+//!   with its queues, queue processing, reset; host descriptors for the VMM to watch; and, with
+//!   the `serde` feature, its state for snapshots). Queues are [`virtio_queue::Queue`]s over any vm-memory backend `M` (by default
 //!   [`GuestRam`], Ember's guest memory type).
 //! * [`MmioTransport`]: the register file of one device (virtio spec 1.x §4.2.2) as a
 //!   [`BusDevice`](crate::BusDevice) for the MMIO bus, with the device status state machine,
@@ -107,6 +107,9 @@ pub mod testing;
 mod tests;
 
 pub use mmio::{regs, MmioTransport, TransportCounters};
+
+pub mod net;
+pub mod rng;
 pub use state::{MmioTransportState, QueueConfigState, QueueState};
 
 /// Size of one virtio-mmio register window.
@@ -130,6 +133,31 @@ pub const TYPE_BLOCK: u32 = 2;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// Feature bit (as a mask): indirect descriptor tables.
 pub const VIRTIO_F_INDIRECT_DESC: u64 = 1 << 28;
+
+/// Feature bit (as a mask): `VIRTIO_F_RING_EVENT_IDX` (notification suppression by ring
+/// index).
+pub const VIRTIO_F_EVENT_IDX: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Takes the next available chain of `queue`, or `Ok(None)` when the driver has made none
+/// available. Before it reports the ring empty it re-enables the driver's notifications (with
+/// `EVENT_IDX`: publishes `avail_event`), so the driver's next buffer is notified; a driver
+/// racing with that is caught by the re-check (bounded: a hostile driver moving its index back
+/// and forth cannot keep the device here).
+pub(crate) fn next_chain<'m, M: GuestMemoryBackend>(
+    queue: &mut virtio_queue::Queue,
+    mem: &'m M,
+) -> Result<Option<virtio_queue::DescriptorChain<&'m M>>, virtio_queue::Error> {
+    use virtio_queue::{QueueOwnedT, QueueT};
+    for _ in 0..4 {
+        if let Some(chain) = queue.iter(mem)?.next() {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem)? {
+            return Ok(None);
+        }
+    }
+    Ok(None)
+}
 
 /// Bits of the InterruptStatus register.
 pub mod interrupt_status {
@@ -234,6 +262,35 @@ pub trait VirtioInterrupt: Send + Sync + fmt::Debug {
     fn signal_config(&self) -> Result<(), Error>;
 }
 
+/// A host descriptor a device needs the VMM to watch (a TAP, a socket multiplexer, a rate
+/// limiter's timer): when it is ready, the VMM calls [`VirtioDevice::process_host`] with its
+/// index in [`VirtioDevice::host_fds`], from its event loop. The device owns the descriptor;
+/// the VMM only polls it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostFd {
+    /// The descriptor.
+    pub fd: std::os::fd::RawFd,
+    /// Readiness for reading.
+    pub readable: bool,
+    /// Readiness for writing.
+    pub writable: bool,
+    /// Watch edges, not levels: the device reads (or writes) until the descriptor would block,
+    /// or stops on purpose (no guest buffers) and resumes on its own queue's notification.
+    pub edge_triggered: bool,
+}
+
+impl HostFd {
+    /// A descriptor watched for input, level-triggered (a timer, an eventfd).
+    pub fn readable(fd: std::os::fd::RawFd) -> Self {
+        HostFd {
+            fd,
+            readable: true,
+            writable: false,
+            edge_triggered: false,
+        }
+    }
+}
+
 /// A virtio device behind a transport.
 ///
 /// The transport calls `activate` once the driver set DRIVER_OK (with every queue the driver
@@ -277,6 +334,18 @@ pub trait VirtioDevice<M: GuestMemoryBackend = GuestRam>: Send {
     fn process_queue(&mut self, index: usize) -> Result<(), Error>;
     /// Returns the device to its pre-activation state (drops the queues, memory and interrupt).
     fn reset(&mut self);
+    /// The host descriptors the device needs watched (default: none). Fixed from construction
+    /// on.
+    fn host_fds(&self) -> Vec<HostFd> {
+        Vec::new()
+    }
+    /// Host descriptor `index` of [`host_fds`](VirtioDevice::host_fds) is ready: read from it,
+    /// move data to or from the queues (default: nothing). Called whether or not the device is
+    /// activated (a device that is not must still clear a level-triggered descriptor).
+    fn process_host(&mut self, index: usize) -> Result<(), Error> {
+        let _ = index;
+        Ok(())
+    }
     /// The activated device's queues, with its positions in them, for a snapshot (default:
     /// none, and the device cannot be saved while activated). The device must have finished
     /// every request it took from a queue when this is called (Ember's devices complete requests

@@ -45,9 +45,10 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::{
-    Error, GuestRam, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_INDIRECT_DESC,
+    Error, GuestRam, HostFd, VirtioDevice, VirtioInterrupt, TYPE_BLOCK, VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
 };
+use crate::rate_limiter::{RateLimiter, TokenType};
 
 mod backend;
 pub mod request;
@@ -128,6 +129,8 @@ pub struct BlockCounters {
     pub queue_errors: u64,
     /// Driver writes to the (read-only) configuration space; ignored.
     pub config_writes_ignored: u64,
+    /// Times the rate limiter held requests back.
+    pub rate_limited: u64,
 }
 
 #[derive(Debug, Default)]
@@ -146,6 +149,7 @@ struct Counters {
     read_only_rejected: AtomicU64,
     queue_errors: AtomicU64,
     config_writes_ignored: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -176,6 +180,7 @@ impl BlockCountersHandle {
             read_only_rejected: l(&c.read_only_rejected),
             queue_errors: l(&c.queue_errors),
             config_writes_ignored: l(&c.config_writes_ignored),
+            rate_limited: l(&c.rate_limited),
         }
     }
 }
@@ -201,6 +206,7 @@ pub struct Block<M = GuestRam, D = FileDisk> {
     /// Scratch space for the descriptors of the chain being handled (reused: no allocation per
     /// request).
     descs: Vec<Descriptor>,
+    limiter: Option<RateLimiter>,
 }
 
 impl<M, D: std::fmt::Debug> std::fmt::Debug for Block<M, D> {
@@ -273,7 +279,15 @@ impl<M, D: DiskBackend> Block<M, D> {
             counters: Arc::new(Counters::default()),
             active: None,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            limiter: None,
         }
+    }
+
+    /// Limits the disk's requests (operations) and bytes (see [`RateLimiter`]); a request the
+    /// limiter refuses stays in the queue until its timer fires.
+    pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
+        self.limiter = limiter.is_limited().then_some(limiter);
+        self
     }
 
     /// Disk capacity in 512-byte sectors.
@@ -363,6 +377,10 @@ where
         if index != 0 {
             return Err(Error::InvalidQueue(index));
         }
+        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+            // The limiter's timer resumes the queue.
+            return Ok(());
+        }
         let Block {
             disk,
             capacity,
@@ -370,6 +388,7 @@ where
             counters,
             active,
             descs,
+            limiter,
             ..
         } = self;
         let Some(active) = active.as_mut() else {
@@ -401,15 +420,16 @@ where
                 complete = !d.has_next();
                 descs.push(d);
             }
-            let len = handle_chain(
-                disk,
-                *capacity,
-                serial.as_ref(),
-                mem,
-                descs,
-                complete,
-                counters,
-            );
+            let parsed = request::parse(mem, descs, complete, *capacity);
+            if let Some(limiter) = limiter.as_mut() {
+                if !admit(limiter, &parsed) {
+                    // Back into the queue; the limiter's timer brings the device back to it.
+                    active.queue.go_to_previous_position();
+                    inc(&counters.rate_limited);
+                    break Ok(());
+                }
+            }
+            let len = handle_chain(disk, serial.as_ref(), mem, descs, parsed, counters);
             match active.queue.add_used(mem, head, len) {
                 Ok(()) => used_any = true,
                 // A head index outside the table: the chain was already counted as dropped
@@ -432,6 +452,24 @@ where
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn host_fds(&self) -> Vec<HostFd> {
+        self.limiter
+            .as_ref()
+            .map(|l| vec![HostFd::readable(l.timer_fd())])
+            .unwrap_or_default()
+    }
+
+    fn process_host(&mut self, index: usize) -> Result<(), Error> {
+        let fired = match self.limiter.as_mut() {
+            Some(l) if index == 0 => l.timer_fired(),
+            _ => false,
+        };
+        if fired && self.active.is_some() {
+            return self.process_queue(0);
+        }
+        Ok(())
     }
 
     fn queues(&self) -> &[Queue] {
@@ -459,14 +497,36 @@ where
     }
 }
 
-/// Handles one chain, writing its status byte; returns the used length.
+/// Whether the rate limiter lets a parsed request through now (one operation, and its data
+/// bytes). Refused chains (malformed, out of range) cost nothing.
+fn admit(limiter: &mut RateLimiter, parsed: &Parsed) -> bool {
+    let Parsed::Chain {
+        request: Ok(req), ..
+    } = parsed
+    else {
+        return true;
+    };
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    let bytes = match req.kind {
+        RequestKind::Read | RequestKind::Write => req.len,
+        _ => 0,
+    };
+    if bytes > 0 && !limiter.consume(bytes, TokenType::Bytes) {
+        limiter.replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
+}
+
+/// Handles one parsed chain, writing its status byte; returns the used length.
 fn handle_chain<M: GuestMemoryBackend, D: DiskBackend>(
     disk: &mut D,
-    capacity: u64,
     serial: Option<&[u8; ID_LEN]>,
     mem: &M,
     descs: &[Descriptor],
-    complete: bool,
+    parsed: Parsed,
     counters: &Counters,
 ) -> u32 {
     let dropped = || {
@@ -474,7 +534,7 @@ fn handle_chain<M: GuestMemoryBackend, D: DiskBackend>(
         inc(&counters.dropped_chains);
         0
     };
-    let (status_addr, request) = match request::parse(mem, descs, complete, capacity) {
+    let (status_addr, request) = match parsed {
         Parsed::Dropped => return dropped(),
         Parsed::Chain { status, request } => (status, request),
     };
