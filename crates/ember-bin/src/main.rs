@@ -44,9 +44,34 @@ struct Args {
     /// Number of vCPUs, 1 to 32 [default: 1].
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=i64::from(ember_vmm::MAX_VCPUS)))]
     vcpus: Option<u8>,
-    /// A virtio-blk disk: `path[,ro][,id=serial]` (repeatable).
-    #[arg(long = "disk", value_name = "PATH[,ro][,id=SERIAL]")]
+    /// A virtio-blk disk (repeatable). `bw` and `ops` limit bytes and requests with a token
+    /// bucket: SIZE tokens refilled every REFILL_MS milliseconds, plus a one-time BURST.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,ro][,id=SERIAL][,bw=SIZE/REFILL_MS[/BURST]][,ops=SIZE/REFILL_MS[/BURST]]"
+    )]
     disks: Vec<String>,
+    /// A virtio-net interface on an existing TAP device (repeatable). The MAC defaults to one
+    /// derived from the TAP name; `rx_bw`, `rx_ops`, `tx_bw`, `tx_ops` are token buckets as on
+    /// --disk.
+    #[arg(
+        long = "net",
+        value_name = "tap=NAME[,mac=MAC][,id=ID][,mtu=N][,offload=on|off][,rx_bw=..][,tx_bw=..]"
+    )]
+    nets: Vec<String>,
+    /// A virtio-vsock device: guest CID N (3 or above), host side on the Unix socket PATH
+    /// (Firecracker's protocol: connect, write `CONNECT <port>\n`).
+    #[arg(long, value_name = "cid=N,uds=PATH")]
+    vsock: Option<String>,
+    /// A virtio-rng entropy device, optionally rate limited.
+    #[arg(long, value_name = "[bw=SIZE/REFILL_MS][,ops=SIZE/REFILL_MS]", num_args = 0..=1, default_missing_value = "")]
+    rng: Option<String>,
+    /// A virtio-balloon device asking the guest for N MiB, with a statistics interval.
+    #[arg(
+        long,
+        value_name = "mib=N[,stats=SECS][,deflate-on-oom][,free-page-reporting]"
+    )]
+    balloon: Option<String>,
     /// Create the legacy i8254 PIT (for kernels that boot without ACPI and want it).
     #[arg(long)]
     pit: bool,
@@ -157,11 +182,21 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
     if let Some(v) = args.vcpus {
         config.vcpus = v;
     }
+    let parse_err = |e: ember_vmm::ConfigError| e.to_string();
     for d in &args.disks {
-        config.disks.push(
-            d.parse()
-                .map_err(|e: ember_vmm::ConfigError| e.to_string())?,
-        );
+        config.disks.push(d.parse().map_err(parse_err)?);
+    }
+    for n in &args.nets {
+        config.nets.push(n.parse().map_err(parse_err)?);
+    }
+    if let Some(v) = &args.vsock {
+        config.vsock = Some(v.parse().map_err(parse_err)?);
+    }
+    if let Some(r) = &args.rng {
+        config.rng = Some(r.parse().map_err(parse_err)?);
+    }
+    if let Some(b) = &args.balloon {
+        config.balloon = Some(b.parse().map_err(parse_err)?);
     }
     if args.pit {
         config.pit = true;

@@ -205,6 +205,26 @@ impl Timer {
         Ok(())
     }
 
+    /// Stops the timer (it will not expire, and an expiry not yet read is dropped).
+    pub fn disarm(&mut self) -> io::Result<()> {
+        let zero = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        let spec = libc::itimerspec {
+            it_interval: zero,
+            it_value: zero,
+        };
+        // SAFETY: `spec` is a valid itimerspec; the old value is not wanted (null).
+        let ret =
+            unsafe { libc::timerfd_settime(self.fd.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+        if ret < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.armed = false;
+        Ok(())
+    }
+
     /// Reads the expiration count if the timer expired (without blocking): whether it did.
     pub fn expired(&mut self) -> bool {
         let mut count = 0u64;

@@ -303,6 +303,13 @@ impl VmConfig {
                     "two interfaces have the id `{id}`"
                 )));
             }
+            if let Some(mtu) = n.mtu {
+                if !(68..=65_500).contains(&mtu) {
+                    return Err(ConfigError::Net(format!(
+                        "{id}: MTU {mtu} outside 68..=65500"
+                    )));
+                }
+            }
             if self.nets[..i].iter().any(|o| o.tap == n.tap) {
                 return Err(ConfigError::Net(format!("TAP `{}` is given twice", n.tap)));
             }

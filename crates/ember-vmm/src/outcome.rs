@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use ember_devices::virtio::balloon::BalloonCounters;
 use ember_devices::virtio::block::BlockCounters;
 use ember_devices::virtio::net::NetCounters;
 use ember_devices::virtio::rng::RngCounters;
@@ -101,6 +102,8 @@ pub enum DeviceCounters {
     Net(NetCounters),
     /// virtio-rng counters.
     Rng(RngCounters),
+    /// virtio-balloon counters.
+    Balloon(BalloonCounters),
 }
 
 /// A virtio device of a VM: where it sits and what it did.
@@ -135,6 +138,14 @@ impl DeviceReport {
     pub fn net(&self) -> Option<&NetCounters> {
         match &self.counters {
             DeviceCounters::Net(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The virtio-balloon counters, if this is the balloon.
+    pub fn balloon(&self) -> Option<&BalloonCounters> {
+        match &self.counters {
+            DeviceCounters::Balloon(c) => Some(c),
             _ => None,
         }
     }

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use ember_boot::acpi::AcpiConfig;
 use ember_boot::{BootConfig, BootEntry};
 use ember_devices::serial::{OutputBuffer, OUTPUT_BUFFER_CAPACITY};
+use ember_devices::virtio::balloon::{self, Balloon};
 use ember_devices::virtio::block::Block;
 use ember_devices::virtio::net::{self, Net, Tap};
 use ember_devices::virtio::rng::Rng;
@@ -266,6 +267,33 @@ impl Vm {
                     counters: Box::new(move || DeviceCounters::Rng(counters.snapshot())),
                 },
             )?;
+        }
+        if let Some(b) = &config.balloon {
+            let pages = b.amount_mib.saturating_mul(256);
+            let device = Balloon::new(balloon::BalloonConfig {
+                target_pages: u32::try_from(pages).unwrap_or(u32::MAX),
+                stats_interval: (b.stats_polling_interval_s > 0)
+                    .then(|| std::time::Duration::from_secs(b.stats_polling_interval_s)),
+                deflate_on_oom: b.deflate_on_oom,
+                free_page_reporting: b.free_page_reporting,
+                // Guest RAM is a private anonymous mapping.
+                discard: balloon::Discard::DontNeed,
+            })
+            .map_err(Error::EventFd)?;
+            let handle = device.handle();
+            devices.attach_virtio(
+                &vm_fd,
+                &memory,
+                VirtioSpec {
+                    id: "balloon".into(),
+                    backing: format!("{} MiB target", b.amount_mib),
+                    device: Box::new(device),
+                    counters: Box::new(move || DeviceCounters::Balloon(handle.snapshot())),
+                },
+            )?;
+        }
+        if config.vsock.is_some() {
+            return Err(Error::Unsupported("virtio-vsock is not built yet"));
         }
         timings.record("devices", &mut t);
 

@@ -95,6 +95,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::EventFdTrigger;
 
+pub mod balloon;
 pub mod block;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzz;

@@ -169,7 +169,7 @@ impl Tap {
             name: name.to_string(),
         };
         let size: libc::c_int = 12; // VNET_HDR_LEN
-        // SAFETY: TUNSETVNETHDRSZ reads one int, which `size` is.
+                                    // SAFETY: TUNSETVNETHDRSZ reads one int, which `size` is.
         if unsafe { ioctl_with_ref(&tap.file, TUNSETVNETHDRSZ, &size) } < 0 {
             return Err(tap.ioctl_error("TUNSETVNETHDRSZ"));
         }
