@@ -109,9 +109,9 @@ pub enum Error {
     /// A saved state does not fit this VM.
     #[error("the saved state does not fit this VM: {0}")]
     StateMismatch(String),
-    /// The configuration asks for something this build of Ember does not have.
-    #[error("not supported: {0}")]
-    Unsupported(&'static str),
+    /// The vsock device's socket could not be set up.
+    #[error("vsock: {0}")]
+    Vsock(#[source] ember_devices::virtio::vsock::VsockError),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -7,6 +7,7 @@ use ember_devices::virtio::balloon::BalloonCounters;
 use ember_devices::virtio::block::BlockCounters;
 use ember_devices::virtio::net::NetCounters;
 use ember_devices::virtio::rng::RngCounters;
+use ember_devices::virtio::vsock::VsockCounters;
 use ember_devices::virtio::TransportCounters;
 
 /// How a VM ended.
@@ -104,6 +105,8 @@ pub enum DeviceCounters {
     Rng(RngCounters),
     /// virtio-balloon counters.
     Balloon(BalloonCounters),
+    /// virtio-vsock counters.
+    Vsock(VsockCounters),
 }
 
 /// A virtio device of a VM: where it sits and what it did.
@@ -111,7 +114,7 @@ pub enum DeviceCounters {
 pub struct DeviceReport {
     /// The device's id (a disk's or interface's `id`, or `disk<N>`, `net<N>`, `rng`).
     pub id: String,
-    /// The virtio device type (1: net, 2: block, 4: rng).
+    /// The virtio device type (1: net, 2: block, 4: rng, 5: balloon, 19: vsock).
     pub device_type: u32,
     /// What it is backed by (a disk's image path, an interface's TAP).
     pub backing: String,
@@ -146,6 +149,14 @@ impl DeviceReport {
     pub fn balloon(&self) -> Option<&BalloonCounters> {
         match &self.counters {
             DeviceCounters::Balloon(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// The virtio-vsock counters, if this is the vsock device.
+    pub fn vsock(&self) -> Option<&VsockCounters> {
+        match &self.counters {
+            DeviceCounters::Vsock(c) => Some(c),
             _ => None,
         }
     }

@@ -21,6 +21,7 @@ use ember_devices::virtio::balloon::{self, Balloon};
 use ember_devices::virtio::block::Block;
 use ember_devices::virtio::net::{self, Net, Tap};
 use ember_devices::virtio::rng::Rng;
+use ember_devices::virtio::vsock::Vsock;
 use ember_devices::{lock, Buses, SharedDevice};
 use ember_loader::{BootProtocol, LoadedKernel};
 use ember_memory::{GuestRam, MemoryLayout};
@@ -292,8 +293,19 @@ impl Vm {
                 },
             )?;
         }
-        if config.vsock.is_some() {
-            return Err(Error::Unsupported("virtio-vsock is not built yet"));
+        if let Some(v) = &config.vsock {
+            let device = Vsock::new(v.cid, &v.uds_path).map_err(Error::Vsock)?;
+            let counters = device.counters_handle();
+            devices.attach_virtio(
+                &vm_fd,
+                &memory,
+                VirtioSpec {
+                    id: "vsock".into(),
+                    backing: format!("cid {} uds {}", v.cid, v.uds_path.display()),
+                    device: Box::new(device),
+                    counters: Box::new(move || DeviceCounters::Vsock(counters.snapshot())),
+                },
+            )?;
         }
         timings.record("devices", &mut t);
 

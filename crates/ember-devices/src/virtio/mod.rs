@@ -111,6 +111,7 @@ pub use mmio::{regs, MmioTransport, TransportCounters};
 
 pub mod net;
 pub mod rng;
+pub mod vsock;
 pub use state::{MmioTransportState, QueueConfigState, QueueState};
 
 /// Size of one virtio-mmio register window.
