@@ -99,17 +99,37 @@ fn vm_config() -> Seeds {
     ])
 }
 
-fn disk_option() -> Seeds {
+/// `[parser: 0 disk, 1 net, 2 vsock, 3 rng, 4 balloon][option text]`.
+fn device_option() -> Seeds {
     [
-        "/images/root.img",
-        "disk.img,ro",
-        "disk.img,rw,id=data",
-        "a.img,id=01234567890123456789",
+        (0u8, "/images/root.img"),
+        (0, "disk.img,ro"),
+        (0, "disk.img,rw,id=data"),
+        (0, "a.img,id=01234567890123456789"),
+        (0, "a.img,bw=1048576/1000,ops=100/1000/50"),
+        (1, "tap=tap0"),
+        (
+            1,
+            "tap=tap0,mac=06:00:ac:10:00:02,id=eth0,mtu=1400,offload=off",
+        ),
+        (1, "tap=tap1,rx_bw=1000000/100,tx_ops=1000/1000/10"),
+        (2, "cid=3,uds=/tmp/v.sock"),
+        (3, ""),
+        (3, "bw=65536/1000"),
+        (4, "mib=64,stats=1,deflate-on-oom,free-page-reporting"),
     ]
     .iter()
     .enumerate()
-    .map(|(i, s)| (format!("disk-{i}"), s.as_bytes().to_vec()))
+    .map(|(i, (which, s))| {
+        let mut v = vec![*which];
+        v.extend_from_slice(s.as_bytes());
+        (format!("option-{i}"), v)
+    })
     .collect()
+}
+
+fn device_kind(kind: ember_devices::virtio::fuzz_devices::Kind) -> Seeds {
+    named(ember_devices::virtio::fuzz_devices::seeds(kind))
 }
 
 /// `[vcpu id][vcpu count][template JSON]`.
@@ -158,7 +178,14 @@ fn all_seeds() -> BTreeMap<&'static str, Seeds> {
     all.insert("virtio_blk", named(blk));
     all.insert("virtio_mmio", named(mmio));
     all.insert("vm_config", vm_config());
-    all.insert("disk_option", disk_option());
+    all.insert("device_option", device_option());
+    {
+        use ember_devices::virtio::fuzz_devices::Kind;
+        all.insert("virtio_net", device_kind(Kind::Net));
+        all.insert("virtio_vsock", device_kind(Kind::Vsock));
+        all.insert("virtio_balloon", device_kind(Kind::Balloon));
+        all.insert("virtio_rng", device_kind(Kind::Rng));
+    }
     all.insert("cpu_template", cpu_template());
     all.insert("cmdline", cmdline());
     all
@@ -210,10 +237,16 @@ fn parser_seeds_are_accepted_by_their_parsers() {
         let text = String::from_utf8(bytes).unwrap();
         ember_vmm::VmConfig::from_json(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
-    for (name, bytes) in disk_option() {
-        let text = String::from_utf8(bytes).unwrap();
-        text.parse::<ember_vmm::DiskConfig>()
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    for (name, bytes) in device_option() {
+        let text = String::from_utf8(bytes[1..].to_vec()).unwrap();
+        let r = match bytes[0] {
+            0 => text.parse::<ember_vmm::DiskConfig>().map(|_| ()),
+            1 => text.parse::<ember_vmm::NetConfig>().map(|_| ()),
+            2 => text.parse::<ember_vmm::VsockConfig>().map(|_| ()),
+            3 => text.parse::<ember_vmm::RngConfig>().map(|_| ()),
+            _ => text.parse::<ember_vmm::BalloonConfig>().map(|_| ()),
+        };
+        r.unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     for (name, bytes) in cpu_template() {
         let json = std::str::from_utf8(&bytes[2..]).unwrap();

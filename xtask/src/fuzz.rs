@@ -16,8 +16,12 @@ pub const TARGETS: &[&str] = &[
     "pio_bus",
     "virtio_blk",
     "virtio_mmio",
+    "virtio_net",
+    "virtio_vsock",
+    "virtio_balloon",
+    "virtio_rng",
     "vm_config",
-    "disk_option",
+    "device_option",
     "cpu_template",
     "cmdline",
 ];

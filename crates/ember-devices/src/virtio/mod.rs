@@ -99,6 +99,8 @@ pub mod balloon;
 pub mod block;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzz;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod fuzz_devices;
 mod mmio;
 mod state;
 #[cfg(any(test, feature = "test-utils"))]
