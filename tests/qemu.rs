@@ -4,6 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use ember_test_support::net::{net_peer, Netns};
 use ember_test_support::{kvm_or_skip, probe_elf, ProbeLine, Status};
 
 fn qemu() -> Option<&'static str> {
@@ -40,13 +41,34 @@ fn boot_under_qemu_with(
     checks: &str,
     machine: &[&str],
 ) -> (String, Vec<ProbeLine>) {
+    boot_under_qemu_in(None, "kvm64", memory_mib, checks, machine)
+}
+
+/// Boots the probe under QEMU, inside network namespace `netns` if given, with CPU model
+/// `cpu`.
+fn boot_under_qemu_in(
+    netns: Option<&str>,
+    cpu: &str,
+    memory_mib: u64,
+    checks: &str,
+    machine: &[&str],
+) -> (String, Vec<ProbeLine>) {
     let qemu = qemu().unwrap();
-    let child = Command::new(qemu)
+    let mut cmd = match netns {
+        // `ip netns exec` execs QEMU, so the pid below is QEMU's.
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, qemu]);
+            c
+        }
+        None => Command::new(qemu),
+    };
+    let child = cmd
         .args(machine)
         // A fixed CPU model rather than `host`: `-cpu host` brings the host's model-specific
         // MSRs, and KVM on a PVM host refuses some of them (which differ between Intel and AMD
         // hosts), aborting QEMU. The probe needs no host feature.
-        .args(["-enable-kvm", "-cpu", "kvm64", "-m"])
+        .args(["-enable-kvm", "-cpu", cpu, "-m"])
         .arg(memory_mib.to_string())
         .args([
             "-nodefaults",
@@ -193,4 +215,155 @@ fn probe_drives_qemus_virtio_blk_too() {
         })
         .count();
     assert_eq!(wrong, 0, "{text}");
+}
+
+fn line<'a>(lines: &'a [ProbeLine], check: &str, text: &str) -> &'a ProbeLine {
+    lines
+        .iter()
+        .find(|l| l.check == check)
+        .unwrap_or_else(|| panic!("no {check} line\n{text}"))
+}
+
+fn num(l: &ProbeLine, key: &str) -> u64 {
+    l.get(key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{key} missing or not a number in {l:?}"))
+}
+
+#[test]
+fn probe_takes_interrupts_and_drives_qemus_rng_and_balloon() {
+    if !kvm_and_qemu_or_skip("probe_takes_interrupts_and_drives_qemus_rng_and_balloon") {
+        return;
+    }
+    let machine = [
+        "-M",
+        "microvm,acpi=on",
+        "-global",
+        "virtio-mmio.force-legacy=false",
+        "-device",
+        "virtio-rng-device",
+        "-device",
+        "virtio-balloon-device",
+    ];
+    // Polled device checks, then the interrupt check.
+    let (text, lines) = boot_under_qemu_in(
+        None,
+        "kvm64,+tsc-deadline",
+        256,
+        "rng,balloon,irq probe.balloon.touch_mib=8",
+        &machine,
+    );
+    let irq = line(&lines, "irq", &text);
+    assert_eq!(irq.status, Status::Ok, "{text}");
+    assert!(irq.get("timer").unwrap().starts_with("oneshot"), "{text}");
+    assert_eq!(irq.get("timer_early"), Some("0"), "{text}");
+    assert_eq!(irq.get("timer_lost"), Some("0"), "{text}");
+    assert_eq!(irq.get("com1"), Some("thre,rx"), "{text}");
+    assert_eq!(irq.get("virtio"), Some("2"), "{text}");
+    assert_eq!(irq.get("spurious"), Some("0"), "{text}");
+    let rng = line(&lines, "rng", &text);
+    assert_eq!(rng.status, Status::Ok, "{text}");
+    assert_eq!(rng.get("bytes"), Some("4096"), "{text}");
+    assert!(num(rng, "distinct") >= 64, "{text}");
+    let balloon = line(&lines, "balloon", &text);
+    assert_eq!(balloon.status, Status::Ok, "{text}");
+    assert_eq!(balloon.get("stats"), Some("yes"), "{text}");
+    assert_eq!(balloon.get("touched_mib"), Some("8"), "{text}");
+    assert_eq!(
+        line(&lines, "done", &text).get("failed"),
+        Some("0"),
+        "{text}"
+    );
+
+    // The same devices waited for by interrupt, edge-triggered and as the DSDT says.
+    for trigger in ["edge", "acpi"] {
+        let (text, lines) = boot_under_qemu_in(
+            None,
+            "kvm64",
+            256,
+            &format!("rng,balloon,irq probe.irq=1 probe.irq.trigger={trigger}"),
+            &machine,
+        );
+        let rng = line(&lines, "rng", &text);
+        assert_eq!(rng.status, Status::Ok, "{text}");
+        assert!(num(rng, "irqs") >= 1, "{text}");
+        assert_eq!(line(&lines, "balloon", &text).status, Status::Ok, "{text}");
+        let irq = line(&lines, "irq", &text);
+        assert_eq!(irq.status, Status::Ok, "{text}");
+        if trigger == "edge" {
+            assert_eq!(irq.get("level_redelivered"), None, "{text}");
+        }
+    }
+}
+
+#[test]
+fn probe_talks_to_a_tap_in_a_namespace_under_qemu() {
+    let test = "probe_talks_to_a_tap_in_a_namespace_under_qemu";
+    if !kvm_and_qemu_or_skip(test) {
+        return;
+    }
+    let Some(ns) = Netns::create(test) else {
+        return;
+    };
+    let ns = std::sync::Arc::new(ns);
+    // QEMU's own offer (MRG_RXBUF, CSUM, GUEST_CSUM) with the offloads accepted, polled;
+    // then none of them, waiting for interrupts.
+    for (params, device) in [
+        (
+            "probe.net.features=0x2001802b",
+            "virtio-net-device,netdev=n0",
+        ),
+        (
+            "probe.irq=1",
+            "virtio-net-device,netdev=n0,csum=off,guest_csum=off,mrg_rxbuf=off",
+        ),
+    ] {
+        let peer_ns = ns.clone();
+        let peer = std::thread::spawn(move || net_peer(&peer_ns, 100));
+        // The peer binds before the probe says hello (QEMU takes longer to boot).
+        std::thread::sleep(Duration::from_millis(200));
+        let (text, lines) = boot_under_qemu_in(
+            Some(&ns.name),
+            "kvm64",
+            256,
+            &format!(
+                "net probe.net.ip=192.0.2.2/24 probe.net.peer=192.0.2.1:9000 \
+                 probe.net.serve_ms=3000 probe.net.flood=100 probe.net.size=512 {params}"
+            ),
+            &[
+                "-M",
+                "microvm,acpi=on",
+                "-global",
+                "virtio-mmio.force-legacy=false",
+                "-netdev",
+                "tap,id=n0,ifname=tap0,script=no,downscript=no",
+                "-device",
+                device,
+            ],
+        );
+        let p = peer.join().unwrap();
+        let net = line(&lines, "net", &text);
+        assert_eq!(net.status, Status::Ok, "{text}\n{p:?}");
+        let mac = net.get("mac").unwrap();
+        let (hello, from) = p
+            .hello
+            .clone()
+            .unwrap_or_else(|| panic!("no hello\n{text}"));
+        assert_eq!(hello, format!("PROBE-NET-HELLO mac={mac}"), "{text}");
+        assert_eq!(from.to_string(), "192.0.2.2:7", "{text}");
+        assert!(p.flood_rx > 0, "{text}\n{p:?}");
+        assert_eq!(p.pings, 3, "{text}\n{p:?}");
+        assert_eq!(p.echoes, 4, "{text}\n{p:?}");
+        assert_eq!(num(net, "icmp"), 3, "{text}");
+        assert_eq!(num(net, "udp_echo"), 4, "{text}");
+        assert_eq!(num(net, "flood"), 100, "{text}");
+        assert!(num(net, "pps") > 0, "{text}");
+        if params.contains("irq") {
+            assert_eq!(net.get("mrg_rxbuf"), Some("no"), "{text}");
+            assert!(num(net, "irqs") > 0, "{text}");
+        } else {
+            assert_eq!(net.get("csum"), Some("yes"), "{text}");
+            assert_eq!(net.get("guest_csum"), Some("yes"), "{text}");
+        }
+    }
 }

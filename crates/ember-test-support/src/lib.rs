@@ -10,6 +10,8 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod net;
+
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -235,6 +237,14 @@ pub struct ProbeOptions {
     pub cpu_template: Option<String>,
     /// virtio-blk disks.
     pub disks: Vec<ember_vmm::DiskConfig>,
+    /// virtio-net interfaces.
+    pub nets: Vec<ember_vmm::NetConfig>,
+    /// A virtio-vsock device.
+    pub vsock: Option<ember_vmm::VsockConfig>,
+    /// A virtio-rng device.
+    pub rng: Option<ember_vmm::RngConfig>,
+    /// A virtio-balloon device.
+    pub balloon: Option<ember_vmm::BalloonConfig>,
     /// Write ACPI tables (default true).
     pub acpi: bool,
     /// Bytes typed on the console once the output contains [`ProbeOptions::input_after`].
@@ -260,6 +270,10 @@ impl ProbeOptions {
             vcpus: 1,
             cpu_template: None,
             disks: Vec::new(),
+            nets: Vec::new(),
+            vsock: None,
+            rng: None,
+            balloon: None,
             acpi: true,
             serial_input: None,
             input_after: String::from_utf8_lossy(WAITING_INPUT).into_owned(),
@@ -288,6 +302,33 @@ impl ProbeOptions {
             id: id.map(str::to_string),
             ..Default::default()
         });
+        self
+    }
+
+    /// Adds a virtio-net interface.
+    pub fn net(mut self, net: ember_vmm::NetConfig) -> Self {
+        self.nets.push(net);
+        self
+    }
+
+    /// Adds the virtio-vsock device.
+    pub fn vsock(mut self, cid: u64, uds_path: &Path) -> Self {
+        self.vsock = Some(ember_vmm::VsockConfig {
+            cid,
+            uds_path: uds_path.to_path_buf(),
+        });
+        self
+    }
+
+    /// Adds the virtio-rng device.
+    pub fn rng(mut self) -> Self {
+        self.rng = Some(ember_vmm::RngConfig::default());
+        self
+    }
+
+    /// Adds the virtio-balloon device.
+    pub fn balloon(mut self, balloon: ember_vmm::BalloonConfig) -> Self {
+        self.balloon = Some(balloon);
         self
     }
 
@@ -331,6 +372,10 @@ impl ProbeOptions {
         cfg.vcpus = self.vcpus;
         cfg.cpu_template = self.cpu_template.clone();
         cfg.disks = self.disks.clone();
+        cfg.nets = self.nets.clone();
+        cfg.vsock = self.vsock.clone();
+        cfg.rng = self.rng.clone();
+        cfg.balloon = self.balloon.clone();
         cfg.acpi = self.acpi;
         cfg
     }

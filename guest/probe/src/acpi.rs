@@ -12,6 +12,14 @@ use crate::phys::{mapped, rd32, rd64, rd8, sum8};
 pub const MAX_TABLES: usize = 32;
 /// Most CPUs recorded from the MADT.
 pub const MAX_CPUS: usize = 256;
+/// Most IOAPICs recorded from the MADT.
+pub const MAX_IOAPICS: usize = 8;
+/// Most interrupt source overrides recorded from the MADT.
+pub const MAX_ISOS: usize = 16;
+/// Interrupt flag: level-triggered (else edge).
+pub const IRQ_LEVEL: u8 = 1;
+/// Interrupt flag: active low (else active high).
+pub const IRQ_LOW: u8 = 2;
 /// Longest table the probe accepts (bytes).
 const MAX_TABLE_LEN: u32 = 1 << 20;
 
@@ -37,6 +45,27 @@ pub struct Gas {
     pub addr: u64,
 }
 
+/// A MADT I/O APIC entry (type 1).
+#[derive(Clone, Copy, Default)]
+pub struct IoApic {
+    /// MMIO address.
+    pub addr: u64,
+    /// First GSI it serves.
+    pub gsi_base: u32,
+}
+
+/// A MADT interrupt source override (type 2): ISA `source` is GSI `gsi`.
+#[derive(Clone, Copy, Default)]
+pub struct Iso {
+    /// ISA IRQ.
+    pub source: u8,
+    /// GSI.
+    pub gsi: u32,
+    /// `IRQ_LEVEL` / `IRQ_LOW` (ISA defaults, edge and active high, where the MPS flags
+    /// say "conforms").
+    pub flags: u8,
+}
+
 /// What the probe learned from the ACPI tables.
 pub struct Acpi {
     /// RSDP address.
@@ -59,6 +88,12 @@ pub struct Acpi {
     pub n_cpus: usize,
     /// IOAPIC entries.
     pub ioapics: u32,
+    /// The first `MAX_IOAPICS` IOAPIC entries.
+    pub ioapic: [IoApic; MAX_IOAPICS],
+    /// Interrupt source overrides.
+    pub isos: [Iso; MAX_ISOS],
+    /// Number of valid `isos`.
+    pub n_isos: usize,
     /// The DSDT, if the FADT names one.
     pub dsdt: Option<Table>,
     /// The FADT.
@@ -182,6 +217,9 @@ impl Acpi {
             cpus: [0; MAX_CPUS],
             n_cpus: 0,
             ioapics: 0,
+            ioapic: [IoApic::default(); MAX_IOAPICS],
+            isos: [Iso::default(); MAX_ISOS],
+            n_isos: 0,
             dsdt: None,
             fadt: None,
         };
@@ -255,7 +293,31 @@ impl Acpi {
             match (kind, len) {
                 // Processor Local APIC, enabled.
                 (0, 8..) if rd32(p + 4) & 1 != 0 => self.add_cpu(u32::from(rd8(p + 3))),
-                (1, 12..) => self.ioapics += 1,
+                (1, 12..) => {
+                    if (self.ioapics as usize) < MAX_IOAPICS {
+                        self.ioapic[self.ioapics as usize] = IoApic {
+                            addr: u64::from(rd32(p + 4)),
+                            gsi_base: rd32(p + 8),
+                        };
+                    }
+                    self.ioapics += 1;
+                }
+                (2, 10..) if self.n_isos < MAX_ISOS => {
+                    let mps = rd8(p + 8);
+                    let mut flags = 0;
+                    if mps & 3 == 3 {
+                        flags |= IRQ_LOW;
+                    }
+                    if (mps >> 2) & 3 == 3 {
+                        flags |= IRQ_LEVEL;
+                    }
+                    self.isos[self.n_isos] = Iso {
+                        source: rd8(p + 3),
+                        gsi: rd32(p + 4),
+                        flags,
+                    };
+                    self.n_isos += 1;
+                }
                 (5, 12..) => self.lapic_addr = rd64(p + 4),
                 // Processor Local x2APIC, enabled.
                 (9, 16..) if rd32(p + 8) & 1 != 0 => self.add_cpu(rd32(p + 4)),
@@ -463,6 +525,8 @@ pub struct MmioDev {
     pub len: u64,
     /// Interrupt (GSI).
     pub gsi: u32,
+    /// `IRQ_LEVEL` / `IRQ_LOW` from the interrupt descriptor.
+    pub irq_flags: u8,
 }
 
 /// Finds every `Device` whose `_HID` is `LNRO0005` and decodes its `_CRS`
@@ -548,6 +612,12 @@ fn parse_resources(data: &[u8], dev: &mut MmioDev) {
                 if mask != 0 {
                     dev.gsi = mask.trailing_zeros();
                     have_irq = true;
+                    // Optional information byte: bit 0 edge, bit 3 active low.
+                    if len >= 3 && p + 3 < data.len() {
+                        let info = data[p + 3];
+                        dev.irq_flags = (u8::from(info & 1 == 0) * IRQ_LEVEL)
+                            | (u8::from(info & 8 != 0) * IRQ_LOW);
+                    }
                 }
             }
             p += 1 + len;
@@ -567,6 +637,9 @@ fn parse_resources(data: &[u8], dev: &mut MmioDev) {
                 0x89 if body.len() >= 6 && !have_irq => {
                     dev.gsi = u32::from_le_bytes([body[2], body[3], body[4], body[5]]);
                     have_irq = true;
+                    // Flags: bit 1 edge (else level), bit 2 active low.
+                    dev.irq_flags = (u8::from(body[0] & 2 == 0) * IRQ_LEVEL)
+                        | (u8::from(body[0] & 4 != 0) * IRQ_LOW);
                 }
                 _ => {}
             }

@@ -56,6 +56,15 @@ pub const SVC_SERIAL_WRITE: u64 = 4;
 pub const SVC_PARK: u64 = 5;
 /// Gate service: 32-bit store of ESI to the address in RDI from ring 0 (an MMIO write).
 pub const SVC_MMIO_WRITE32: u64 = 6;
+/// Gate service: RFLAGS.IF of the caller := RDI != 0 (ring 3 cannot rely on `sti`: PVM
+/// does not honour IOPL in ring 3).
+pub const SVC_SET_IF: u64 = 7;
+/// Gate service: `wrmsr` of MSR EDI with the value RSI.
+pub const SVC_WRMSR: u64 = 8;
+/// Gate service: I/O APIC at RDI: IOREGSEL := ESI, then IOWIN := EDX if RCX != 0; returns
+/// IOWIN in EAX. In ring 0 with interrupts off, so an interrupt handler that masks a
+/// level-triggered entry cannot come between the select and the data access.
+pub const SVC_IOAPIC: u64 = 9;
 
 extern "C" {
     pub static mut probe_pml4: [u64; 512];
@@ -219,6 +228,12 @@ global_asm!(
     "    je .Lsvc_mmio_write",
     "    cmp rax, 5",
     "    je .Lsvc_park",
+    "    cmp rax, 7",
+    "    je .Lsvc_set_if",
+    "    cmp rax, 8",
+    "    je .Lsvc_wrmsr",
+    "    cmp rax, 9",
+    "    je .Lsvc_ioapic",
     // Service 0 (and anything unknown): reset.
     "    mov al, 0xfe",
     "    out 0x64, al",
@@ -228,6 +243,29 @@ global_asm!(
     "    cli",
     "    hlt",
     "    jmp .Lsvc_park",
+    ".Lsvc_set_if:",
+    "    test rdi, rdi",
+    "    jz .Lsvc_if_off",
+    "    or qword ptr [rsp + 16], 0x200",
+    "    iretq",
+    ".Lsvc_if_off:",
+    "    and qword ptr [rsp + 16], -0x201",
+    "    iretq",
+    ".Lsvc_wrmsr:",
+    "    mov ecx, edi",
+    "    mov eax, esi",
+    "    mov rdx, rsi",
+    "    shr rdx, 32",
+    "    wrmsr",
+    "    iretq",
+    ".Lsvc_ioapic:",
+    "    mov dword ptr [rdi], esi",
+    "    test rcx, rcx",
+    "    jz .Lsvc_ioapic_read",
+    "    mov dword ptr [rdi + 16], edx",
+    ".Lsvc_ioapic_read:",
+    "    mov eax, dword ptr [rdi + 16]",
+    "    iretq",
     ".Lsvc_mmio_write:",
     "    mov dword ptr [rdi], esi",
     "    iretq",
@@ -577,6 +615,58 @@ pub fn gate_mmio_write32(addr: u64, value: u32) {
             in("rsi") u64::from(value),
         );
     }
+}
+
+/// Sets the caller's RFLAGS.IF through the gate (interrupts on or off for ring 3).
+pub fn gate_set_if(on: bool) {
+    // SAFETY: the handler only changes the IF bit of the saved RFLAGS; enabling interrupts
+    // is sound once the IDT has handlers for every vector that can arrive (the `irq`
+    // module programs only its own vectors and masks the rest).
+    unsafe {
+        asm!(
+            "int 0x80",
+            inout("rax") SVC_SET_IF => _,
+            in("rdi") u64::from(on),
+            options(nomem, nostack),
+        );
+    }
+}
+
+/// `wrmsr` in ring 0 (through the gate).
+pub fn gate_wrmsr(msr: u32, value: u64) {
+    // SAFETY: the caller picks an MSR whose write has no memory-safety effect (the probe
+    // writes only IA32_TSC_DEADLINE).
+    unsafe {
+        asm!(
+            "int 0x80",
+            inout("rax") SVC_WRMSR => _,
+            in("rdi") u64::from(msr),
+            in("rsi") value,
+            out("rcx") _,
+            out("rdx") _,
+            options(nostack),
+        );
+    }
+}
+
+/// One I/O APIC register access in ring 0: select `index`, write `value` if given, and
+/// return the data register.
+pub fn gate_ioapic(base: u64, index: u32, value: Option<u32>) -> u32 {
+    let out: u64;
+    // SAFETY: `base` is an I/O APIC from the MADT inside the identity map (checked by the
+    // caller); the handler does two or three 32-bit accesses there.
+    unsafe {
+        asm!(
+            "int 0x80",
+            inout("rax") SVC_IOAPIC => out,
+            in("rdi") base,
+            in("rsi") u64::from(index),
+            in("rdx") u64::from(value.unwrap_or(0)),
+            in("rcx") u64::from(value.is_some()),
+            options(nostack),
+        );
+    }
+    out as u32
 }
 
 /// Asks ring 0 to reset the VM (from ring 3; ring 0 uses `ring0_panic_reset`).

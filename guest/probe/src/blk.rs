@@ -1,6 +1,5 @@
 //! The `virtio`, `blk` and `hostile` checks: a polled virtio-blk driver in ring 3.
 
-use core::arch::global_asm;
 use core::sync::atomic::Ordering;
 
 use crate::arch::rdtsc;
@@ -34,22 +33,9 @@ const BUF_SIZE: u64 = 1 << 20;
 /// Sectors per data buffer.
 const BUF_SECTORS: u64 = BUF_SIZE / 512;
 
-extern "C" {
-    static mut probe_blkbuf: [u8; BUF_SIZE as usize + 4096];
-}
-
-global_asm!(
-    ".section .noinit.probe_blkbuf, \"aw\", @nobits",
-    ".p2align 12",
-    ".global probe_blkbuf",
-    "probe_blkbuf:",
-    "    .skip {size}",
-    ".text",
-    size = const BUF_SIZE as usize + 4096,
-);
-
+/// Data buffer: the shared DMA area (header and status in its last page).
 fn buf() -> u64 {
-    (&raw const probe_blkbuf) as u64
+    vio::dma()
 }
 /// Request header (16 bytes).
 fn hdr() -> u64 {
@@ -167,7 +153,7 @@ impl Blk {
         }
         self.dev.set_desc(i, status_addr(), 1, D_WRITE, 0);
         self.dev.publish(0);
-        self.dev.notify();
+        self.dev.kick(0);
         match self.dev.poll(self.timeout) {
             None => Err("request timed out (no used entry within 5 s)"),
             Some((0, _)) => Ok(rd8(status_addr())),
@@ -218,7 +204,7 @@ struct BlkParams {
 }
 
 impl Ctx<'_> {
-    fn virtio_found(&mut self, check: &str) -> Option<Found> {
+    pub(crate) fn virtio_found(&mut self, check: &str) -> Option<Found> {
         match vio::discover(self.entry, self.info, &self.params) {
             Ok(f) => Some(f),
             Err((why, addr)) => {
@@ -337,7 +323,7 @@ impl Ctx<'_> {
                 _ => continue,
             }
             let mut mismatch = None;
-            if let Err(why) = self.blk_disk(disk, i, t.base, &bp, &mut mismatch) {
+            if let Err(why) = self.blk_disk(disk, i, t, &bp, &mut mismatch) {
                 let mut l = Line::new("blk");
                 l.s("FAIL disk=")
                     .dec(disk)
@@ -356,7 +342,7 @@ impl Ctx<'_> {
                 l.end();
                 failed = true;
             }
-            vio::reset(t.base);
+            self.close_virtio(t);
             disk += 1;
         }
         if disk == 0 {
@@ -369,12 +355,15 @@ impl Ctx<'_> {
         &mut self,
         disk: u64,
         slot: usize,
-        base: u64,
+        t: &vio::Transport,
         bp: &BlkParams,
         mismatch: &mut Option<(u64, u8, u8)>,
     ) -> Result<(), &'static str> {
         let khz = self.tsc_khz_or_guess();
-        let dev = Dev::init(base, slot, BLK_WANT).map_err(|(why, _)| why)?;
+        let base = t.base;
+        let dev = self
+            .open_virtio(t, slot, BLK_WANT, 1)
+            .map_err(|(why, _)| why)?;
         let mut b = Blk::new(dev, khz);
         let cap = b.capacity();
         let ro = b.dev.features & F_RO != 0;
@@ -545,12 +534,27 @@ impl Ctx<'_> {
         if self.tsc_khz.is_none() {
             l.s(" tsc_khz=unknown");
         }
+        self.irq_suffix(&mut l, &b.dev);
         l.end();
         Ok(())
     }
 
-    /// `hostile`: out-of-spec register accesses and descriptor chains, then a valid read.
+    /// `hostile`: the virtio-blk cases (first blk device), then those for the first
+    /// virtio-net, -vsock and -balloon devices (`hostile.rs`), one line per device.
     pub(crate) fn hostile(&mut self) -> bool {
+        let (blk_ran, blk_failed) = self.hostile_blk();
+        let (others, others_failed) = self.hostile_others();
+        if !blk_ran && others == 0 {
+            Line::new("hostile")
+                .s("skip no virtio-blk, -net, -vsock or -balloon device")
+                .end();
+        }
+        blk_failed || others_failed
+    }
+
+    /// The virtio-blk cases: out-of-spec register accesses and descriptor chains, then a
+    /// valid read. Returns (a blk device was there, failed).
+    fn hostile_blk(&mut self) -> (bool, bool) {
         let seed = match self.params.num(b"probe.blk.seed=", 0x5a) {
             Ok(v) => v as u8,
             Err(bad) => {
@@ -558,19 +562,18 @@ impl Ctx<'_> {
                     .s("FAIL bad probe.blk.seed=")
                     .b(bad)
                     .end();
-                return true;
+                return (true, true);
             }
         };
         let Some(f) = self.virtio_found("hostile") else {
-            return true;
+            return (true, true);
         };
         let Some((slot, t)) = f.devs[..f.n]
             .iter()
             .enumerate()
             .find(|(_, t)| matches!(Dev::identify(t.base), Ok((2, BLK_ID, _))))
         else {
-            Line::new("hostile").s("skip no virtio-blk device").end();
-            return false;
+            return (false, false);
         };
         let khz = self.tsc_khz_or_guess();
         let mut h = Hostile {
@@ -589,7 +592,7 @@ impl Ctx<'_> {
                 .s(" sent=")
                 .dec(h.sent)
                 .end();
-            return true;
+            return (true, true);
         }
 
         // Then a clean start and a valid read.
@@ -618,7 +621,7 @@ impl Ctx<'_> {
             .s(" base=")
             .hex(t.base)
             .end();
-        r.is_err()
+        (true, r.is_err())
     }
 }
 
@@ -636,7 +639,7 @@ struct Hostile {
 }
 
 /// An address far outside guest RAM.
-const OUTSIDE: u64 = 0x7fff_0000_0000;
+pub const OUTSIDE: u64 = 0x7fff_0000_0000;
 
 impl Hostile {
     fn w(&mut self, off: u64, v: u32) {

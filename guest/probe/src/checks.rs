@@ -114,12 +114,16 @@ pub(crate) struct Ctx<'a> {
     pub(crate) info: u64,
     cmdline: &'a [u8],
     pub(crate) params: Params<'a>,
-    tsc: bool,
+    pub(crate) tsc: bool,
     pub(crate) tsc_khz: Option<u64>,
     pub(crate) checks: u64,
     pub(crate) failed: u64,
     /// TSC cycles of 16 4 KiB reads with a ring-3 notify and with a gate notify (`blk`).
     pub(crate) notify_cycles: [u64; 2],
+    /// Interrupt routing, set up on first use (`irq`, `probe.irq=1`).
+    pub(crate) irq: Option<crate::irq::Irq>,
+    /// `probe.irq=1`: device checks wait for interrupts instead of polling.
+    pub(crate) irq_mode: bool,
 }
 
 /// Ring-3 main: parse the command line, run the checks, report, reset.
@@ -153,7 +157,10 @@ pub fn run() -> ! {
         checks: 0,
         failed: 0,
         notify_cycles: [0; 2],
+        irq: None,
+        irq_mode: false,
     };
+    ctx.irq_mode = matches!(ctx.params.get(b"probe.irq="), Some(b"1"));
     if ctx.params.too_many {
         Line::new("cmdline")
             .s("skip more than 32 checks in probe=, the rest are ignored")
@@ -180,6 +187,11 @@ pub fn run() -> ! {
             b"virtio" => ctx.virtio(),
             b"blk" => ctx.blk(),
             b"hostile" => ctx.hostile(),
+            b"irq" => ctx.irq(),
+            b"net" => ctx.net(),
+            b"vsock" => ctx.vsock(),
+            b"rng" => ctx.rng(),
+            b"balloon" => ctx.balloon(),
             _ => {
                 Line::new_bytes(name).s("skip unknown check").end();
                 false

@@ -14,17 +14,23 @@
 
 mod acpi;
 mod arch;
+mod balloon;
 mod blk;
 mod bootinfo;
 mod checks;
 mod console;
+mod hostile;
+mod irq;
 #[cfg(not(target_os = "none"))]
 mod mem;
+mod net;
 mod phys;
 mod platform;
+mod rng;
 mod setup;
 mod smp;
 mod virtio;
+mod vsock;
 
 use core::panic::PanicInfo;
 

@@ -153,7 +153,8 @@ unsafe fn load_gdt_and_tss() {
     );
 }
 
-/// Fills gates for exceptions 0..31 and the DPL-3 service gate, then loads the IDT.
+/// Fills gates for exceptions 0..31, the interrupt vectors of `irq` and the DPL-3 service
+/// gate, then loads the IDT.
 unsafe fn load_idt() {
     let idt = (&raw mut IDT).cast::<u64>();
     let stubs = (&raw const arch::probe_exc_stubs).cast::<u8>() as u64;
@@ -162,6 +163,12 @@ unsafe fn load_idt() {
     }
     // #UD also carries the gate on PVM (see `arch`).
     set_gate(idt, 6, arch::probe_ud_entry as *const () as u64, 0x8e);
+    // The `irq` module's handlers.
+    let irq_stubs = (&raw const crate::irq::probe_irq_stubs).cast::<u8>() as u64;
+    for i in 0..crate::irq::N_SLOTS {
+        let v = usize::from(crate::irq::VECTOR_BASE) + i;
+        set_gate(idt, v, irq_stubs + 16 * i as u64, 0x8e);
+    }
     set_gate(
         idt,
         arch::GATE_VECTOR,

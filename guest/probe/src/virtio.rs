@@ -1,10 +1,13 @@
-//! virtio-mmio (version 2) transport and one split virtqueue, polled from ring 3.
+//! virtio-mmio (version 2) transport and split virtqueues, driven from ring 3.
 //!
 //! Discovery: the DSDT's `LNRO0005` devices and `virtio_mmio.device=` words on the command
 //! line. Register accesses are plain 32-bit loads and stores on the identity map (each one
-//! traps to the VMM). Queue memory lives in the probe's `.noinit` area, identity mapped,
-//! so guest-physical = virtual. Interrupts are suppressed (`VIRTQ_AVAIL_F_NO_INTERRUPT`)
-//! and completions are found by polling the used ring with a TSC deadline.
+//! traps to the VMM). Queue memory (up to `MAX_QUEUES` queues per device slot) and the
+//! shared DMA area live in the probe's `.noinit` area, identity mapped, so guest-physical =
+//! virtual. By default interrupts are suppressed (`VIRTQ_AVAIL_F_NO_INTERRUPT`) and
+//! completions are found by polling the used ring with a TSC deadline; with an interrupt
+//! slot (`probe.irq=1`, see `irq`) the driver waits for the device's interrupt instead and
+//! honours `VIRTIO_RING_F_EVENT_IDX` (used_event / avail_event) when it was negotiated.
 
 use core::arch::global_asm;
 use core::sync::atomic::{fence, AtomicBool, Ordering};
@@ -62,11 +65,19 @@ pub const F_VERSION_1: u64 = 1 << 32;
 pub const D_NEXT: u16 = 1;
 pub const D_WRITE: u16 = 2;
 
-/// Per-device queue memory: descriptor table, avail ring, used ring (one page each).
+/// Queues per device the probe can set up.
+pub const MAX_QUEUES: usize = 4;
+/// Per-queue memory: descriptor table, avail ring, used ring (one page each).
 const QMEM: u64 = 3 * 4096;
+/// Size of the shared DMA area (`dma()`).
+pub const DMA_SIZE: u64 = (1 << 20) + 4096;
+
+/// VIRTIO_RING_F_EVENT_IDX.
+pub const F_EVENT_IDX: u64 = 1 << 29;
 
 extern "C" {
-    static mut probe_vq: [u8; MAX_DEVS * QMEM as usize];
+    static mut probe_vq: [u8; MAX_DEVS * MAX_QUEUES * QMEM as usize];
+    static mut probe_dma: [u8; DMA_SIZE as usize];
 }
 
 global_asm!(
@@ -75,8 +86,13 @@ global_asm!(
     ".global probe_vq",
     "probe_vq:",
     "    .skip {size}",
+    ".p2align 12",
+    ".global probe_dma",
+    "probe_dma:",
+    "    .skip {dma}",
     ".text",
-    size = const MAX_DEVS * QMEM as usize,
+    size = const MAX_DEVS * MAX_QUEUES * QMEM as usize,
+    dma = const DMA_SIZE as usize,
 );
 
 /// Notify through the gate (ring 0) instead of a ring-3 store.
@@ -95,6 +111,9 @@ pub struct Transport {
     pub acpi: bool,
     /// Listed on the command line.
     pub cmdline: bool,
+    /// Interrupt trigger and polarity (`acpi::IRQ_*` bits; the command line gives none,
+    /// which means edge-triggered, active high).
+    pub irq_flags: u8,
 }
 
 /// Discovery result, sorted by base.
@@ -131,6 +150,7 @@ fn parse_cmdline_dev(v: &[u8]) -> Option<Transport> {
         gsi: u32::try_from(parse_u64(irq_s)?).ok()?,
         acpi: false,
         cmdline: true,
+        irq_flags: 0,
     })
 }
 
@@ -174,6 +194,7 @@ pub fn discover(entry: u64, info: u64, params: &Params) -> Result<Found, Failure
                 gsi: d.gsi,
                 acpi: true,
                 cmdline: false,
+                irq_flags: d.irq_flags,
             },
         )?;
     }
@@ -232,19 +253,129 @@ fn add(f: &mut Found, t: Transport) -> Result<(), Failure> {
     Ok(())
 }
 
-/// One virtio-mmio device with queue 0 set up.
+/// One split virtqueue in the probe's queue memory.
+#[derive(Clone, Copy, Default)]
+pub struct Queue {
+    /// Queue size in use (0: not set up).
+    pub size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    /// Next avail index the driver publishes.
+    avail_idx: u16,
+    /// Next used index the driver consumes.
+    used_idx: u16,
+    /// Avail index at the last notify (for `VIRTIO_RING_F_EVENT_IDX`).
+    kicked_idx: u16,
+}
+
+impl Queue {
+    /// Writes descriptor `i` (taken modulo the queue size).
+    pub fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
+        let d = self.desc + 16 * u64::from(i % self.size);
+        // SAFETY: inside this queue's descriptor page (i % size < size <= 256).
+        unsafe {
+            core::ptr::write_volatile(d as *mut u64, addr);
+            core::ptr::write_volatile((d + 8) as *mut u32, len);
+            core::ptr::write_volatile((d + 12) as *mut u16, flags);
+            core::ptr::write_volatile((d + 14) as *mut u16, next);
+        }
+    }
+
+    /// Publishes `head` in the avail ring (does not notify).
+    pub fn publish(&mut self, head: u16) {
+        let slot = u64::from(self.avail_idx % self.size);
+        // SAFETY: avail ring entries and index in this queue's avail page.
+        unsafe {
+            core::ptr::write_volatile((self.avail + 4 + 2 * slot) as *mut u16, head);
+            fence(Ordering::SeqCst);
+            self.avail_idx = self.avail_idx.wrapping_add(1);
+            core::ptr::write_volatile((self.avail + 2) as *mut u16, self.avail_idx);
+        }
+        fence(Ordering::SeqCst);
+    }
+
+    /// The used ring's index as the device last wrote it.
+    pub fn used_idx_now(&self) -> u16 {
+        // SAFETY: used ring index in this queue's used page.
+        unsafe { core::ptr::read_volatile((self.used + 2) as *const u16) }
+    }
+
+    /// The next used entry, if the device has written one: (id, len).
+    pub fn take(&mut self) -> Option<(u32, u32)> {
+        if self.size == 0 || self.used_idx_now() == self.used_idx {
+            return None;
+        }
+        fence(Ordering::SeqCst);
+        let e = self.used + 4 + 8 * u64::from(self.used_idx % self.size);
+        // SAFETY: a used ring element in this queue's used page.
+        let (id, len) = unsafe {
+            (
+                core::ptr::read_volatile(e as *const u32),
+                core::ptr::read_volatile((e + 4) as *const u32),
+            )
+        };
+        self.used_idx = self.used_idx.wrapping_add(1);
+        Some((id, len))
+    }
+
+    /// `used_event` (EVENT_IDX): ask for an interrupt once the device has written used
+    /// entry `idx`.
+    fn set_used_event(&self, idx: u16) {
+        let p = self.avail + 4 + 2 * u64::from(self.size);
+        // SAFETY: the used_event word right after the avail ring, inside the avail page
+        // (4 + 2 * 256 + 2 < 4096).
+        unsafe { core::ptr::write_volatile(p as *mut u16, idx) };
+        fence(Ordering::SeqCst);
+    }
+
+    /// `avail_event` (EVENT_IDX) as the device last wrote it.
+    fn avail_event(&self) -> u16 {
+        let p = self.used + 4 + 8 * u64::from(self.size);
+        // SAFETY: the avail_event word right after the used ring, inside the used page
+        // (4 + 8 * 256 + 2 < 4096).
+        unsafe { core::ptr::read_volatile(p as *const u16) }
+    }
+
+    /// Sets the avail ring's flags word (1 = `VIRTQ_AVAIL_F_NO_INTERRUPT`).
+    fn set_avail_flags(&self, flags: u16) {
+        // SAFETY: avail ring flags word in this queue's avail page.
+        unsafe { core::ptr::write_volatile(self.avail as *mut u16, flags) };
+    }
+}
+
+/// How a device signals completions to the driver.
+#[derive(Clone, Copy, Default)]
+pub struct IrqMode {
+    /// Interrupt slot (see `irq`) whose counter the driver waits on; `None`: polling with
+    /// `VIRTQ_AVAIL_F_NO_INTERRUPT`.
+    pub slot: Option<usize>,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX` when offered (only with `slot`).
+    pub event_idx: bool,
+}
+
+/// One virtio-mmio device with its queues set up.
 pub struct Dev {
     /// MMIO base.
     pub base: u64,
     /// Accepted features.
     pub features: u64,
-    /// Queue size in use.
+    /// Size of queue 0.
     pub qsize: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    avail_idx: u16,
-    used_idx: u16,
+    /// Queues 0..nq.
+    pub q: [Queue; MAX_QUEUES],
+    /// Number of queues set up.
+    pub nq: usize,
+    /// Interrupt slot to wait on (`None`: poll).
+    pub irq: Option<usize>,
+    /// `VIRTIO_RING_F_EVENT_IDX` negotiated.
+    pub event_idx: bool,
+    /// Interrupt count at the last InterruptACK.
+    acked: u64,
+    /// Interrupts taken while waiting.
+    pub irqs: u64,
+    /// Notifies skipped because of `avail_event`.
+    pub kicks_saved: u64,
 }
 
 /// Reads a transport register.
@@ -257,15 +388,36 @@ pub fn wr(base: u64, off: u64, v: u32) {
     mmio_wr32(base + off, v)
 }
 
-/// Queue memory of device slot `slot`: (descriptors, avail, used).
+/// Queue memory of queue 0 of device slot `slot`: (descriptors, avail, used).
 pub fn queue_mem(slot: usize) -> (u64, u64, u64) {
-    let b = (&raw const probe_vq) as u64 + slot as u64 * QMEM;
+    queue_mem_q(slot, 0)
+}
+
+/// Queue memory of queue `q` of device slot `slot`: (descriptors, avail, used).
+pub fn queue_mem_q(slot: usize, q: usize) -> (u64, u64, u64) {
+    let b = (&raw const probe_vq) as u64 + (slot * MAX_QUEUES + q) as u64 * QMEM;
     (b, b + 4096, b + 8192)
 }
 
-fn zero(addr: u64, len: u64) {
-    // SAFETY: the probe's own queue memory (identity mapped); no device uses it while the
-    // driver resets it (the device was reset first).
+/// The shared DMA area (`DMA_SIZE` bytes, page aligned): data buffers of whichever
+/// virtio check runs (one at a time).
+pub fn dma() -> u64 {
+    (&raw const probe_dma) as u64
+}
+
+/// `len` bytes of the DMA area from `addr` as a slice.
+pub fn dma_slice(addr: u64, len: usize) -> &'static mut [u8] {
+    assert!(addr >= dma() && addr + len as u64 <= dma() + DMA_SIZE);
+    // SAFETY: inside the probe's DMA area (asserted), which only the running check uses;
+    // the device does not own these bytes while the driver looks at them (not published,
+    // or returned in the used ring). Callers do not keep two overlapping slices alive.
+    unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, len) }
+}
+
+/// Zeroes `len` bytes at `addr` in probe memory.
+pub fn zero(addr: u64, len: u64) {
+    // SAFETY: callers pass the probe's own queue or DMA memory (identity mapped), which no
+    // device is using at the time (reset first, or buffers not yet published).
     unsafe { core::ptr::write_bytes(addr as *mut u8, 0, len as usize) }
 }
 
@@ -280,6 +432,11 @@ pub fn reset(base: u64) -> bool {
     false
 }
 
+/// `vring_need_event`: whether moving the index from `old` to `new` passes `event`.
+fn need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
+
 impl Dev {
     /// Identifies the transport at `base` (magic, version, device id).
     pub fn identify(base: u64) -> Result<(u32, u32, u32), Failure> {
@@ -290,9 +447,20 @@ impl Dev {
         Ok((rd(base, VERSION), rd(base, DEVICE_ID), rd(base, VENDOR_ID)))
     }
 
-    /// Full initialisation: reset, ACK, DRIVER, features (`want` & offered, plus
-    /// VERSION_1), FEATURES_OK, queue 0 in queue memory `slot`, DRIVER_OK.
+    /// Full polled initialisation with queue 0 only: reset, ACK, DRIVER, features (`want`
+    /// & offered, plus VERSION_1), FEATURES_OK, queue 0 in queue memory `slot`, DRIVER_OK.
     pub fn init(base: u64, slot: usize, want: u64) -> Result<Dev, Failure> {
+        Self::open(base, slot, want, 1, IrqMode::default())
+    }
+
+    /// Initialisation with queues `0..nq` and the given interrupt mode.
+    pub fn open(
+        base: u64,
+        slot: usize,
+        want: u64,
+        nq: usize,
+        mode: IrqMode,
+    ) -> Result<Dev, Failure> {
         let (version, id, _) = Self::identify(base)?;
         if version != 2 {
             return Err(("not a version 2 (modern) virtio-mmio transport", base));
@@ -309,7 +477,13 @@ impl Dev {
         if offered & F_VERSION_1 == 0 {
             return Err(("device does not offer VERSION_1", base));
         }
-        let features = offered & (want | F_VERSION_1);
+        let mut want = want | F_VERSION_1;
+        if mode.slot.is_some() && mode.event_idx {
+            want |= F_EVENT_IDX;
+        } else {
+            want &= !F_EVENT_IDX;
+        }
+        let features = offered & want;
         wr(base, DRIVER_FEATURES_SEL, 0);
         wr(base, DRIVER_FEATURES, features as u32);
         wr(base, DRIVER_FEATURES_SEL, 1);
@@ -318,102 +492,171 @@ impl Dev {
         if rd(base, STATUS) & S_FEATURES_OK == 0 {
             return Err(("FEATURES_OK did not stick", base));
         }
-        wr(base, QUEUE_SEL, 0);
-        if rd(base, QUEUE_READY) != 0 {
-            return Err(("queue 0 ready before set-up", base));
+        // Queues that exist only with a feature: the balloon's stats queue (2).
+        let nq = if id == crate::balloon::BALLOON_ID && features & crate::balloon::F_STATS_VQ == 0 {
+            nq.min(2)
+        } else {
+            nq
+        };
+        let mut dev = Dev {
+            base,
+            features,
+            qsize: 0,
+            q: [Queue::default(); MAX_QUEUES],
+            nq: nq.min(MAX_QUEUES),
+            irq: mode.slot,
+            event_idx: features & F_EVENT_IDX != 0,
+            acked: 0,
+            irqs: 0,
+            kicks_saved: 0,
+        };
+        for qi in 0..dev.nq {
+            dev.q[qi] = setup_queue(base, slot, qi, mode.slot.is_none())?;
         }
-        let max = rd(base, QUEUE_NUM_MAX);
-        if max == 0 {
-            return Err(("queue 0 not available (QueueNumMax 0)", base));
-        }
-        let qsize = max.min(u32::from(MAX_QUEUE)) as u16;
-        let (desc, avail, used) = queue_mem(slot);
-        zero(desc, QMEM);
-        // No interrupts: the probe polls.
-        // SAFETY: avail ring flags word in the probe's queue memory.
-        unsafe { core::ptr::write_volatile(avail as *mut u16, 1) };
-        wr(base, QUEUE_NUM, u32::from(qsize));
-        set_queue_addrs(base, desc, avail, used);
-        wr(base, QUEUE_READY, 1);
+        dev.qsize = dev.q[0].size;
         wr(base, STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
         let st = rd(base, STATUS);
         if st & (S_NEEDS_RESET | S_FAILED) != 0 || st & S_DRIVER_OK == 0 {
             return Err(("device refused DRIVER_OK", base));
         }
-        Ok(Dev {
-            base,
-            features,
-            qsize,
-            desc,
-            avail,
-            used,
-            avail_idx: 0,
-            used_idx: 0,
-        })
+        if let Some(s) = dev.irq {
+            dev.acked = crate::irq::count(s);
+        }
+        Ok(dev)
     }
 
-    /// Writes descriptor `i`.
+    /// Writes descriptor `i` of queue 0.
     pub fn set_desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let d = self.desc + 16 * u64::from(i % self.qsize);
-        // SAFETY: inside this device's descriptor page (i < qsize <= 256).
-        unsafe {
-            core::ptr::write_volatile(d as *mut u64, addr);
-            core::ptr::write_volatile((d + 8) as *mut u32, len);
-            core::ptr::write_volatile((d + 12) as *mut u16, flags);
-            core::ptr::write_volatile((d + 14) as *mut u16, next);
-        }
+        self.q[0].set_desc(i, addr, len, flags, next)
     }
 
-    /// Publishes `head` in the avail ring (does not notify).
+    /// Publishes `head` in queue 0's avail ring (does not notify).
     pub fn publish(&mut self, head: u16) {
-        let slot = u64::from(self.avail_idx % self.qsize);
-        // SAFETY: avail ring entries and index in this device's avail page.
-        unsafe {
-            core::ptr::write_volatile((self.avail + 4 + 2 * slot) as *mut u16, head);
-            fence(Ordering::SeqCst);
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            core::ptr::write_volatile((self.avail + 2) as *mut u16, self.avail_idx);
-        }
-        fence(Ordering::SeqCst);
+        self.q[0].publish(head)
     }
 
-    /// Notifies queue 0 (ring-3 store or gate, see `NOTIFY_GATE`).
+    /// Notifies queue 0 unconditionally (ring-3 store or gate, see `NOTIFY_GATE`).
     pub fn notify(&self) {
+        self.notify_q(0)
+    }
+
+    /// Notifies queue `q` unconditionally.
+    pub fn notify_q(&self, q: u16) {
         if NOTIFY_GATE.load(Ordering::Relaxed) {
-            arch::gate_mmio_write32(self.base + QUEUE_NOTIFY, 0);
+            arch::gate_mmio_write32(self.base + QUEUE_NOTIFY, u32::from(q));
         } else {
-            wr(self.base, QUEUE_NOTIFY, 0);
+            wr(self.base, QUEUE_NOTIFY, u32::from(q));
         }
     }
 
-    /// The used ring's index as the device last wrote it.
-    pub fn used_idx_now(&self) -> u16 {
-        // SAFETY: used ring index in this device's used page.
-        unsafe { core::ptr::read_volatile((self.used + 2) as *const u16) }
+    /// Notifies queue `q` if the device wants it: always without EVENT_IDX, else when the
+    /// avail index passed `avail_event` since the last notify.
+    pub fn kick(&mut self, q: usize) {
+        let qu = &mut self.q[q];
+        let (old, new) = (qu.kicked_idx, qu.avail_idx);
+        if old == new {
+            return;
+        }
+        qu.kicked_idx = new;
+        fence(Ordering::SeqCst);
+        if self.event_idx && !need_event(qu.avail_event(), new, old) {
+            self.kicks_saved += 1;
+            return;
+        }
+        self.notify_q(q as u16);
     }
 
-    /// Polls for the next used entry for at most `cycles` TSC cycles: (id, len).
+    /// Polls queue 0 for the next used entry for at most `cycles` TSC cycles.
     pub fn poll(&mut self, cycles: u64) -> Option<(u32, u32)> {
+        self.poll_q(0, cycles)
+    }
+
+    /// Waits for the next used entry of queue `q` for at most `cycles` TSC cycles: by
+    /// polling the used ring, or (with an interrupt slot) by waiting for the interrupt.
+    pub fn poll_q(&mut self, q: usize, cycles: u64) -> Option<(u32, u32)> {
         let t0 = rdtsc();
         loop {
-            if self.used_idx_now() != self.used_idx {
-                fence(Ordering::SeqCst);
-                let e = self.used + 4 + 8 * u64::from(self.used_idx % self.qsize);
-                // SAFETY: a used ring element in this device's used page.
-                let (id, len) = unsafe {
-                    (
-                        core::ptr::read_volatile(e as *const u32),
-                        core::ptr::read_volatile((e + 4) as *const u32),
-                    )
-                };
-                self.used_idx = self.used_idx.wrapping_add(1);
-                return Some((id, len));
+            let seen = self.ack_if_interrupted();
+            if self.event_idx {
+                self.q[q].set_used_event(self.q[q].used_idx);
             }
-            if rdtsc().wrapping_sub(t0) > cycles {
+            if let Some(e) = self.q[q].take() {
+                return Some(e);
+            }
+            let left = cycles.saturating_sub(rdtsc().wrapping_sub(t0));
+            if left == 0 {
                 return None;
             }
-            core::hint::spin_loop();
+            match (self.irq, seen) {
+                (Some(s), Some(c)) => {
+                    crate::irq::wait_change(s, c, left);
+                }
+                _ => core::hint::spin_loop(),
+            }
         }
+    }
+
+    /// Any used entry on any of the queues in `mask` (bit per queue), waiting at most
+    /// `cycles`: (queue, id, len).
+    pub fn poll_any(&mut self, mask: u32, cycles: u64) -> Option<(usize, u32, u32)> {
+        let t0 = rdtsc();
+        loop {
+            let seen = self.ack_if_interrupted();
+            for qi in 0..self.nq {
+                if mask & (1 << qi) == 0 {
+                    continue;
+                }
+                if self.event_idx {
+                    self.q[qi].set_used_event(self.q[qi].used_idx);
+                }
+            }
+            for qi in 0..self.nq {
+                if mask & (1 << qi) != 0 {
+                    if let Some((id, len)) = self.q[qi].take() {
+                        return Some((qi, id, len));
+                    }
+                }
+            }
+            let left = cycles.saturating_sub(rdtsc().wrapping_sub(t0));
+            if left == 0 {
+                return None;
+            }
+            match (self.irq, seen) {
+                (Some(s), Some(c)) => {
+                    crate::irq::wait_change(s, c, left);
+                }
+                _ => core::hint::spin_loop(),
+            }
+        }
+    }
+
+    /// With an interrupt slot: notes the interrupts that came since the last call (the
+    /// handler acknowledged them to the device). Returns the interrupt count to wait past
+    /// (`None` without a slot).
+    fn ack_if_interrupted(&mut self) -> Option<u64> {
+        let s = self.irq?;
+        let c = crate::irq::count(s);
+        if c != self.acked {
+            // The handler acknowledged the device; take the bits it collected.
+            self.irqs += c.wrapping_sub(self.acked);
+            self.acked = c;
+            crate::irq::take_isr(s);
+        }
+        Some(c)
+    }
+
+    /// Reads InterruptStatus and acknowledges what it shows; returns it. With an interrupt
+    /// slot the handler has done that already: returns the bits it collected (and any
+    /// still set).
+    pub fn ack_isr(&self) -> u32 {
+        let mut isr = rd(self.base, INTERRUPT_STATUS);
+        if let Some(s) = self.irq {
+            isr |= crate::irq::take_isr(s);
+        }
+        if isr != 0 {
+            wr(self.base, INTERRUPT_ACK, isr);
+        }
+        isr
     }
 
     /// Reads a 32-bit config field.
@@ -421,17 +664,65 @@ impl Dev {
         rd(self.base, CONFIG + off)
     }
 
-    /// Reads a 64-bit config field consistently (ConfigGeneration loop).
+    /// Reads an 8-bit config field.
+    pub fn config8(&self, off: u64) -> u8 {
+        crate::phys::mmio_rd8(self.base + CONFIG + off)
+    }
+
+    /// Reads a 16-bit config field.
+    pub fn config16(&self, off: u64) -> u16 {
+        crate::phys::mmio_rd16(self.base + CONFIG + off)
+    }
+
+    /// Writes a 32-bit config field.
+    pub fn set_config32(&self, off: u64, v: u32) {
+        wr(self.base, CONFIG + off, v)
+    }
+
+    /// Reads a 64-bit config field consistently (ConfigGeneration loop, bounded).
     pub fn config64(&self, off: u64) -> u64 {
-        loop {
+        let mut v = 0;
+        for _ in 0..100 {
             let g = rd(self.base, CONFIG_GENERATION);
             let lo = u64::from(self.config32(off));
             let hi = u64::from(self.config32(off + 4));
+            v = lo | (hi << 32);
             if rd(self.base, CONFIG_GENERATION) == g {
-                return lo | (hi << 32);
+                break;
             }
         }
+        v
     }
+}
+
+/// Sets up queue `qi` of the device at `base` in queue memory `slot`.
+fn setup_queue(base: u64, slot: usize, qi: usize, no_interrupt: bool) -> Result<Queue, Failure> {
+    wr(base, QUEUE_SEL, qi as u32);
+    if rd(base, QUEUE_READY) != 0 {
+        return Err(("queue ready before set-up", base));
+    }
+    let max = rd(base, QUEUE_NUM_MAX);
+    if max == 0 {
+        return Err(("queue not available (QueueNumMax 0)", base));
+    }
+    let size = max.min(u32::from(MAX_QUEUE)) as u16;
+    let (desc, avail, used) = queue_mem_q(slot, qi);
+    zero(desc, QMEM);
+    let q = Queue {
+        size,
+        desc,
+        avail,
+        used,
+        avail_idx: 0,
+        used_idx: 0,
+        kicked_idx: 0,
+    };
+    // Polling: no interrupts (`VIRTQ_AVAIL_F_NO_INTERRUPT`).
+    q.set_avail_flags(u16::from(no_interrupt));
+    wr(base, QUEUE_NUM, u32::from(size));
+    set_queue_addrs(base, desc, avail, used);
+    wr(base, QUEUE_READY, 1);
+    Ok(q)
 }
 
 /// Reads the 64 offered feature bits.
