@@ -26,9 +26,12 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-/// How long a refused device waits before it asks again, when the bucket does not say when it
-/// will have enough (Firecracker's `REFILL_TIMER_INTERVAL_MS`).
+/// The longest a refused device waits before it asks again (Firecracker's
+/// `REFILL_TIMER_INTERVAL_MS`, which Firecracker always waits).
 pub const REFILL_TIMER_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The shortest a refused device waits (timer wake-ups are not free).
+pub const MIN_REFILL_WAIT: Duration = Duration::from_millis(1);
 
 /// A token bucket's configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,6 +140,14 @@ impl TokenBucket {
         }
         self.budget -= tokens;
         Reduction::Taken
+    }
+
+    /// How long until the bucket holds `tokens` (at most a full bucket's refill time).
+    pub fn time_until(&self, tokens: u64) -> Duration {
+        let missing = tokens.min(self.config.size).saturating_sub(self.budget);
+        let ns =
+            u128::from(missing) * self.config.refill_time.as_nanos() / u128::from(self.config.size);
+        Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 
     /// Gives back `tokens` (a request that was taken and then not carried out).
@@ -310,9 +321,14 @@ impl RateLimiter {
         match bucket.reduce(tokens) {
             Reduction::Taken => true,
             Reduction::Refused => {
-                // A failing timer leaves the limiter unblocked: the device retries on its next
-                // event instead of stalling.
-                let _ = self.timer.arm(REFILL_TIMER_INTERVAL);
+                // Wake when the bucket will hold the request (Firecracker always waits 100 ms,
+                // which caps a bucket refilled faster than that at one bucket per 100 ms), but
+                // at least 1 ms apart. A failing timer leaves the limiter unblocked: the device
+                // retries on its next event instead of stalling.
+                let wait = bucket
+                    .time_until(tokens)
+                    .clamp(MIN_REFILL_WAIT, REFILL_TIMER_INTERVAL);
+                let _ = self.timer.arm(wait);
                 false
             }
             Reduction::Overconsumed { ratio } => {

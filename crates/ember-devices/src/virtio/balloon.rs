@@ -16,8 +16,8 @@
 //! fresh values.
 //!
 //! Hostile input: a PFN outside guest RAM, or a reported range that is, is skipped and counted
-//! ([`BalloonCounters::invalid_pfns`]); PFN lists are read in bounded batches; a chain in the
-//! wrong direction is returned unread.
+//! ([`BalloonCounters::invalid_pfns`]); at most [`MAX_PFNS_PER_CHAIN`] PFNs are taken from a
+//! chain, read in bounded batches; a chain in the wrong direction is returned unread.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -47,6 +47,10 @@ pub const F_STATS_VQ: u32 = 1;
 pub const F_DEFLATE_ON_OOM: u32 = 2;
 /// Feature bit: free page reporting.
 pub const F_REPORTING: u32 = 5;
+/// Most PFNs taken from one inflate or deflate chain (Linux sends at most 256): the rest of a
+/// longer chain is ignored and the chain counted as malformed, so one descriptor cannot keep
+/// the device discarding for long.
+pub const MAX_PFNS_PER_CHAIN: u64 = 1024;
 /// Most statistics entries read from one buffer.
 pub const MAX_STATS: usize = 32;
 
@@ -371,7 +375,8 @@ impl<M: GuestMemoryBackend + Send> Balloon<M> {
             let head = chain.head_index();
             let mut pfns: u64 = 0;
             let mut run: Option<(u64, u64)> = None;
-            for d in chain {
+            let mut truncated = false;
+            'chain: for d in chain {
                 if d.is_write_only() {
                     add(&self.counters.malformed_chains, 1);
                     break;
@@ -379,7 +384,12 @@ impl<M: GuestMemoryBackend + Send> Balloon<M> {
                 let len = u64::from(d.len()) & !3;
                 let mut at = 0u64;
                 while at < len {
-                    let n = (len - at).min(batch.len() as u64);
+                    let left = (MAX_PFNS_PER_CHAIN - pfns) * 4;
+                    if left == 0 {
+                        truncated = true;
+                        break 'chain;
+                    }
+                    let n = (len - at).min(batch.len() as u64).min(left);
                     // n <= 1024.
                     let nb = usize::try_from(n).unwrap_or(0);
                     let Some(addr) = d.addr().0.checked_add(at) else {
@@ -399,6 +409,8 @@ impl<M: GuestMemoryBackend + Send> Balloon<M> {
                             continue;
                         }
                         run = match run {
+                            // Already in the run (a repeated PFN): nothing more to do.
+                            Some((s, n)) if (s..s + n).contains(&pfn) => Some((s, n)),
                             Some((s, n)) if s + n == pfn => Some((s, n + 1)),
                             Some((s, n)) => {
                                 self.discard_run(&a.mem, s, n);
@@ -409,6 +421,9 @@ impl<M: GuestMemoryBackend + Send> Balloon<M> {
                     }
                     at += n;
                 }
+            }
+            if truncated {
+                add(&self.counters.malformed_chains, 1);
             }
             if let Some((s, n)) = run {
                 self.discard_run(&a.mem, s, n);

@@ -92,6 +92,9 @@ struct Conn {
     fwd_cnt_sent: u32,
     pending: u8,
     queued: bool,
+    /// The guest already reset the connection: when the last bytes are flushed it goes
+    /// without an `RST` back.
+    guest_reset: bool,
 }
 
 impl Conn {
@@ -115,6 +118,7 @@ impl Conn {
             fwd_cnt_sent: 0,
             pending,
             queued: false,
+            guest_reset: false,
         }
     }
 
@@ -130,6 +134,9 @@ impl Conn {
 
     /// Whether the connection has a packet for the guest.
     fn has_rx(&self) -> bool {
+        if self.guest_reset {
+            return false;
+        }
         self.pending != 0
             || (self.state == State::Established
                 && !self.guest_rcv_shut
@@ -542,9 +549,16 @@ impl Muxer {
         if conn.fwd_cnt.wrapping_sub(conn.fwd_cnt_sent) >= CONN_BUF_SIZE / 4 {
             conn.pending |= PENDING_CREDIT;
         }
+        let guest_reset = conn.guest_reset;
         if failed {
             Counters::add(&c.host_errors, 1);
-            self.reset(key, c);
+            if guest_reset {
+                self.remove(key, c);
+            } else {
+                self.reset(key, c);
+            }
+        } else if closed && guest_reset {
+            self.remove(key, c);
         } else if closed {
             self.reset(key, c);
         } else {
@@ -628,7 +642,19 @@ impl Muxer {
                 self.flush(key, c);
             }
             op::RST => {
-                self.remove(key, c);
+                // Bytes the guest sent before its reset still reach the host peer (a guest
+                // agent that writes its answer and closes abruptly loses nothing); then the
+                // connection goes, without an answer.
+                if conn.unflushed() > 0 && conn.stream.is_some() {
+                    conn.guest_reset = true;
+                    conn.guest_send_shut = true;
+                    conn.guest_rcv_shut = true;
+                    conn.state = State::Closing;
+                    conn.since = Instant::now();
+                    self.flush(key, c);
+                } else {
+                    self.remove(key, c);
+                }
                 return;
             }
             _ => {
@@ -802,7 +828,11 @@ impl Muxer {
             .collect();
         for key in late {
             Counters::add(&c.timeouts, 1);
-            self.reset(key, c);
+            if self.conns.get(&key).is_some_and(|c| c.guest_reset) {
+                self.remove(key, c);
+            } else {
+                self.reset(key, c);
+            }
         }
     }
 

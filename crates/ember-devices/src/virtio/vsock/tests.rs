@@ -424,3 +424,33 @@ fn a_restored_device_sends_the_transport_reset_event() {
     assert_eq!(ev, EVENT_TRANSPORT_RESET);
     assert_eq!(g.counters.snapshot().transport_resets, 1);
 }
+
+#[test]
+fn bytes_sent_before_a_guest_reset_still_reach_the_host() {
+    let mut g = Guest::new();
+    let (mut s, host_port) = host_connect(&mut g, 52);
+    // More than the host socket holds, so that some stays in the device, then RST.
+    let chunk = vec![0x33u8; 60_000];
+    let mut sent = 0;
+    for _ in 0..6 {
+        g.send(g.hdr(52, host_port, op::RW), &chunk);
+        sent += chunk.len();
+    }
+    g.send(g.hdr(52, host_port, op::RST), &[]);
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut got = 0;
+    let mut buf = vec![0u8; 65536];
+    loop {
+        // The device flushes when the host socket drains (its writable edge).
+        g.host_events();
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) => panic!("{e} after {got} bytes"),
+        }
+    }
+    assert_eq!(got, sent);
+    let c = g.counters.snapshot();
+    assert_eq!(c.resets_sent, 0, "no RST answers the guest's: {c:?}");
+    assert_eq!(c.connections_closed, 1);
+}
