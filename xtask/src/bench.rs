@@ -2,7 +2,7 @@
 //! QEMU's `microvm` machine (and Firecracker when `FIRECRACKER=/path/to/firecracker` is set)
 //! on this machine, in the same run.
 //!
-//! Sections (`--only boot,startup,memory,rate,exits,kvm`; all by default):
+//! Sections (`--only boot,startup,waits,memory,rate,exits,devices,kvm`; all by default):
 //!
 //! - `boot`: null-guest boot, exec → first console line and exec → exit, PVH and Linux 64-bit
 //!   entry, 1 and 4 vCPUs, 128 MiB and 2 GiB; min/median/max over `--runs` runs (default 20,
@@ -14,12 +14,16 @@
 //!   and at peak, 128 MiB and 2 GiB.
 //! - `rate`: null microVMs booted to exit per second, 1, 2, 4 and 8 started concurrently.
 //! - `exits`: the probe's exit loop (ring 0 and ring 3), ns per exit.
+//! - `devices`: the probe's virtio-net (UDP guest→host and echoed host→guest, on a TAP in a
+//!   network namespace), virtio-blk (4 KiB IOPS, Ember with interrupts, QEMU polled) and
+//!   Ember's vsock (MiB/s both ways); see `bench/devices.rs`.
 //! - `kvm`: the KVM ioctls of Ember's start-up, timed one by one in several orders.
 //!
 //! Results go to `target/bench/` (`results.md`, `boot.png`, `boot-samples.csv`);
 //! `--update-doc` also replaces the generated part of `docs/performance.md` and writes
 //! `docs/performance-boot.png`. The null guest is built here (see `bench/null_elf.rs`).
 
+mod devices;
 mod kvm;
 mod measure;
 mod null_elf;
@@ -38,7 +42,9 @@ use null_elf::{Entries, NullMode};
 use peers::{Guest, Kind, Peer, Protocol};
 use stats::Summary;
 
-const SECTIONS: &[&str] = &["boot", "startup", "waits", "memory", "rate", "exits", "kvm"];
+const SECTIONS: &[&str] = &[
+    "boot", "startup", "waits", "memory", "rate", "exits", "devices", "kvm",
+];
 const NULL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 const DOC_BEGIN: &str = "<!-- BEGIN GENERATED: cargo xtask bench -->";
 const DOC_END: &str = "<!-- END GENERATED -->";
@@ -261,7 +267,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         Entries::Linux64Only,
     )?;
     let probe = root.join("target/probe/probe.elf");
-    if wants(&opts, "exits") {
+    if wants(&opts, "exits") || wants(&opts, "devices") {
         crate::probe::build()?;
     }
 
@@ -334,6 +340,10 @@ pub fn run(args: &Args) -> Result<(), String> {
     if wants(&opts, "exits") {
         let runs = if opts.quick { 2 } else { 5 };
         report.exits = exits_section(&peers, &probe, runs, opts.quick)?;
+    }
+    if wants(&opts, "devices") {
+        let runs = if opts.quick { 1 } else { 3 };
+        report.devices = Some(devices::run(&peers, &probe, &opts.out, runs)?);
     }
     if wants(&opts, "kvm") {
         let reps = if opts.quick { 5 } else { opts.runs };
@@ -994,6 +1004,7 @@ struct Report {
     memory: Vec<MemoryCell>,
     rate: Vec<RateCell>,
     exits: Report2,
+    devices: Option<devices::Report>,
     kvm: Vec<kvm::SequenceResult>,
 }
 
@@ -1038,6 +1049,9 @@ impl Report {
         self.memory_md(&mut s);
         self.rate_md(&mut s);
         self.exits_md(&mut s);
+        if let Some(d) = &self.devices {
+            d.markdown(&mut s);
+        }
         self.kvm_md(&mut s);
         s
     }

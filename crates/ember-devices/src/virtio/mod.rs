@@ -163,6 +163,25 @@ pub(crate) fn next_chain<'m, M: GuestMemoryBackend>(
     Ok(None)
 }
 
+/// Whether the driver wants an interrupt for what the device just put in `queue`'s used ring:
+/// with `EVENT_IDX`, whether the used index passed its `used_event`; without it, unless the
+/// driver set `VRING_AVAIL_F_NO_INTERRUPT` (it polls). Call once after a batch of `add_used`.
+pub(crate) fn needs_interrupt<M: GuestMemoryBackend>(
+    queue: &mut virtio_queue::Queue,
+    mem: &M,
+) -> Result<bool, virtio_queue::Error> {
+    use virtio_queue::QueueT;
+    // Also resets the count of entries added since the last call.
+    let event = queue.needs_notification(mem)?;
+    if queue.event_idx_enabled() {
+        return Ok(event);
+    }
+    let flags: u16 = vm_memory::Bytes::read_obj(mem, vm_memory::GuestAddress(queue.avail_ring()))
+        .map(u16::from_le)
+        .unwrap_or(0);
+    Ok(flags & 1 == 0)
+}
+
 /// Bits of the InterruptStatus register.
 pub mod interrupt_status {
     /// The device used a buffer in at least one virtqueue.

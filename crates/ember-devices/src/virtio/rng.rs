@@ -206,9 +206,7 @@ impl<M: GuestMemoryBackend + Send> Rng<M> {
             add(&c.bytes, written);
         }
         if used_any
-            && active
-                .queue
-                .needs_notification(&active.mem)
+            && super::needs_interrupt(&mut active.queue, &active.mem)
                 .map_err(|source| Error::QueueBroken { queue: 0, source })?
         {
             active.interrupt.signal_used_queue(0)?;

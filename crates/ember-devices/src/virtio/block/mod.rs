@@ -438,11 +438,13 @@ where
                 Err(source) => break Err(source),
             }
         };
-        let signal = if used_any {
-            active.interrupt.signal_used_queue(0)
-        } else {
-            Ok(())
-        };
+        // An unreadable avail ring (the queue is broken anyway) still gets its interrupt.
+        let signal =
+            if used_any && super::needs_interrupt(&mut active.queue, &active.mem).unwrap_or(true) {
+                active.interrupt.signal_used_queue(0)
+            } else {
+                Ok(())
+            };
         if let Err(source) = result {
             inc(&counters.queue_errors);
             return Err(Error::QueueBroken { queue: 0, source });

@@ -391,8 +391,7 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> Net<B, M> {
             return result;
         };
         if used_any
-            && active.queues[RX_QUEUE]
-                .needs_notification(&active.mem)
+            && super::needs_interrupt(&mut active.queues[RX_QUEUE], &active.mem)
                 .map_err(broken(RX_QUEUE))?
         {
             active.interrupt.signal_used_queue(0)?;
@@ -581,6 +580,9 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> Net<B, M> {
         let mem = &a.mem;
         let mut used_any = false;
         let mut sent = 0usize;
+        // The frame's pieces of guest memory (one per descriptor, or more where one crosses
+        // a region boundary).
+        let mut parts = Vec::with_capacity(4);
         let result = loop {
             if sent == BUDGET {
                 *tx_more = true;
@@ -593,25 +595,30 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> Net<B, M> {
             };
             sent += 1;
             let head = chain.head_index();
-            tx_frame.clear();
+            parts.clear();
+            let mut len = 0usize;
             let mut ok = true;
-            for d in chain {
+            'chain: for d in chain {
                 let dlen = d.len() as usize;
-                if d.is_write_only() || tx_frame.len() + dlen > MAX_FRAME_LEN {
+                if d.is_write_only() || len + dlen > MAX_FRAME_LEN {
                     ok = false;
                     break;
                 }
-                let at = tx_frame.len();
-                tx_frame.resize(at + dlen, 0);
-                if mem.read_slice(&mut tx_frame[at..], d.addr()).is_err() {
-                    ok = false;
-                    break;
+                for part in mem.get_slices(d.addr(), dlen) {
+                    match part {
+                        Ok(p) => parts.push(p),
+                        Err(_) => {
+                            ok = false;
+                            break 'chain;
+                        }
+                    }
                 }
+                len += dlen;
             }
-            if !ok || tx_frame.len() < VNET_HDR_LEN {
+            if !ok || len < VNET_HDR_LEN {
                 add(&counters.tx_malformed_chains, 1);
             } else {
-                let len = tx_frame.len() as u64;
+                let len = len as u64;
                 let admitted = if !tx_limiter.consume(1, TokenType::Ops) {
                     false
                 } else if !tx_limiter.consume(len, TokenType::Bytes) {
@@ -625,7 +632,7 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> Net<B, M> {
                     a.queues[TX_QUEUE].go_to_previous_position();
                     break Ok(());
                 }
-                match backend.write_frame(tx_frame) {
+                match backend.write_frame_parts(&parts, tx_frame) {
                     Ok(()) => {
                         add(&counters.tx_frames, 1);
                         add(&counters.tx_bytes, len - VNET_HDR_LEN as u64);
@@ -648,9 +655,7 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> Net<B, M> {
             used_any = true;
         };
         if used_any
-            && a.queues[TX_QUEUE]
-                .needs_notification(mem)
-                .map_err(broken(TX_QUEUE))?
+            && super::needs_interrupt(&mut a.queues[TX_QUEUE], mem).map_err(broken(TX_QUEUE))?
         {
             a.interrupt.signal_used_queue(1)?;
         }

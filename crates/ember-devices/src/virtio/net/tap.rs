@@ -9,6 +9,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixDatagram;
 
+use vm_memory::bitmap::BitmapSlice;
+use vm_memory::VolatileSlice;
 use vmm_sys_util::ioctl::{ioctl_with_mut_ref, ioctl_with_ref};
 
 /// `TUNSETIFF`: `_IOW('T', 202, int)`.
@@ -89,6 +91,17 @@ pub trait NetBackend: Send + AsRawFd {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame; `WouldBlock` when the backend cannot take it now.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Writes one frame gathered from pieces of guest memory (the chain's descriptors).
+    /// Default: copies them into `scratch` and calls
+    /// [`write_frame`](NetBackend::write_frame); [`Tap`] hands them to `writev` instead.
+    fn write_frame_parts<B: BitmapSlice>(
+        &mut self,
+        parts: &[VolatileSlice<'_, B>],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        gather(parts, scratch);
+        self.write_frame(scratch)
+    }
     /// Sets the receive offloads (flags of [`offload`]) the guest accepted. Default: only 0
     /// is accepted.
     fn set_offload(&mut self, flags: u32) -> io::Result<()> {
@@ -215,6 +228,19 @@ impl AsRawFd for Tap {
     }
 }
 
+/// Copies `parts` one after the other into `out`.
+fn gather<B: BitmapSlice>(parts: &[VolatileSlice<'_, B>], out: &mut Vec<u8>) {
+    out.clear();
+    for p in parts {
+        let at = out.len();
+        out.resize(at + p.len(), 0);
+        p.copy_to(&mut out[at..]);
+    }
+}
+
+/// Most pieces `Tap::write_frame_parts` passes to one `writev` (more are copied first).
+const MAX_IOV: usize = 16;
+
 fn read_fd(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buf` is valid for `buf.len()` bytes of writes.
     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -231,6 +257,43 @@ impl NetBackend for Tap {
         let n = unsafe { libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
         match usize::try_from(n) {
             Ok(n) if n == frame.len() => Ok(()),
+            Ok(_) => Err(io::Error::new(io::ErrorKind::WriteZero, "short TAP write")),
+            Err(_) => Err(io::Error::last_os_error()),
+        }
+    }
+
+    fn write_frame_parts<B: BitmapSlice>(
+        &mut self,
+        parts: &[VolatileSlice<'_, B>],
+        scratch: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        if parts.len() > MAX_IOV {
+            gather(parts, scratch);
+            return self.write_frame(scratch);
+        }
+        // The guards keep each piece mapped during the call (without allocating).
+        let guards: [Option<_>; MAX_IOV] =
+            std::array::from_fn(|i| parts.get(i).map(|p| p.ptr_guard()));
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; MAX_IOV];
+        let mut total = 0usize;
+        for (v, (g, p)) in iov.iter_mut().zip(guards.iter().zip(parts)) {
+            if let Some(g) = g {
+                v.iov_base = g.as_ptr().cast_mut().cast();
+                v.iov_len = p.len();
+                total += p.len();
+            }
+        }
+        // parts.len() <= MAX_IOV (16).
+        let count = libc::c_int::try_from(parts.len()).unwrap_or(0);
+        // SAFETY: each iovec points into guest memory that its guard keeps mapped for
+        // `iov_len` bytes during the call; the kernel only reads it (the guest may change it
+        // meanwhile, which changes what is sent, nothing else).
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), count) };
+        match usize::try_from(n) {
+            Ok(n) if n == total => Ok(()),
             Ok(_) => Err(io::Error::new(io::ErrorKind::WriteZero, "short TAP write")),
             Err(_) => Err(io::Error::last_os_error()),
         }

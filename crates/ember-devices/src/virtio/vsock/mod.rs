@@ -299,7 +299,7 @@ impl<M: GuestMemoryBackend + Send> Vsock<M> {
             used_any = true;
             sent += 1;
         }
-        if used_any && a.queues[RX].needs_notification(mem).map_err(broken(RX))? {
+        if used_any && super::needs_interrupt(&mut a.queues[RX], mem).map_err(broken(RX))? {
             a.interrupt.signal_used_queue(0)?;
         }
         Ok(())
@@ -367,7 +367,7 @@ impl<M: GuestMemoryBackend + Send> Vsock<M> {
             a.queues[TX].add_used(mem, head, 0).map_err(broken(TX))?;
             used_any = true;
         }
-        if used_any && a.queues[TX].needs_notification(mem).map_err(broken(TX))? {
+        if used_any && super::needs_interrupt(&mut a.queues[TX], mem).map_err(broken(TX))? {
             a.interrupt.signal_used_queue(1)?;
         }
         Ok(())
