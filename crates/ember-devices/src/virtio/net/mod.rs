@@ -766,7 +766,7 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> VirtioDevice<M> for Net<B, M> 
                 Host::Backend => HostFd {
                     fd: self.backend.as_raw_fd(),
                     readable: true,
-                    writable: true,
+                    writable: self.backend.writes_may_block(),
                     edge_triggered: true,
                 },
                 Host::Resume => HostFd::readable(self.resume.as_raw_fd()),

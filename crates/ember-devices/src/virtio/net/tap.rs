@@ -91,6 +91,13 @@ pub trait NetBackend: Send + AsRawFd {
     fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize>;
     /// Writes one frame; `WouldBlock` when the backend cannot take it now.
     fn write_frame(&mut self, frame: &[u8]) -> io::Result<()>;
+    /// Whether a write can fail with `WouldBlock` (then the device watches the descriptor for
+    /// writability and retries). Default: yes. A TAP never refuses a frame for lack of
+    /// room (the kernel drops it instead), and watching its writability would cost an epoll
+    /// wake-up callback for every frame the kernel frees.
+    fn writes_may_block(&self) -> bool {
+        true
+    }
     /// Writes one frame gathered from pieces of guest memory (the chain's descriptors).
     /// Default: copies them into `scratch` and calls
     /// [`write_frame`](NetBackend::write_frame); [`Tap`] hands them to `writev` instead.
@@ -260,6 +267,10 @@ impl NetBackend for Tap {
             Ok(_) => Err(io::Error::new(io::ErrorKind::WriteZero, "short TAP write")),
             Err(_) => Err(io::Error::last_os_error()),
         }
+    }
+
+    fn writes_may_block(&self) -> bool {
+        false
     }
 
     fn write_frame_parts<B: BitmapSlice>(
