@@ -106,7 +106,7 @@ fn user_errors_are_messages_not_panics() {
             vec!["--kernel", "/nonexistent/vmlinux"],
             "/nonexistent/vmlinux",
         ),
-        (vec![], "--kernel"),
+        (vec!["--memory-mib", "64"], "--kernel"),
         (
             vec!["--config", "/nonexistent/vm.json"],
             "/nonexistent/vm.json",

@@ -1,8 +1,12 @@
-//! `ember`: Ember's reference VMM binary, booting a microVM from flags or a JSON config.
+//! `ember`: Ember's reference VMM binary, in two modes:
 //!
-//! ```text
-//! cargo run --release --bin ember -- --kernel target/probe/probe.elf --cmdline "probe=memmap,serial"
-//! ```
+//! * quick boot, from flags or an Ember JSON config:
+//!   ```text
+//!   cargo run --release --bin ember -- --kernel target/probe/probe.elf --cmdline "probe=memmap,serial"
+//!   ```
+//! * Firecracker's: the same flags, config file and REST API on a Unix socket as Firecracker
+//!   1.16 (`ember --api-sock /tmp/fc.sock`, `ember --no-api --config-file vm.json`); see
+//!   docs/api.md.
 //!
 //! Stdin feeds the serial console (raw mode when it is a terminal, restored on every exit
 //! path); the guest's reset or poweroff ends the process with status 0; an emulation failure,
@@ -15,6 +19,8 @@ use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Parser;
 use ember_vmm::{BootProtocolChoice, Vm, VmConfig, VmExit};
+
+mod firecracker;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -91,6 +97,177 @@ struct Args {
     /// Print the VMM's start-up phases on stderr.
     #[arg(long)]
     timings: bool,
+
+    // Firecracker's flags (Firecracker mode: used without --kernel and --config).
+    /// [Firecracker] The API's Unix socket.
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker mode")]
+    api_sock: Option<PathBuf>,
+    /// [Firecracker] The instance id (in logs and `GET /`).
+    #[arg(
+        long,
+        default_value = "anonymous-instance",
+        help_heading = "Firecracker mode"
+    )]
+    id: String,
+    /// [Firecracker] Boot from a Firecracker JSON config file at once.
+    #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
+    config_file: Option<PathBuf>,
+    /// [Firecracker] No API socket (needs --config-file).
+    #[arg(long, help_heading = "Firecracker mode")]
+    no_api: bool,
+    /// [Firecracker] Log level: Error, Warning, Info, Debug, Trace or Off.
+    #[arg(long, help_heading = "Firecracker mode")]
+    level: Option<String>,
+    /// [Firecracker] Log file or named pipe [default: stderr].
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker mode")]
+    log_path: Option<String>,
+    /// [Firecracker] Show each line's level.
+    #[arg(long, help_heading = "Firecracker mode")]
+    show_level: bool,
+    /// [Firecracker] Show each line's file and line.
+    #[arg(long, help_heading = "Firecracker mode")]
+    show_log_origin: bool,
+    /// [Firecracker] Only log messages of this module path.
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker mode")]
+    module: Option<String>,
+    /// [Firecracker] Metrics file or named pipe.
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker mode")]
+    metrics_path: Option<String>,
+    /// [Firecracker] Log the guest's boot time (its write to port 0x510).
+    #[arg(long, help_heading = "Firecracker mode")]
+    boot_timer: bool,
+    /// [Firecracker] Accepted: Ember has no seccomp filter yet.
+    #[arg(long, help_heading = "Firecracker mode")]
+    no_seccomp: bool,
+    /// [Firecracker] Not supported yet (Ember has no seccomp filter).
+    #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
+    seccomp_filter: Option<PathBuf>,
+    /// [Firecracker] Largest API request body, bytes.
+    #[arg(long, default_value_t = ember_api::DEFAULT_MAX_PAYLOAD, help_heading = "Firecracker mode")]
+    http_api_max_payload_size: usize,
+    /// [Firecracker] Process start (wall clock, µs), for the start-up metrics.
+    #[arg(long, help_heading = "Firecracker mode")]
+    start_time_us: Option<u64>,
+    /// [Firecracker] Process start (CPU time, µs), for the start-up metrics.
+    #[arg(long, help_heading = "Firecracker mode")]
+    start_time_cpu_us: Option<u64>,
+    /// [Firecracker] The parent's CPU time (µs), added to the start-up CPU time.
+    #[arg(long, help_heading = "Firecracker mode")]
+    parent_cpu_time_us: Option<u64>,
+    /// [Firecracker] Not supported yet (no snapshot files).
+    #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
+    describe_snapshot: Option<PathBuf>,
+    /// [Firecracker] Not supported yet (no snapshot files).
+    #[arg(long, help_heading = "Firecracker mode")]
+    snapshot_version: bool,
+    /// [Firecracker] Not supported: Ember has no PCI.
+    #[arg(long, help_heading = "Firecracker mode")]
+    enable_pci: bool,
+    /// [Firecracker] Not supported: Ember has no MMDS.
+    #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
+    metadata: Option<PathBuf>,
+    /// [Firecracker] Not supported: Ember has no MMDS.
+    #[arg(long, value_name = "BYTES", help_heading = "Firecracker mode")]
+    mmds_size_limit: Option<u64>,
+}
+
+impl Args {
+    /// Whether any Firecracker-only flag is present.
+    fn firecracker_flags(&self) -> Option<&'static str> {
+        let set: [(bool, &'static str); 17] = [
+            (self.api_sock.is_some(), "--api-sock"),
+            (self.config_file.is_some(), "--config-file"),
+            (self.no_api, "--no-api"),
+            (self.level.is_some(), "--level"),
+            (self.log_path.is_some(), "--log-path"),
+            (self.show_level, "--show-level"),
+            (self.show_log_origin, "--show-log-origin"),
+            (self.module.is_some(), "--module"),
+            (self.metrics_path.is_some(), "--metrics-path"),
+            (self.boot_timer, "--boot-timer"),
+            (self.seccomp_filter.is_some(), "--seccomp-filter"),
+            (self.start_time_us.is_some(), "--start-time-us"),
+            (self.describe_snapshot.is_some(), "--describe-snapshot"),
+            (self.snapshot_version, "--snapshot-version"),
+            (self.enable_pci, "--enable-pci"),
+            (self.metadata.is_some(), "--metadata"),
+            (self.mmds_size_limit.is_some(), "--mmds-size-limit"),
+        ];
+        set.iter().find(|(on, _)| *on).map(|(_, n)| *n)
+    }
+
+    fn quick_boot(&self) -> bool {
+        self.kernel.is_some() || self.config.is_some()
+    }
+
+    /// Whether a quick-boot-only flag is present.
+    fn quick_boot_flags(&self) -> bool {
+        self.initrd.is_some()
+            || self.cmdline.is_some()
+            || self.memory_mib.is_some()
+            || self.vcpus.is_some()
+            || !self.disks.is_empty()
+            || !self.nets.is_empty()
+            || self.vsock.is_some()
+            || self.rng.is_some()
+            || self.balloon.is_some()
+            || self.pit
+            || self.no_acpi
+            || self.cpu_template.is_some()
+            || self.boot_protocol.is_some()
+            || self.timings
+    }
+}
+
+/// Firecracker mode: checks the flags Ember does not implement, then runs.
+fn firecracker_mode(args: &Args) -> ExitCode {
+    let unsupported = |flag: &str, why: &str| {
+        eprintln!("ember: error: {flag} is not supported: {why}");
+        ExitCode::from(1)
+    };
+    if args.enable_pci {
+        return unsupported("--enable-pci", "Ember has no PCI bus (virtio-mmio only)");
+    }
+    if args.metadata.is_some() || args.mmds_size_limit.is_some() {
+        return unsupported("--metadata/--mmds-size-limit", "Ember has no MMDS");
+    }
+    if args.seccomp_filter.is_some() {
+        return unsupported("--seccomp-filter", "Ember has no seccomp filter yet");
+    }
+    if args.describe_snapshot.is_some() || args.snapshot_version {
+        return unsupported(
+            "--describe-snapshot/--snapshot-version",
+            "Ember has no snapshot files yet",
+        );
+    }
+    let level = match args.level.as_deref().map(str::parse) {
+        None => None,
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            eprintln!("ember: error: --level: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    firecracker::run(firecracker::FcArgs {
+        api_sock: args
+            .api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/run/firecracker.socket")),
+        id: args.id.clone(),
+        config_file: args.config_file.clone(),
+        no_api: args.no_api,
+        level,
+        log_path: args.log_path.clone(),
+        show_level: args.show_level,
+        show_log_origin: args.show_log_origin,
+        module: args.module.clone(),
+        metrics_path: args.metrics_path.clone(),
+        boot_timer: args.boot_timer,
+        http_api_max_payload_size: args.http_api_max_payload_size,
+        start_time_us: args.start_time_us,
+        start_time_cpu_us: args.start_time_cpu_us,
+        parent_cpu_time_us: args.parent_cpu_time_us,
+    })
 }
 
 /// Puts a terminal into raw mode and restores it when dropped.
@@ -132,9 +309,26 @@ impl Drop for RawTerminal {
 }
 
 /// The running VM's stop descriptor, for the signal handler (-1: none).
-static STOP_FD: AtomicI32 = AtomicI32::new(-1);
+pub(crate) static STOP_FD: AtomicI32 = AtomicI32::new(-1);
 /// The signal that asked the VMM to stop (0: none).
-static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+pub(crate) static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// The API socket to remove when a signal ends a process with no VM running (Firecracker
+/// mode): a NUL-terminated path, set once.
+static API_SOCKET: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+pub(crate) fn set_api_socket(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        let _ = API_SOCKET.set(c);
+    }
+}
+
+pub(crate) fn remove_api_socket() {
+    if let Some(p) = API_SOCKET.get() {
+        // SAFETY: unlink of a NUL-terminated path.
+        unsafe { libc::unlink(p.as_ptr()) };
+    }
+}
 
 extern "C" fn on_stop_signal(signum: libc::c_int) {
     STOP_SIGNAL.store(signum, Ordering::SeqCst);
@@ -144,11 +338,16 @@ extern "C" fn on_stop_signal(signum: libc::c_int) {
         // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is the
         // VM's stop eventfd, open for the lifetime of the run.
         unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
+    } else if API_SOCKET.get().is_some() {
+        // Firecracker mode before InstanceStart: nothing to stop, so end the process.
+        remove_api_socket();
+        // SAFETY: _exit is async-signal-safe.
+        unsafe { libc::_exit(128 + signum) };
     }
 }
 
 /// SIGTERM and SIGINT stop the VM; the normal exit path then restores the terminal.
-fn install_stop_signals() {
+pub(crate) fn install_stop_signals() {
     for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
         // SAFETY: the handler only does async-signal-safe work (atomics and write(2)).
         unsafe {
@@ -165,7 +364,7 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
     let mut config = match (&args.config, &args.kernel) {
         (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
         (None, Some(kernel)) => VmConfig::new(kernel),
-        (None, None) => return Err("give --kernel or --config".into()),
+        (None, None) => return Err("give --kernel or --config (or Firecracker's flags)".into()),
     };
     if let Some(k) = &args.kernel {
         config.kernel = k.clone();
@@ -219,6 +418,19 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
 fn main() -> ExitCode {
     let _ = ember_vmm::process_start();
     let args = Args::parse();
+    if !args.quick_boot() {
+        if args.quick_boot_flags() {
+            eprintln!("ember: error: give --kernel or --config (or Firecracker's flags, without the quick-boot ones)");
+            return ExitCode::from(2);
+        }
+        return firecracker_mode(&args);
+    }
+    if let Some(flag) = args.firecracker_flags() {
+        eprintln!(
+            "ember: error: {flag} is a Firecracker-mode flag; it does not go with --kernel or --config"
+        );
+        return ExitCode::from(2);
+    }
     let config = match build_config(&args) {
         Ok(c) => c,
         Err(e) => {

@@ -59,6 +59,7 @@ pub mod boot_timer;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod fuzz;
 pub mod i8042;
+pub mod mailbox;
 pub mod pvpanic;
 pub mod rate_limiter;
 pub mod serial;

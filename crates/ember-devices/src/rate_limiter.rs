@@ -156,6 +156,17 @@ impl TokenBucket {
     }
 }
 
+/// How [`RateLimiter::update`] changes one bucket (Firecracker's `BucketUpdate`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BucketUpdate {
+    /// Leave it as it is.
+    Keep,
+    /// Remove it: no limit on that kind of token.
+    Disable,
+    /// Replace it by a full bucket of this configuration (size or refill time 0 disables).
+    Set(TokenBucketConfig),
+}
+
 /// What [`RateLimiter::consume`] counts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TokenType {
@@ -343,6 +354,29 @@ impl RateLimiter {
                 true
             }
         }
+    }
+
+    /// Changes the buckets of a running limiter (its timer stays the same descriptor). A
+    /// limiter waiting for its timer stops waiting: the device should try again at once.
+    pub fn update(&mut self, bandwidth: BucketUpdate, ops: BucketUpdate) {
+        let apply = |bucket: &mut Option<TokenBucket>, u: BucketUpdate| match u {
+            BucketUpdate::Keep => {}
+            BucketUpdate::Disable => *bucket = None,
+            BucketUpdate::Set(cfg) => *bucket = TokenBucket::new(cfg),
+        };
+        apply(&mut self.bandwidth, bandwidth);
+        apply(&mut self.ops, ops);
+        if self.timer.is_armed() {
+            let _ = self.timer.disarm();
+        }
+    }
+
+    /// The current bucket configurations (bandwidth, operations).
+    pub fn config(&self) -> (Option<TokenBucketConfig>, Option<TokenBucketConfig>) {
+        (
+            self.bandwidth.as_ref().map(TokenBucket::config),
+            self.ops.as_ref().map(TokenBucket::config),
+        )
     }
 
     /// Gives back tokens taken for a request that did not happen.

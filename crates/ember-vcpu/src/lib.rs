@@ -496,12 +496,35 @@ pub fn segment_from_gdt_entry(entry: u64, table_index: u8) -> kvm_segment {
 
 pub use ember_memory::MAX_VCPUS;
 
+/// Exits of one vCPU's run loop, by reason (relaxed atomic counters, readable from any
+/// thread while the vCPU runs).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port reads (one per `KVM_EXIT_IO` in, whatever the string length).
+    pub io_in: std::sync::atomic::AtomicU64,
+    /// Port writes.
+    pub io_out: std::sync::atomic::AtomicU64,
+    /// MMIO reads.
+    pub mmio_read: std::sync::atomic::AtomicU64,
+    /// MMIO writes.
+    pub mmio_write: std::sync::atomic::AtomicU64,
+    /// Interrupted `KVM_RUN`s (kicks, signals).
+    pub interrupted: std::sync::atomic::AtomicU64,
+    /// `KVM_RUN` failures.
+    pub failures: std::sync::atomic::AtomicU64,
+}
+
+fn count(c: &std::sync::atomic::AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
 /// One KVM vCPU.
 #[derive(Debug)]
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
     msr_modifiers: Vec<template::MsrModifier>,
+    exits: std::sync::Arc<ExitCounters>,
 }
 
 impl Vcpu {
@@ -524,6 +547,7 @@ impl Vcpu {
             fd,
             id,
             msr_modifiers: Vec::new(),
+            exits: std::sync::Arc::default(),
         })
     }
 
@@ -547,6 +571,11 @@ impl Vcpu {
     /// The MSR modifiers stored by [`Vcpu::set_msr_modifiers`].
     pub fn msr_modifiers(&self) -> &[template::MsrModifier] {
         &self.msr_modifiers
+    }
+
+    /// This vCPU's exit counters (shared: keep the `Arc` to read them while it runs).
+    pub fn exit_counters(&self) -> std::sync::Arc<ExitCounters> {
+        self.exits.clone()
     }
 
     /// The vCPU id.
@@ -884,35 +913,51 @@ impl Vcpu {
             if stop.load(Ordering::Acquire) {
                 return Ok(VcpuStop::Stopped);
             }
+            let exits = &*self.exits;
             match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
+                    count(&exits.io_out);
                     for item in data.chunks(pio_item_size(run_ptr, data.len())) {
                         io.pio_write(port, item);
                     }
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
+                    count(&exits.io_in);
                     for item in data.chunks_mut(pio_item_size(run_ptr, data.len())) {
                         io.pio_read(port, item);
                     }
                 }
-                Ok(VcpuExit::MmioWrite(addr, data)) => io.mmio_write(addr, data),
-                Ok(VcpuExit::MmioRead(addr, data)) => io.mmio_read(addr, data),
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    count(&exits.mmio_write);
+                    io.mmio_write(addr, data)
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    count(&exits.mmio_read);
+                    io.mmio_read(addr, data)
+                }
                 Ok(VcpuExit::Hlt) => return Ok(VcpuStop::Halted),
                 Ok(VcpuExit::Shutdown) => return Ok(VcpuStop::Shutdown),
                 Ok(VcpuExit::SystemEvent(kind, _)) => return Ok(VcpuStop::SystemEvent { kind }),
                 Ok(VcpuExit::FailEntry(reason, _)) => return Ok(VcpuStop::FailEntry { reason }),
                 Ok(VcpuExit::InternalError) => return self.internal_error(),
-                Ok(VcpuExit::Intr) => self.fd.set_kvm_immediate_exit(0),
+                Ok(VcpuExit::Intr) => {
+                    count(&exits.interrupted);
+                    self.fd.set_kvm_immediate_exit(0)
+                }
                 Ok(other) => return Ok(VcpuStop::Unexpected(format!("{other:?}"))),
-                Err(e) if e.errno() == libc::EINTR => self.fd.set_kvm_immediate_exit(0),
+                Err(e) if e.errno() == libc::EINTR => {
+                    count(&exits.interrupted);
+                    self.fd.set_kvm_immediate_exit(0)
+                }
                 // An AP held by the in-kernel LAPIC (KVM_MP_STATE_UNINITIALIZED) returns EAGAIN
                 // when INIT/SIPI (or anything else) wakes it: just enter again.
                 Err(e) if e.errno() == libc::EAGAIN => {}
                 Err(source) => {
+                    count(&exits.failures);
                     return Err(Error::Run {
                         id: self.id,
                         source,
-                    })
+                    });
                 }
             }
         }

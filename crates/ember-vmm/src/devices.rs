@@ -12,9 +12,13 @@ use std::time::Duration;
 use ember_boot::acpi::{AcpiDevice, SLEEP_CONTROL_PORT};
 use ember_devices::acpi_pm::{AcpiPmRegisters, ACPI_PM_LEN};
 use ember_devices::boot_timer::{BootTimer, BOOT_TIMER_PORT};
-use ember_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use ember_devices::i8042::{I8042, I8042_BASE, I8042_LEN, KEYBOARD_IRQ};
+use ember_devices::mailbox::MailboxSender;
 use ember_devices::pvpanic::{PvPanic, PVPANIC_PORT};
 use ember_devices::serial::{OutputBuffer, SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
+use ember_devices::virtio::balloon::BalloonHandle;
+use ember_devices::virtio::block::{BlockCommand, FileDisk};
+use ember_devices::virtio::net::NetCommand;
 use ember_devices::virtio::{MmioTransport, VirtioDevice, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use ember_devices::{lock, Buses, EventFdTrigger, SharedDevice};
 use ember_memory::{GuestRam, MemoryLayout};
@@ -50,6 +54,20 @@ pub(crate) struct LegacyDevices {
     pub acpi_pm: Arc<Mutex<AcpiPmRegisters>>,
     /// The boot timer.
     pub boot_timer: Arc<Mutex<BootTimer>>,
+    /// The i8042 (for Ctrl+Alt+Del from the host).
+    pub i8042: Arc<Mutex<I8042>>,
+}
+
+/// What another thread may send a running device (from [`VmHandle::device_control`](crate::VmHandle::device_control)).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum DeviceControl {
+    /// A disk: new image, new rate limiter.
+    Block(MailboxSender<BlockCommand<FileDisk>>),
+    /// A network interface: new rate limiters.
+    Net(MailboxSender<NetCommand>),
+    /// The balloon: new target, new statistics interval; its statistics.
+    Balloon(BalloonHandle),
 }
 
 /// What [`DeviceManager::attach_virtio`] attaches.
@@ -62,6 +80,8 @@ pub struct VirtioSpec {
     pub device: Box<dyn VirtioDevice>,
     /// Reads the device's counters (from any thread, without locking the device).
     pub counters: Box<dyn Fn() -> DeviceCounters + Send + Sync>,
+    /// Its control, if it takes commands at run time.
+    pub control: Option<DeviceControl>,
 }
 
 /// One attached virtio-mmio device.
@@ -73,17 +93,22 @@ pub(crate) struct VirtioSlot {
     pub gsi: u32,
     pub transport: Arc<Mutex<MmioTransport>>,
     pub counters: Box<dyn Fn() -> DeviceCounters + Send + Sync>,
+    pub control: Option<DeviceControl>,
 }
 
 impl VirtioSlot {
     pub(crate) fn report(&self) -> DeviceReport {
+        let t = lock(&self.transport);
+        let (transport, activated) = (t.counters(), t.is_activated());
+        drop(t);
         DeviceReport {
             id: self.id.clone(),
             device_type: self.device_type,
             backing: self.backing.clone(),
             mmio_base: self.mmio_base,
             gsi: self.gsi,
-            transport: lock(&self.transport).counters(),
+            transport,
+            activated,
             counters: (self.counters)(),
         }
     }
@@ -140,7 +165,13 @@ impl DeviceManager {
         let reset_evt = eventfd()?;
         let panic_evt = eventfd()?;
         let poweroff_evt = eventfd()?;
-        let i8042 = I8042::new(EventFdTrigger::from(clone(&reset_evt)?));
+        let kbd_irq = EventFdTrigger::new()?;
+        vm_fd
+            .register_irqfd(kbd_irq.eventfd(), KEYBOARD_IRQ)
+            .map_err(|e| Error::Kvm("KVM_IRQFD", e))?;
+        let i8042 = Arc::new(Mutex::new(
+            I8042::new(EventFdTrigger::from(clone(&reset_evt)?)).with_keyboard_interrupt(kbd_irq),
+        ));
         let pvpanic = PvPanic::new(EventFdTrigger::from(clone(&panic_evt)?));
         let acpi_pm = AcpiPmRegisters::new(
             EventFdTrigger::from(clone(&poweroff_evt)?),
@@ -153,7 +184,7 @@ impl DeviceManager {
         let acpi_pm = Arc::new(Mutex::new(acpi_pm));
         let pio = &mut self.buses.pio;
         pio.insert(serial.clone() as SharedDevice, COM1_BASE, COM1_LEN)?;
-        pio.insert(Arc::new(Mutex::new(i8042)), I8042_BASE, I8042_LEN)?;
+        pio.insert(i8042.clone(), I8042_BASE, I8042_LEN)?;
         pio.insert(boot_timer.clone(), BOOT_TIMER_PORT, 1)?;
         pio.insert(pvpanic.clone(), PVPANIC_PORT, 1)?;
         pio.insert(acpi_pm.clone(), u64::from(SLEEP_CONTROL_PORT), ACPI_PM_LEN)?;
@@ -173,6 +204,7 @@ impl DeviceManager {
             pvpanic,
             acpi_pm,
             boot_timer,
+            i8042,
         })
     }
 
@@ -240,6 +272,7 @@ impl DeviceManager {
             gsi,
             transport,
             counters: spec.counters,
+            control: spec.control,
         });
         Ok(self.virtio.len() - 1)
     }

@@ -18,6 +18,8 @@ use crate::state::MachineState;
 /// What a VM shares with its handles, for as long as it runs: the VM fd (before the memory it
 /// maps, so that it is closed first), the devices, the vCPU control.
 pub(crate) struct VmShared {
+    /// Each vCPU's exit counters.
+    pub exit_counters: Vec<Arc<ember_vcpu::ExitCounters>>,
     pub vm_fd: VmFd,
     pub memory: GuestRam,
     pub pit: bool,
@@ -28,6 +30,21 @@ pub(crate) struct VmShared {
     pub virtio: Vec<VirtioSlot>,
     pub buses: Arc<Buses>,
     pub control: Arc<VcpuControl>,
+}
+
+/// The vCPUs' exit counters, summed.
+pub(crate) fn sum_exits(counters: &[Arc<ember_vcpu::ExitCounters>]) -> crate::ExitCounts {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut e = crate::ExitCounts::default();
+    for c in counters {
+        e.io_in += c.io_in.load(Relaxed);
+        e.io_out += c.io_out.load(Relaxed);
+        e.mmio_read += c.mmio_read.load(Relaxed);
+        e.mmio_write += c.mmio_write.load(Relaxed);
+        e.interrupted += c.interrupted.load(Relaxed);
+        e.failures += c.failures.load(Relaxed);
+    }
+    e
 }
 
 /// A clonable handle to a running VM: feed its console, pause it, take and apply its state,
@@ -100,6 +117,52 @@ impl VmHandle {
     /// to it. Writing is async-signal-safe, so a SIGTERM handler may use it.
     pub fn stop_fd(&self) -> RawFd {
         self.stop_evt.as_raw_fd()
+    }
+
+    /// Sends Ctrl+Alt+Del to the guest through the i8042 (Firecracker's `SendCtrlAltDel`): a
+    /// Linux guest reboots (which ends the VM).
+    pub fn send_ctrl_alt_del(&self) -> Result<(), Error> {
+        let shared = self.shared.upgrade().ok_or(Error::NotRunning)?;
+        lock(&shared.legacy.i8042).trigger_ctrl_alt_del();
+        Ok(())
+    }
+
+    /// The control of virtio device `id`, if it takes commands at run time.
+    pub fn device_control(&self, id: &str) -> Option<crate::DeviceControl> {
+        let shared = self.shared.upgrade()?;
+        shared
+            .virtio
+            .iter()
+            .find(|s| s.id == id)
+            .and_then(|s| s.control.clone())
+    }
+
+    /// Every virtio device with its counters now (empty once the VM ended).
+    pub fn devices(&self) -> Vec<crate::DeviceReport> {
+        self.shared
+            .upgrade()
+            .map(|s| s.virtio.iter().map(|v| v.report()).collect())
+            .unwrap_or_default()
+    }
+
+    /// vCPU exits so far, summed over the vCPUs.
+    pub fn exits(&self) -> crate::ExitCounts {
+        self.shared
+            .upgrade()
+            .map(|s| sum_exits(&s.exit_counters))
+            .unwrap_or_default()
+    }
+
+    /// The console's counters (bytes the guest wrote, read, dropped).
+    pub fn serial_counters(&self) -> Option<ember_devices::serial::SerialCounters> {
+        let s = self.shared.upgrade()?;
+        let c = lock(&s.legacy.serial).counters();
+        Some(c)
+    }
+
+    /// Time from VMM process start to the guest's first boot-timer write, once it wrote.
+    pub fn boot_time(&self) -> Option<std::time::Duration> {
+        self.shared.upgrade()?.legacy.boot_time.get().copied()
     }
 
     /// Queues bytes for the guest's serial console.

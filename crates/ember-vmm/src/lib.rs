@@ -49,10 +49,10 @@ pub use config::{
     MAX_VIRTIO_DEVICES,
 };
 pub use console::ESCAPE as CONSOLE_ESCAPE;
-pub use devices::{FIRST_VIRTIO_GSI, LAST_GSI};
+pub use devices::{DeviceControl, FIRST_VIRTIO_GSI, LAST_GSI};
 pub use error::Error;
 pub use handle::VmHandle;
-pub use outcome::{DeviceCounters, DeviceReport, StartupTimings, VmExit, VmOutcome};
+pub use outcome::{DeviceCounters, DeviceReport, ExitCounts, StartupTimings, VmExit, VmOutcome};
 pub use state::{DevicesState, MachineState, VirtioDeviceState};
 pub use vm::{Vm, VmBuilder};
 

@@ -109,6 +109,24 @@ pub enum DeviceCounters {
     Vsock(VsockCounters),
 }
 
+/// vCPU exits by reason, summed over the vCPUs ([`VmHandle::exits`](crate::VmHandle::exits)).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ExitCounts {
+    /// Port reads.
+    pub io_in: u64,
+    /// Port writes.
+    pub io_out: u64,
+    /// MMIO reads.
+    pub mmio_read: u64,
+    /// MMIO writes.
+    pub mmio_write: u64,
+    /// Interrupted runs (kicks, signals).
+    pub interrupted: u64,
+    /// `KVM_RUN` failures.
+    pub failures: u64,
+}
+
 /// A virtio device of a VM: where it sits and what it did.
 #[derive(Clone, Debug)]
 pub struct DeviceReport {
@@ -124,6 +142,8 @@ pub struct DeviceReport {
     pub gsi: u32,
     /// Transport counters (bad register accesses, invalid state transitions ...).
     pub transport: TransportCounters,
+    /// Whether the guest's driver activated the device (DRIVER_OK).
+    pub activated: bool,
     /// The device's own counters.
     pub counters: DeviceCounters,
 }
@@ -186,6 +206,10 @@ pub struct VmOutcome {
     /// Console output bytes the guest wrote that could not be delivered (the output sink kept
     /// refusing them while the console buffer was full, or failed).
     pub console_dropped: u64,
+    /// vCPU exits, summed over the vCPUs.
+    pub exits: ExitCounts,
+    /// The console UART's counters.
+    pub serial: ember_devices::serial::SerialCounters,
 }
 
 impl VmOutcome {

@@ -35,7 +35,7 @@ use crate::config::{BootProtocolChoice, VmConfig};
 use crate::console::{self, ConsoleOut, Drained, Escape, Sink, Typed};
 use crate::control::VcpuControl;
 use crate::device_config::limiter;
-use crate::devices::{DeviceManager, LegacyDevices, VirtioSlot, VirtioSpec};
+use crate::devices::{DeviceControl, DeviceManager, LegacyDevices, VirtioSlot, VirtioSpec};
 use crate::error::Error;
 use crate::event_loop::{EventLoop, Flow};
 use crate::handle::{VmHandle, VmShared};
@@ -60,6 +60,7 @@ pub struct VmBuilder {
     escape: bool,
     kvm_path: PathBuf,
     port_devices: Vec<(u64, u64, SharedDevice)>,
+    cpu_template: Option<ember_vcpu::template::CpuTemplate>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -81,7 +82,15 @@ impl VmBuilder {
             escape: false,
             kvm_path: PathBuf::from("/dev/kvm"),
             port_devices: Vec::new(),
+            cpu_template: None,
         }
+    }
+
+    /// Uses `template` instead of the one the configuration names (a template built in
+    /// memory, e.g. from Firecracker's `PUT /cpu-config`).
+    pub fn cpu_template(mut self, template: ember_vcpu::template::CpuTemplate) -> Self {
+        self.cpu_template = Some(template);
+        self
     }
 
     /// Adds a port I/O device of your own at `[base, base + len)` (a debug port, a device
@@ -167,7 +176,7 @@ impl Vm {
         VmBuilder::new(config)
     }
 
-    fn build(b: VmBuilder) -> Result<Vm, Error> {
+    fn build(mut b: VmBuilder) -> Result<Vm, Error> {
         let config = b.config;
         config.validate()?;
         let mut timings = StartupTimings::default();
@@ -209,9 +218,11 @@ impl Vm {
             devices.attach_port_device(device, base, len)?;
         }
         for (index, disk) in config.disks.iter().enumerate() {
-            let block =
-                Block::new(disk.block_config()).map_err(|source| Error::Disk { index, source })?;
+            let block = Block::new(disk.block_config())
+                .map_err(|source| Error::Disk { index, source })?
+                .with_rate_limiter(limiter(disk.rate_limiter.as_ref()).map_err(Error::EventFd)?);
             let counters = block.counters_handle();
+            let control = DeviceControl::Block(block.control());
             devices.attach_virtio(
                 &vm_fd,
                 &memory,
@@ -220,6 +231,7 @@ impl Vm {
                     backing: disk.path.display().to_string(),
                     device: Box::new(block),
                     counters: Box::new(move || DeviceCounters::Block(counters.snapshot())),
+                    control: Some(control),
                 },
             )?;
         }
@@ -244,6 +256,7 @@ impl Vm {
                 source,
             })?;
             let counters = device.counters_handle();
+            let control = DeviceControl::Net(device.control());
             devices.attach_virtio(
                 &vm_fd,
                 &memory,
@@ -252,6 +265,7 @@ impl Vm {
                     backing: format!("tap {} mac {}", nic.tap, nic.mac()),
                     device: Box::new(device),
                     counters: Box::new(move || DeviceCounters::Net(counters.snapshot())),
+                    control: Some(control),
                 },
             )?;
         }
@@ -266,6 +280,7 @@ impl Vm {
                     backing: "getrandom".into(),
                     device: Box::new(rng),
                     counters: Box::new(move || DeviceCounters::Rng(counters.snapshot())),
+                    control: None,
                 },
             )?;
         }
@@ -282,6 +297,7 @@ impl Vm {
             })
             .map_err(Error::EventFd)?;
             let handle = device.handle();
+            let control = DeviceControl::Balloon(handle.clone());
             devices.attach_virtio(
                 &vm_fd,
                 &memory,
@@ -290,6 +306,7 @@ impl Vm {
                     backing: format!("{} MiB target", b.amount_mib),
                     device: Box::new(device),
                     counters: Box::new(move || DeviceCounters::Balloon(handle.snapshot())),
+                    control: Some(control),
                 },
             )?;
         }
@@ -304,6 +321,7 @@ impl Vm {
                     backing: format!("cid {} uds {}", v.cid, v.uds_path.display()),
                     device: Box::new(device),
                     counters: Box::new(move || DeviceCounters::Vsock(counters.snapshot())),
+                    control: None,
                 },
             )?;
         }
@@ -311,7 +329,10 @@ impl Vm {
 
         // vCPUs: created before the command line is written, so that what KVM makes of the CPU
         // template is known.
-        let template = config.cpu_template()?;
+        let template = match b.cpu_template.take() {
+            Some(t) => t,
+            None => config.cpu_template()?,
+        };
         let (vcpus, cpuids) = crate::cpu::create_vcpus(&kvm, &vm_fd, &template, config.vcpus)?;
         let mut cmdline = KernelCmdline::new(&config.cmdline);
         if !config.acpi {
@@ -371,7 +392,9 @@ impl Vm {
 
         let (buses, virtio) = devices.into_parts();
         let control = Arc::new(VcpuControl::default());
+        let exit_counters = vcpus.iter().map(Vcpu::exit_counters).collect();
         let shared = Arc::new(VmShared {
+            exit_counters,
             vm_fd,
             memory,
             pit: config.pit,
@@ -511,6 +534,8 @@ impl Vm {
             unhandled_io: shared.buses.unhandled(),
             devices: shared.virtio.iter().map(VirtioSlot::report).collect(),
             console_dropped,
+            exits: crate::handle::sum_exits(&shared.exit_counters),
+            serial: lock(&shared.legacy.serial).counters(),
         };
         // The KVM VM goes now (handles hold only a weak reference).
         drop(shared);

@@ -29,6 +29,8 @@ const BOOT_TIMER_PORT: u16 = 0x510;
 const EXIT_PORT: u16 = 0x511;
 /// i8042 command/status port.
 const I8042_CMD: u16 = 0x64;
+/// i8042 data port.
+const I8042_DATA: u16 = 0x60;
 /// TSC frequency assumed for timeouts when CPUID does not tell it.
 const FALLBACK_TSC_KHZ: u64 = 3_000_000;
 
@@ -192,6 +194,7 @@ pub fn run() -> ! {
             b"vsock" => ctx.vsock(),
             b"rng" => ctx.rng(),
             b"balloon" => ctx.balloon(),
+            b"ctrlaltdel" => ctx.ctrlaltdel(),
             _ => {
                 Line::new_bytes(name).s("skip unknown check").end();
                 false
@@ -691,6 +694,60 @@ impl Ctx<'_> {
     }
 
     /// The `reset` check: report, print the summary so far, then reset at once.
+    /// `ctrlaltdel`: waits (`probe.ctrlaltdel_ms`, default 30000) for Ctrl+Alt+Del from the
+    /// i8042 keyboard (set-2 make codes 0x14 0x11 0xE0 0x71, what Firecracker's and Ember's
+    /// `SendCtrlAltDel` send), polling the status port; then reports and resets the machine as
+    /// a guest's Ctrl+Alt+Del handler does.
+    fn ctrlaltdel(&mut self) -> bool {
+        const WANT: [u8; 4] = [0x14, 0x11, 0xe0, 0x71];
+        let ms = match self.params.num(b"probe.ctrlaltdel_ms=", 30_000) {
+            Ok(v) => v,
+            Err(_) => {
+                Line::new("ctrlaltdel").s("FAIL bad probe.ctrlaltdel_ms=").end();
+                return true;
+            }
+        };
+        if !i8042_present() {
+            Line::new("ctrlaltdel").s("skip no i8042").end();
+            return false;
+        }
+        // Bytes already waiting count too: the host may have sent the keys before this check
+        // began (a sequence split by other bytes is found anyway).
+        Line::new("ctrlaltdel").s("waiting ms=").dec(ms).end();
+        let t0 = rdtsc();
+        let limit = self.tsc_khz_or_guess().saturating_mul(ms);
+        let mut seen = 0usize;
+        let mut bytes = 0u64;
+        while seen < WANT.len() {
+            if rdtsc().wrapping_sub(t0) > limit {
+                Line::new("ctrlaltdel")
+                    .s("FAIL no Ctrl+Alt+Del within ms=")
+                    .dec(ms)
+                    .s(" bytes=")
+                    .dec(bytes)
+                    .end();
+                return true;
+            }
+            if inb(I8042_CMD) & 1 == 0 {
+                core::hint::spin_loop();
+                continue;
+            }
+            let b = inb(I8042_DATA);
+            bytes += 1;
+            seen = if b == WANT[seen] {
+                seen + 1
+            } else {
+                usize::from(b == WANT[0])
+            };
+        }
+        Line::new("ctrlaltdel")
+            .s("ok scancodes=14,11,e0,71 after_ms=")
+            .dec(rdtsc().wrapping_sub(t0) / self.tsc_khz_or_guess().max(1))
+            .end();
+        self.done();
+        self.reset()
+    }
+
     fn reset_check(&mut self) -> bool {
         Line::new("reset")
             .s("ok via=")

@@ -161,9 +161,20 @@ fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Ordering::Relaxed);
 }
 
-/// A handle on a balloon's counters and latest statistics, readable from any thread.
+/// What another thread may ask of a running balloon ([`BalloonHandle`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum BalloonCommand {
+    /// A new target, pages (the guest is told with a configuration-change interrupt).
+    SetTargetPages(u32),
+    /// A new statistics polling interval (a request goes out at once).
+    SetStatsInterval(Duration),
+}
+
+/// A handle on a balloon, usable from any thread: its counters and latest statistics, and
+/// commands ([`BalloonCommand`]) the device carries out from its event loop.
 #[derive(Clone, Debug)]
-pub struct BalloonHandle(Arc<Counters>);
+pub struct BalloonHandle(Arc<Counters>, crate::mailbox::MailboxSender<BalloonCommand>);
 
 impl BalloonHandle {
     /// A snapshot of the counters.
@@ -186,6 +197,11 @@ impl BalloonHandle {
     /// The latest statistics.
     pub fn stats(&self) -> BalloonStats {
         crate::lock(&self.0.stats).clone()
+    }
+
+    /// Sends a command to the device.
+    pub fn send(&self, command: BalloonCommand) -> std::io::Result<()> {
+        self.1.send(command)
     }
 }
 
@@ -225,6 +241,7 @@ pub struct Balloon<M = GuestRam> {
     actual_pages: u32,
     stats_desc: Option<u16>,
     timer: Timer,
+    control: crate::mailbox::Mailbox<BalloonCommand>,
     counters: Arc<Counters>,
     active: Option<Active<M>>,
 }
@@ -266,6 +283,7 @@ impl<M> Balloon<M> {
             actual_pages: 0,
             stats_desc: None,
             timer: Timer::new()?,
+            control: crate::mailbox::Mailbox::new()?,
             counters,
             active: None,
         })
@@ -273,7 +291,7 @@ impl<M> Balloon<M> {
 
     /// A handle on the counters and statistics.
     pub fn handle(&self) -> BalloonHandle {
-        BalloonHandle(self.counters.clone())
+        BalloonHandle(self.counters.clone(), self.control.sender())
     }
 
     /// The target, in pages.
@@ -664,10 +682,28 @@ impl<M: GuestMemoryBackend + Send> VirtioDevice<M> for Balloon<M> {
     }
 
     fn host_fds(&self) -> Vec<HostFd> {
-        vec![HostFd::readable(self.timer.as_raw_fd())]
+        vec![
+            HostFd::readable(self.timer.as_raw_fd()),
+            HostFd::readable(self.control.fd()),
+        ]
     }
 
     fn process_host(&mut self, index: usize) -> Result<(), Error> {
+        if index == 1 {
+            for cmd in self.control.take() {
+                match cmd {
+                    BalloonCommand::SetTargetPages(p) => self.set_target_pages(p)?,
+                    BalloonCommand::SetStatsInterval(d) => {
+                        self.config.stats_interval = Some(d).filter(|d| !d.is_zero());
+                        if self.active.is_some() {
+                            self.request_stats()?;
+                            self.arm_timer();
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
         if index != 0 || !self.timer.expired() {
             return Ok(());
         }

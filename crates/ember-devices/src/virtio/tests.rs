@@ -1132,3 +1132,52 @@ fn transport_state_before_activation() {
     assert_eq!(fresh.dev.status(), status::ACKNOWLEDGE | status::DRIVER);
     assert_eq!(fresh.dev.state().unwrap(), saved);
 }
+
+#[test]
+fn a_running_disk_takes_a_new_image_and_the_guest_hears_of_it() {
+    let mem = memory();
+    let first = image(DISK_LEN);
+    let block = Block::new(BlockConfig {
+        path: first.as_path().to_path_buf(),
+        read_only: false,
+        serial: None,
+    })
+    .unwrap();
+    let control = block.control();
+    let counters = block.counters_handle();
+    let irq = EventFdTrigger::new().unwrap();
+    let dev = MmioTransport::new(Box::new(block), mem.clone(), irq.try_clone().unwrap()).unwrap();
+    let q = GuestQueue::new(&mem, 16, GuestAddress(0)).unwrap();
+    let mut fx = Fx {
+        mem,
+        dev,
+        q,
+        img: first,
+        counters,
+        irq,
+    };
+    testing::driver_init(&mut fx.dev, &[&fx.q], None).unwrap();
+    // A second image, twice as large, all 0x77.
+    let second = TempFile::new().unwrap();
+    std::fs::write(second.as_path(), vec![0x77u8; 2 * DISK_LEN]).unwrap();
+    let disk = super::block::FileDisk::open(second.as_path(), false).unwrap();
+    control
+        .send(super::block::BlockCommand::ReplaceDisk(disk))
+        .unwrap();
+    let _ = fx.irq.read();
+    // Host descriptors: the rate limiter's timer, then the control mailbox.
+    fx.dev.process_host_event(1);
+    let mut cap = [0u8; 8];
+    fx.dev.read(CONFIG_SPACE_OFFSET, &mut cap);
+    assert_eq!(u64::from_le_bytes(cap), (2 * DISK_LEN / 512) as u64);
+    assert_eq!(
+        read_reg(&mut fx.dev, regs::INTERRUPT_STATUS) & 2,
+        2,
+        "config change"
+    );
+    assert_eq!(fx.irq.read().unwrap(), 1);
+    let (st, _) = fx.read(3000, 1);
+    assert_eq!(st, BLK_S_OK, "a sector only the new image has");
+    assert!(fx.data(512).iter().all(|&b| b == 0x77));
+    assert_eq!(fx.counters.snapshot().disk_replacements, 1);
+}

@@ -218,3 +218,19 @@ fn a_new_target_raises_a_configuration_interrupt() {
     b.read_config(0, &mut c);
     assert_eq!(u32::from_le_bytes(c), 512);
 }
+
+#[test]
+fn the_target_changes_through_the_handle() {
+    let mut f = fixture(config(false, false), u64::MAX);
+    f.handle.send(BalloonCommand::SetTargetPages(300)).unwrap();
+    let _ = f.irq.read();
+    // Host descriptor 1: the control mailbox.
+    f.t.process_host_event(1);
+    let mut b = [0u8; 4];
+    f.t.read(CONFIG_SPACE_OFFSET, &mut b);
+    assert_eq!(u32::from_le_bytes(b), 300);
+    assert_eq!(f.handle.snapshot().target_pages, 300);
+    assert_eq!(f.irq.read().unwrap(), 1, "a configuration-change interrupt");
+    let status = testing::read_reg(&mut f.t, crate::virtio::regs::INTERRUPT_STATUS);
+    assert_eq!(status & crate::virtio::interrupt_status::CONFIG_CHANGE, 2);
+}

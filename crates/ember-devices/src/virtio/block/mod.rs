@@ -93,6 +93,9 @@ pub enum BlockError {
         /// Length of the refused serial.
         len: usize,
     },
+    /// An eventfd or timer could not be created.
+    #[error("block device set-up: {0}")]
+    Io(#[source] std::io::Error),
 }
 
 /// A snapshot of the block device counters.
@@ -131,6 +134,8 @@ pub struct BlockCounters {
     pub config_writes_ignored: u64,
     /// Times the rate limiter held requests back.
     pub rate_limited: u64,
+    /// Backing images swapped while running ([`BlockCommand::ReplaceDisk`]).
+    pub disk_replacements: u64,
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +155,7 @@ struct Counters {
     queue_errors: AtomicU64,
     config_writes_ignored: AtomicU64,
     rate_limited: AtomicU64,
+    disk_replacements: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -181,6 +187,7 @@ impl BlockCountersHandle {
             queue_errors: l(&c.queue_errors),
             config_writes_ignored: l(&c.config_writes_ignored),
             rate_limited: l(&c.rate_limited),
+            disk_replacements: l(&c.disk_replacements),
         }
     }
 }
@@ -206,7 +213,24 @@ pub struct Block<M = GuestRam, D = FileDisk> {
     /// Scratch space for the descriptors of the chain being handled (reused: no allocation per
     /// request).
     descs: Vec<Descriptor>,
-    limiter: Option<RateLimiter>,
+    limiter: RateLimiter,
+    control: crate::mailbox::Mailbox<BlockCommand<D>>,
+}
+
+/// What another thread may ask of a running disk ([`Block::control`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BlockCommand<D> {
+    /// Swap the backing image (Firecracker's `PATCH /drives` with `path_on_host`): the
+    /// capacity is re-read and the guest is told with a configuration-change interrupt.
+    ReplaceDisk(D),
+    /// Change the rate limiter's buckets.
+    UpdateRateLimiter {
+        /// Bandwidth bucket.
+        bandwidth: crate::rate_limiter::BucketUpdate,
+        /// Operations bucket.
+        ops: crate::rate_limiter::BucketUpdate,
+    },
 }
 
 impl<M, D: std::fmt::Debug> std::fmt::Debug for Block<M, D> {
@@ -229,7 +253,7 @@ impl<M> Block<M, FileDisk> {
     pub fn new(cfg: BlockConfig) -> Result<Self, BlockError> {
         let serial = check_serial(cfg.serial.as_deref())?;
         let disk = FileDisk::open(&cfg.path, cfg.read_only)?;
-        Ok(Self::with_serial(disk, serial))
+        Self::with_serial(disk, serial)
     }
 }
 
@@ -249,11 +273,13 @@ impl<M, D: DiskBackend> Block<M, D> {
     /// A device on `disk`, answering `GET_ID` with `serial` (at most [`ID_LEN`] bytes).
     pub fn with_backend(disk: D, serial: Option<&str>) -> Result<Self, BlockError> {
         let serial = check_serial(serial)?;
-        Ok(Self::with_serial(disk, serial))
+        Self::with_serial(disk, serial)
     }
 
-    fn with_serial(disk: D, serial: Option<[u8; ID_LEN]>) -> Self {
+    fn with_serial(disk: D, serial: Option<[u8; ID_LEN]>) -> Result<Self, BlockError> {
         let capacity = disk.size() / SECTOR_SIZE;
+        let limiter = RateLimiter::unlimited().map_err(BlockError::Io)?;
+        let control = crate::mailbox::Mailbox::new().map_err(BlockError::Io)?;
         let mut features = VIRTIO_F_VERSION_1
             | VIRTIO_F_INDIRECT_DESC
             | (1 << VIRTIO_BLK_F_SEG_MAX)
@@ -269,7 +295,7 @@ impl<M, D: DiskBackend> Block<M, D> {
         #[allow(clippy::cast_possible_truncation, reason = "SECTOR_SIZE is 512")]
         let blk_size = SECTOR_SIZE as u32;
         config[20..24].copy_from_slice(&blk_size.to_le_bytes());
-        Block {
+        Ok(Block {
             disk,
             capacity,
             serial,
@@ -279,15 +305,27 @@ impl<M, D: DiskBackend> Block<M, D> {
             counters: Arc::new(Counters::default()),
             active: None,
             descs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
-            limiter: None,
-        }
+            limiter,
+            control,
+        })
     }
 
     /// Limits the disk's requests (operations) and bytes (see [`RateLimiter`]); a request the
     /// limiter refuses stays in the queue until its timer fires.
     pub fn with_rate_limiter(mut self, limiter: RateLimiter) -> Self {
-        self.limiter = limiter.is_limited().then_some(limiter);
+        self.limiter = limiter;
         self
+    }
+
+    /// A sender of [`BlockCommand`]s to this disk, usable from any thread while it runs (the
+    /// device takes them from its event loop).
+    pub fn control(&self) -> crate::mailbox::MailboxSender<BlockCommand<D>> {
+        self.control.sender()
+    }
+
+    fn set_capacity(&mut self) {
+        self.capacity = self.disk.size() / SECTOR_SIZE;
+        self.config[0..8].copy_from_slice(&self.capacity.to_le_bytes());
     }
 
     /// Disk capacity in 512-byte sectors.
@@ -377,7 +415,7 @@ where
         if index != 0 {
             return Err(Error::InvalidQueue(index));
         }
-        if self.limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+        if self.limiter.is_blocked() {
             // The limiter's timer resumes the queue.
             return Ok(());
         }
@@ -421,13 +459,11 @@ where
                 descs.push(d);
             }
             let parsed = request::parse(mem, descs, complete, *capacity);
-            if let Some(limiter) = limiter.as_mut() {
-                if !admit(limiter, &parsed) {
-                    // Back into the queue; the limiter's timer brings the device back to it.
-                    active.queue.go_to_previous_position();
-                    inc(&counters.rate_limited);
-                    break Ok(());
-                }
+            if limiter.is_limited() && !admit(limiter, &parsed) {
+                // Back into the queue; the limiter's timer brings the device back to it.
+                active.queue.go_to_previous_position();
+                inc(&counters.rate_limited);
+                break Ok(());
             }
             let len = handle_chain(disk, serial.as_ref(), mem, descs, parsed, counters);
             match active.queue.add_used(mem, head, len) {
@@ -457,18 +493,38 @@ where
     }
 
     fn host_fds(&self) -> Vec<HostFd> {
-        self.limiter
-            .as_ref()
-            .map(|l| vec![HostFd::readable(l.timer_fd())])
-            .unwrap_or_default()
+        vec![
+            HostFd::readable(self.limiter.timer_fd()),
+            HostFd::readable(self.control.fd()),
+        ]
     }
 
     fn process_host(&mut self, index: usize) -> Result<(), Error> {
-        let fired = match self.limiter.as_mut() {
-            Some(l) if index == 0 => l.timer_fired(),
+        let retry = match index {
+            0 => self.limiter.timer_fired(),
+            1 => {
+                let mut retry = false;
+                for cmd in self.control.take() {
+                    match cmd {
+                        BlockCommand::ReplaceDisk(disk) => {
+                            self.disk = disk;
+                            self.set_capacity();
+                            inc(&self.counters.disk_replacements);
+                            if let Some(a) = &self.active {
+                                a.interrupt.signal_config()?;
+                            }
+                        }
+                        BlockCommand::UpdateRateLimiter { bandwidth, ops } => {
+                            self.limiter.update(bandwidth, ops);
+                            retry = true;
+                        }
+                    }
+                }
+                retry
+            }
             _ => false,
         };
-        if fired && self.active.is_some() {
+        if retry && self.active.is_some() {
             return self.process_queue(0);
         }
         Ok(())

@@ -53,7 +53,8 @@ use super::{
     next_chain, Error, GuestRam, HostFd, VirtioDevice, VirtioInterrupt, VIRTIO_F_EVENT_IDX,
     VIRTIO_F_VERSION_1,
 };
-use crate::rate_limiter::{RateLimiter, TokenType};
+use crate::mailbox::{Mailbox, MailboxSender};
+use crate::rate_limiter::{BucketUpdate, RateLimiter, TokenType};
 
 mod tap;
 
@@ -201,6 +202,24 @@ enum Host {
     Resume,
     RxTimer,
     TxTimer,
+    Control,
+}
+
+/// What another thread may ask of a running interface ([`Net::control`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NetCommand {
+    /// Change the rate limiters (Firecracker's `PATCH /network-interfaces`).
+    UpdateRateLimiters {
+        /// Receive bandwidth bucket.
+        rx_bandwidth: BucketUpdate,
+        /// Receive operations bucket.
+        rx_ops: BucketUpdate,
+        /// Transmit bandwidth bucket.
+        tx_bandwidth: BucketUpdate,
+        /// Transmit operations bucket.
+        tx_ops: BucketUpdate,
+    },
 }
 
 /// What became of the held receive frame.
@@ -227,6 +246,7 @@ pub struct Net<B: NetBackend = Tap, M = GuestRam> {
     rx_more: bool,
     tx_more: bool,
     resume: EventFd,
+    control: Mailbox<NetCommand>,
     hosts: Vec<Host>,
     counters: Arc<Counters>,
     active: Option<Active<M>>,
@@ -273,13 +293,15 @@ impl<B: NetBackend, M> Net<B, M> {
         if config.offload {
             features |= OFFLOAD_FEATURES;
         }
-        let mut hosts = vec![Host::Backend, Host::Resume];
-        if rx_limiter.is_limited() {
-            hosts.push(Host::RxTimer);
-        }
-        if tx_limiter.is_limited() {
-            hosts.push(Host::TxTimer);
-        }
+        // Fixed from construction on: the timers are watched even while unlimited, so that
+        // a limit set at run time ([`NetCommand`]) works.
+        let hosts = vec![
+            Host::Backend,
+            Host::Resume,
+            Host::RxTimer,
+            Host::TxTimer,
+            Host::Control,
+        ];
         Ok(Net {
             backend,
             config,
@@ -293,6 +315,7 @@ impl<B: NetBackend, M> Net<B, M> {
             rx_more: false,
             tx_more: false,
             resume: crate::new_eventfd().map_err(Error::EventFd)?,
+            control: Mailbox::new().map_err(Error::EventFd)?,
             hosts,
             counters: Arc::new(Counters::default()),
             active: None,
@@ -300,6 +323,11 @@ impl<B: NetBackend, M> Net<B, M> {
             chains: Vec::new(),
             descs: Vec::new(),
         })
+    }
+
+    /// A sender of [`NetCommand`]s to this interface, usable from any thread while it runs.
+    pub fn control(&self) -> MailboxSender<NetCommand> {
+        self.control.sender()
     }
 
     /// A handle on the counters.
@@ -772,6 +800,7 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> VirtioDevice<M> for Net<B, M> 
                 Host::Resume => HostFd::readable(self.resume.as_raw_fd()),
                 Host::RxTimer => HostFd::readable(self.rx_limiter.timer_fd()),
                 Host::TxTimer => HostFd::readable(self.tx_limiter.timer_fd()),
+                Host::Control => HostFd::readable(self.control.fd()),
             })
             .collect()
     }
@@ -789,6 +818,21 @@ impl<B: NetBackend, M: GuestMemoryBackend + Send> VirtioDevice<M> for Net<B, M> 
             }
             Host::RxTimer => (self.rx_limiter.timer_fired(), false),
             Host::TxTimer => (false, self.tx_limiter.timer_fired()),
+            Host::Control => {
+                let mut any = false;
+                for cmd in self.control.take() {
+                    let NetCommand::UpdateRateLimiters {
+                        rx_bandwidth,
+                        rx_ops,
+                        tx_bandwidth,
+                        tx_ops,
+                    } = cmd;
+                    self.rx_limiter.update(rx_bandwidth, rx_ops);
+                    self.tx_limiter.update(tx_bandwidth, tx_ops);
+                    any = true;
+                }
+                (any, any)
+            }
         };
         if self.active.is_none() {
             return Ok(());

@@ -383,9 +383,66 @@ fn the_tx_rate_limiter_holds_frames_until_its_timer() {
     assert_eq!(f.counters.snapshot().tx_frames, 2);
     assert_eq!(f.counters.snapshot().tx_rate_limited, 1);
     std::thread::sleep(Duration::from_millis(150));
-    // Host descriptors: backend, resume, tx timer.
-    f.t.process_host_event(2);
+    // Host descriptors: backend, resume, rx timer, tx timer, control.
+    f.t.process_host_event(3);
     assert_eq!(f.counters.snapshot().tx_frames, 3);
+}
+
+#[test]
+fn rate_limits_change_at_run_time() {
+    let tx = RateLimiter::new(
+        None,
+        Some(TokenBucketConfig {
+            size: 1,
+            one_time_burst: 0,
+            refill_time: Duration::from_secs(100),
+        }),
+    )
+    .unwrap();
+    let (dev_end, peer) = datagram_pair().unwrap();
+    let net: Net<UnixDatagram, GuestMemoryMmap> = Net::new(
+        dev_end,
+        NetConfig {
+            mac: MAC,
+            mtu: None,
+            offload: false,
+        },
+        RateLimiter::unlimited().unwrap(),
+        tx,
+    )
+    .unwrap();
+    let control = net.control();
+    let counters = net.counters_handle();
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mut t =
+        MmioTransport::new(Box::new(net), mem.clone(), EventFdTrigger::new().unwrap()).unwrap();
+    let rx = GuestQueue::new(&mem, 16, GuestAddress(RXQ)).unwrap();
+    let mut txq = GuestQueue::new(&mem, 16, GuestAddress(TXQ)).unwrap();
+    testing::driver_init(&mut t, &[&rx, &txq], Some(ALL_BUT_EVENT_IDX)).unwrap();
+    let a = frame(b"z");
+    mem.write_slice(&a, GuestAddress(0x20000)).unwrap();
+    for _ in 0..3 {
+        txq.add_chain(&[Buf::readable(0x20000, a.len() as u32)])
+            .unwrap();
+    }
+    testing::write_reg(&mut t, QUEUE_NOTIFY_OFFSET, 1);
+    t.process_notification(1);
+    assert_eq!(counters.snapshot().tx_frames, 1, "one token for 100 s");
+    control
+        .send(NetCommand::UpdateRateLimiters {
+            rx_bandwidth: BucketUpdate::Keep,
+            rx_ops: BucketUpdate::Keep,
+            tx_bandwidth: BucketUpdate::Keep,
+            tx_ops: BucketUpdate::Disable,
+        })
+        .unwrap();
+    // Host descriptor 4: the control mailbox.
+    t.process_host_event(4);
+    assert_eq!(counters.snapshot().tx_frames, 3, "the held frames went");
+    let mut buf = [0u8; 64];
+    for _ in 0..3 {
+        assert_eq!(peer.recv(&mut buf).unwrap(), a.len());
+    }
 }
 
 #[test]

@@ -1,0 +1,619 @@
+//! `ember` in Firecracker mode, driven over its Unix socket by a plain HTTP client (what
+//! `curl --unix-socket` sends), and from Firecracker config files.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ember_test_support::{ember_binary, kvm_or_skip, probe_elf, write_blk_image};
+
+/// One request on a new connection: (status, body).
+fn call(sock: &Path, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(sock).unwrap_or_else(|e| panic!("{}: {e}", sock.display()));
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    // Read the head, then exactly Content-Length bytes (a server may keep the connection).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut buf).unwrap_or(0);
+        assert!(n > 0, "connection closed before the response head: {raw:?}");
+        raw.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&raw[..head_end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0);
+    while raw.len() < head_end + len {
+        let n = s.read(&mut buf).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let body = String::from_utf8_lossy(&raw[head_end..]).into_owned();
+    (status, body)
+}
+
+struct Fc {
+    child: Option<Child>,
+    sock: PathBuf,
+    dir: vmm_sys_util::tempdir::TempDir,
+}
+
+impl Fc {
+    /// `ember --api-sock <tmp>/api.sock <extra>`, waiting for the socket.
+    fn start(extra: &[&str]) -> Fc {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-test-").unwrap();
+        let sock = dir.as_path().join("api.sock");
+        let child = Command::new(ember_binary())
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < end, "no API socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Fc {
+            child: Some(child),
+            sock,
+            dir,
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+        call(&self.sock, method, path, body)
+    }
+
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let (st, b) = self.call(method, path, Some(body));
+        assert_eq!(st, 204, "{method} {path} {body}: {st} {b}");
+    }
+
+    fn fails(&self, method: &str, path: &str, body: Option<&str>, needle: &str) {
+        let (st, b) = self.call(method, path, body);
+        assert_eq!(st, 400, "{method} {path}: {b}");
+        assert!(b.contains("fault_message"), "{b}");
+        assert!(b.contains(needle), "{method} {path}: `{needle}` not in {b}");
+    }
+
+    /// Waits for the process to end; (exit code, stdout, stderr).
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    fn wait(&mut self, timeout: Duration) -> (Option<i32>, String, String) {
+        let mut child = self.child.take().unwrap();
+        let end = Instant::now() + timeout;
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > end {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Fc {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn boot_source(args: &str) -> String {
+    format!(
+        r#"{{"kernel_image_path":"{}","boot_args":"{args}"}}"#,
+        probe_elf().display()
+    )
+}
+
+#[test]
+fn a_whole_life_over_the_socket() {
+    if !kvm_or_skip("a_whole_life_over_the_socket") {
+        return;
+    }
+    let mut fc = Fc::start(&["--boot-timer", "--level", "Info"]);
+    let metrics = fc.dir.as_path().join("metrics.json");
+    let img = fc.dir.as_path().join("data.img");
+    write_blk_image(&img, 2048, 0x5a).unwrap();
+
+    let (st, b) = fc.call("GET", "/", None);
+    assert_eq!(st, 200);
+    assert!(b.contains(r#""state":"Not started""#), "{b}");
+    let (st, b) = fc.call("GET", "/version", None);
+    assert_eq!(
+        (st, b.as_str()),
+        (200, r#"{"firecracker_version":"1.16.1"}"#)
+    );
+    let (st, b) = fc.call("GET", "/machine-config", None);
+    assert_eq!(st, 200);
+    assert!(
+        b.contains(r#""vcpu_count":1"#) && b.contains(r#""mem_size_mib":128"#),
+        "{b}"
+    );
+
+    fc.ok("PUT", "/logger", r#"{"level":"Debug","show_level":true}"#);
+    fc.ok(
+        "PUT",
+        "/metrics",
+        &format!(r#"{{"metrics_path":"{}"}}"#, metrics.display()),
+    );
+    fc.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("probe=boottimer,blk,rng,ctrlaltdel"),
+    );
+    fc.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count":2,"mem_size_mib":256}"#,
+    );
+    fc.ok("PATCH", "/machine-config", r#"{"mem_size_mib":192}"#);
+    fc.ok(
+        "PUT",
+        "/drives/data",
+        &format!(
+            r#"{{"drive_id":"data","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+            img.display()
+        ),
+    );
+    fc.ok(
+        "PUT",
+        "/entropy",
+        r#"{"rate_limiter":{"bandwidth":{"size":65536,"refill_time":100}}}"#,
+    );
+    fc.ok(
+        "PUT",
+        "/balloon",
+        r#"{"amount_mib":0,"deflate_on_oom":true,"stats_polling_interval_s":1}"#,
+    );
+    let (st, b) = fc.call("GET", "/vm/config", None);
+    assert_eq!(st, 200, "{b}");
+    let cfg: serde_json::Value = serde_json::from_str(&b).unwrap();
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 192);
+    assert_eq!(cfg["machine-config"]["vcpu_count"], 2);
+    assert_eq!(cfg["drives"][0]["drive_id"], "data");
+    assert_eq!(cfg["balloon"]["stats_polling_interval_s"], 1);
+
+    fc.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let (_, b) = fc.call("GET", "/", None);
+    assert!(b.contains(r#""state":"Running""#), "{b}");
+    // Pre-boot only now.
+    fc.fails(
+        "PUT",
+        "/boot-source",
+        Some(&boot_source("x")),
+        "after starting the microVM",
+    );
+    fc.fails(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+        "after starting the microVM",
+    );
+    fc.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    let (_, b) = fc.call("GET", "/", None);
+    assert!(b.contains(r#""state":"Paused""#), "{b}");
+    fc.ok("PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    // The probe does not drive the balloon: like Firecracker, no target for a device the
+    // guest has not activated.
+    fc.fails(
+        "PATCH",
+        "/balloon",
+        Some(r#"{"amount_mib":8}"#),
+        "Device not activated yet",
+    );
+    let (st, b) = fc.call("GET", "/balloon", None);
+    assert_eq!(st, 200);
+    assert!(b.contains(r#""amount_mib":0"#), "{b}");
+    fc.ok(
+        "PATCH",
+        "/drives/data",
+        r#"{"drive_id":"data","rate_limiter":{"ops":{"size":1000,"refill_time":1000}}}"#,
+    );
+    fc.fails(
+        "PATCH",
+        "/drives/data",
+        Some(r#"{"drive_id":"data","path_on_host":"/nonexistent/x.img"}"#),
+        "Unable to patch the block device",
+    );
+    // Give the probe time for its blk and rng checks, then flush.
+    std::thread::sleep(Duration::from_millis(500));
+    fc.ok("PUT", "/actions", r#"{"action_type":"FlushMetrics"}"#);
+    fc.ok("PUT", "/actions", r#"{"action_type":"SendCtrlAltDel"}"#);
+    let (code, out, err) = fc.wait(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(out.contains("PROBE blk ok"), "{out}");
+    assert!(out.contains("PROBE rng ok"), "{out}");
+    assert!(out.contains("PROBE ctrlaltdel ok"), "{out}");
+    assert!(err.contains("Guest-boot-time ="), "{err}");
+    assert!(err.contains(":INFO] VM paused"), "levels shown: {err}");
+    // One JSON object per flush: the explicit one and the one at exit.
+    let text = std::fs::read_to_string(&metrics).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 2, "{text}");
+    let first = &lines[0];
+    assert!(first["utc_timestamp_ms"].as_u64().unwrap() > 0);
+    assert!(
+        first["put_api_requests"]["drive_count"].as_u64().unwrap() >= 1,
+        "{first}"
+    );
+    assert!(
+        first["vcpu"]["exit_io_out"].as_u64().unwrap() > 0,
+        "{first}"
+    );
+    // Per-flush deltas add up to what the guest did.
+    let total =
+        |g: &str, k: &str| -> u64 { lines.iter().map(|l| l[g][k].as_u64().unwrap_or(0)).sum() };
+    assert!(total("block_data", "read_count") > 0, "{text}");
+    assert!(total("entropy", "entropy_bytes") >= 4096, "{text}");
+    assert!(
+        first["uart"]["write_count"].as_u64().unwrap() > 0,
+        "{first}"
+    );
+    // Counters are per flush: the second line has no boot-time API requests.
+    assert_eq!(
+        lines[1]["put_api_requests"]["boot_source_count"], 0,
+        "{}",
+        lines[1]
+    );
+    assert!(
+        !fc_sock_exists(&metrics),
+        "the API socket is removed at exit"
+    );
+}
+
+fn fc_sock_exists(metrics: &Path) -> bool {
+    metrics.with_file_name("api.sock").exists()
+}
+
+#[test]
+fn bad_requests_are_refused_and_the_vmm_keeps_going() {
+    let mut fc = Fc::start(&["--http-api-max-payload-size", "300"]);
+    fc.fails(
+        "PATCH",
+        "/vm",
+        Some(r#"{"state":"Paused"}"#),
+        "before starting the microVM",
+    );
+    fc.fails(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"SendCtrlAltDel"}"#),
+        "before starting the microVM",
+    );
+    fc.fails(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type":"InstanceStart"}"#),
+        "boot source is missing",
+    );
+    fc.fails(
+        "PUT",
+        "/boot-source",
+        Some("{}"),
+        "missing field `kernel_image_path`",
+    );
+    fc.fails(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path":"/nonexistent/vmlinux"}"#),
+        "The kernel file cannot be opened",
+    );
+    fc.fails(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":"two","mem_size_mib":128}"#),
+        "invalid type",
+    );
+    fc.fails(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":64,"mem_size_mib":128}"#),
+        "vCPU number is invalid",
+    );
+    fc.fails(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count":1,"mem_size_mib":128,"gpus":1}"#),
+        "unknown field `gpus`",
+    );
+    fc.fails(
+        "PUT",
+        "/drives/root",
+        Some(r#"{"drive_id":"root","path_on_host":"/nonexistent.img","is_root_device":true}"#),
+        "Unable to open the block device backing file",
+    );
+    fc.fails(
+        "PUT",
+        "/drives/a",
+        Some(r#"{"drive_id":"b","path_on_host":"/x","is_root_device":false}"#),
+        "does not match the id from the body",
+    );
+    fc.fails("PUT", "/mmds", Some("{}"), "MMDS is not supported");
+    fc.fails(
+        "GET",
+        "/nowhere",
+        None,
+        "Invalid request method and/or path: GET /nowhere.",
+    );
+    fc.fails("PUT", "/logger", Some(""), "Empty PUT request.");
+    let big = format!(r#"{{"kernel_image_path":"{}"}}"#, "x".repeat(400));
+    fc.fails(
+        "PUT",
+        "/boot-source",
+        Some(&big),
+        "larger than the limit of 300",
+    );
+    fc.fails(
+        "GET",
+        "/balloon/statistics",
+        None,
+        "No balloon device configured",
+    );
+    fc.fails(
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid":2,"uds_path":"/tmp/v"}"#),
+        "Invalid guest CID",
+    );
+    fc.fails(
+        "PUT",
+        "/balloon",
+        Some(r#"{"amount_mib":4096,"deflate_on_oom":false}"#),
+        "too large",
+    );
+    fc.ok("PUT", "/metrics", r#"{"metrics_path":"/dev/null"}"#);
+    fc.fails(
+        "PUT",
+        "/metrics",
+        Some(r#"{"metrics_path":"/dev/null"}"#),
+        "Reinitialization of metrics not allowed",
+    );
+    // Still alive and answering.
+    let (st, _) = fc.call("GET", "/", None);
+    assert_eq!(st, 200);
+    // SIGTERM before InstanceStart ends the process and removes the socket.
+    // SAFETY: kill(2) of our child.
+    unsafe { libc::kill(fc.pid() as libc::pid_t, libc::SIGTERM) };
+    let sock = fc.sock.clone();
+    let (code, _, _) = fc.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(128 + 15));
+    assert!(!sock.exists());
+}
+
+/// The config file a Firecracker user writes to boot the probe (the same `cargo xtask bench`
+/// gives Firecracker).
+fn firecracker_config(dir: &Path, args: &str) -> PathBuf {
+    let cfg = format!(
+        r#"{{
+  "boot-source": {{
+    "kernel_image_path": "{}",
+    "boot_args": "{args}"
+  }},
+  "drives": [],
+  "machine-config": {{
+    "vcpu_count": 1,
+    "mem_size_mib": 128,
+    "smt": false
+  }}
+}}"#,
+        probe_elf().display()
+    );
+    let path = dir.join("vm_config.json");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn a_firecracker_config_file_boots_with_no_api() {
+    if !kvm_or_skip("a_firecracker_config_file_boots_with_no_api") {
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-test-").unwrap();
+    let cfg = firecracker_config(
+        dir.as_path(),
+        "console=ttyS0 reboot=k panic=1 probe=memmap,boottimer",
+    );
+    let out = Command::new(ember_binary())
+        .args(["--no-api", "--config-file"])
+        .arg(&cfg)
+        .args(["--level", "Error"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("PROBE memmap ok"), "{stdout}");
+    assert!(stdout.contains("PROBE done checks=2 failed=0"), "{stdout}");
+}
+
+#[test]
+fn flags_ember_does_not_implement_are_refused() {
+    for (flags, needle) in [
+        (&["--enable-pci"][..], "no PCI"),
+        (&["--metadata", "/tmp/m.json"][..], "no MMDS"),
+        (
+            &["--seccomp-filter", "/tmp/f.bpf"][..],
+            "no seccomp filter yet",
+        ),
+        (&["--no-api"][..], "--no-api needs --config-file"),
+        (&["--level", "loud"][..], "unknown log level"),
+    ] {
+        let out = Command::new(ember_binary()).args(flags).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{flags:?}");
+        assert!(err.contains(needle), "{flags:?}: {err}");
+    }
+    let out = Command::new(ember_binary())
+        .args(["--kernel", "/k", "--api-sock", "/tmp/x.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Firecracker-mode flag"));
+}
+
+/// The same request sequence against Firecracker (`EMBER_FIRECRACKER=/path/to/firecracker`)
+/// and Ember gives the same status codes. Skipped, counted, where no Firecracker binary is
+/// given.
+#[test]
+fn the_same_requests_get_the_same_status_codes_as_firecracker() {
+    let test = "the_same_requests_get_the_same_status_codes_as_firecracker";
+    let Some(fc_bin) = std::env::var_os("EMBER_FIRECRACKER") else {
+        ember_test_support::skip(
+            test,
+            "EMBER_FIRECRACKER is not set (a Firecracker v1.16.1 binary)",
+        );
+        return;
+    };
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let requests: Vec<(&str, &str, Option<String>)> = vec![
+        ("GET", "/", None),
+        ("GET", "/version", None),
+        ("GET", "/machine-config", None),
+        ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#.into())),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#.into()),
+        ),
+        ("PUT", "/boot-source", Some("{}".into())),
+        (
+            "PUT",
+            "/boot-source",
+            Some(r#"{"kernel_image_path":"/nonexistent"}"#.into()),
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count":1,"mem_size_mib":128,"x":1}"#.into()),
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count":2,"mem_size_mib":256}"#.into()),
+        ),
+        ("PUT", "/boot-source", Some(boot_source("probe=ctrlaltdel"))),
+        (
+            "PUT",
+            "/drives/a",
+            Some(r#"{"drive_id":"b","is_root_device":false}"#.into()),
+        ),
+        ("GET", "/nowhere", None),
+        ("GET", "/balloon", None),
+        (
+            "PUT",
+            "/balloon",
+            Some(r#"{"amount_mib":16,"deflate_on_oom":false}"#.into()),
+        ),
+        ("GET", "/balloon", None),
+        ("PUT", "/entropy", Some("{}".into())),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#.into()),
+        ),
+        ("PUT", "/boot-source", Some(boot_source("x"))),
+        ("PATCH", "/vm", Some(r#"{"state":"Paused"}"#.into())),
+        ("GET", "/", None),
+        ("PATCH", "/vm", Some(r#"{"state":"Resumed"}"#.into())),
+        ("PATCH", "/balloon", Some(r#"{"amount_mib":8}"#.into())),
+        ("GET", "/balloon/statistics", None),
+        (
+            "PATCH",
+            "/machine-config",
+            Some(r#"{"vcpu_count":1}"#.into()),
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"FlushMetrics"}"#.into()),
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type":"InstanceStart"}"#.into()),
+        ),
+    ];
+    let run = |bin: &std::ffi::OsStr, extra: &[&str]| -> Vec<u16> {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-fc-side-").unwrap();
+        let sock = dir.as_path().join("api.sock");
+        let mut child = Command::new(bin)
+            .arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < end, "{bin:?}: no API socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let codes = requests
+            .iter()
+            .map(|(m, p, b)| call(&sock, m, p, b.as_deref()).0)
+            .collect();
+        let _ = child.kill();
+        let _ = child.wait();
+        codes
+    };
+    let theirs = run(&fc_bin, &["--no-seccomp"]);
+    let ours = run(ember_binary().as_os_str(), &[]);
+    let diff: Vec<String> = requests
+        .iter()
+        .zip(theirs.iter().zip(&ours))
+        .filter(|(_, (a, b))| a != b)
+        .map(|((m, p, b), (a, o))| format!("{m} {p} {b:?}: Firecracker {a}, Ember {o}"))
+        .collect();
+    assert!(diff.is_empty(), "differences:\n{}", diff.join("\n"));
+}
