@@ -128,6 +128,42 @@ fn device_option() -> Seeds {
     .collect()
 }
 
+/// `[method: 0 GET, 1 PUT, 2 PATCH][path]\n[body]`: a request of every route.
+fn api_request() -> Seeds {
+    let probe = "/images/vmlinux";
+    [
+        (0u8, "/", ""),
+        (0, "/version", ""),
+        (1, "/actions", r#"{"action_type":"InstanceStart"}"#),
+        (1, "/boot-source", &format!(r#"{{"kernel_image_path":"{probe}","boot_args":"console=ttyS0"}}"#)),
+        (1, "/machine-config", r#"{"vcpu_count":2,"mem_size_mib":256,"smt":false}"#),
+        (2, "/machine-config", r#"{"mem_size_mib":512}"#),
+        (1, "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/r.img","is_root_device":true,"is_read_only":false,"rate_limiter":{"bandwidth":{"size":1000,"refill_time":100}}}"#),
+        (2, "/drives/rootfs", r#"{"drive_id":"rootfs","path_on_host":"/s.img"}"#),
+        (1, "/network-interfaces/eth0", r#"{"iface_id":"eth0","host_dev_name":"tap0","guest_mac":"06:00:ac:10:00:02"}"#),
+        (1, "/vsock", r#"{"guest_cid":3,"uds_path":"/tmp/v.sock"}"#),
+        (1, "/entropy", "{}"),
+        (1, "/balloon", r#"{"amount_mib":64,"deflate_on_oom":true,"stats_polling_interval_s":1}"#),
+        (2, "/balloon/statistics", r#"{"stats_polling_interval_s":5}"#),
+        (1, "/logger", r#"{"level":"Debug","show_level":true}"#),
+        (1, "/metrics", r#"{"metrics_path":"/tmp/m.fifo"}"#),
+        (2, "/vm", r#"{"state":"Paused"}"#),
+        (1, "/cpu-config", r#"{"cpuid_modifiers":[{"leaf":"0x1","subleaf":"0x0","flags":0,"modifiers":[{"register":"ecx","bitmap":"0bxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx0"}]}]}"#),
+        (1, "/snapshot/create", r#"{"mem_file_path":"/m","snapshot_path":"/s"}"#),
+        (0, "/vm/config", r#"{"boot-source":{"kernel_image_path":"/k"},"machine-config":{"vcpu_count":1,"mem_size_mib":128},"drives":[],"network-interfaces":[]}"#),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (m, path, body))| {
+        let mut v = vec![*m];
+        v.extend_from_slice(path.as_bytes());
+        v.push(b'\n');
+        v.extend_from_slice(body.as_bytes());
+        (format!("request-{i:02}"), v)
+    })
+    .collect()
+}
+
 fn device_kind(kind: ember_devices::virtio::fuzz_devices::Kind) -> Seeds {
     named(ember_devices::virtio::fuzz_devices::seeds(kind))
 }
@@ -179,6 +215,7 @@ fn all_seeds() -> BTreeMap<&'static str, Seeds> {
     all.insert("virtio_mmio", named(mmio));
     all.insert("vm_config", vm_config());
     all.insert("device_option", device_option());
+    all.insert("api_request", api_request());
     {
         use ember_devices::virtio::fuzz_devices::Kind;
         all.insert("virtio_net", device_kind(Kind::Net));
@@ -247,6 +284,12 @@ fn parser_seeds_are_accepted_by_their_parsers() {
             _ => text.parse::<ember_vmm::BalloonConfig>().map(|_| ()),
         };
         r.unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    for (name, bytes) in api_request() {
+        let method = ["GET", "PUT", "PATCH"][usize::from(bytes[0])];
+        let text = String::from_utf8(bytes[1..].to_vec()).unwrap();
+        let (path, body) = text.split_once('\n').unwrap();
+        ember_api::parse(method, path, body.as_bytes()).unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     for (name, bytes) in cpu_template() {
         let json = std::str::from_utf8(&bytes[2..]).unwrap();

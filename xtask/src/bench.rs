@@ -2,7 +2,7 @@
 //! QEMU's `microvm` machine (and Firecracker when `FIRECRACKER=/path/to/firecracker` is set)
 //! on this machine, in the same run.
 //!
-//! Sections (`--only boot,startup,waits,memory,rate,exits,devices,kvm`; all by default):
+//! Sections (`--only boot,startup,waits,memory,rate,exits,devices,api,kvm`; all by default):
 //!
 //! - `boot`: null-guest boot, exec → first console line and exec → exit, PVH and Linux 64-bit
 //!   entry, 1 and 4 vCPUs, 128 MiB and 2 GiB; min/median/max over `--runs` runs (default 20,
@@ -17,12 +17,15 @@
 //! - `devices`: the probe's virtio-net (UDP guest→host and echoed host→guest, on a TAP in a
 //!   network namespace), virtio-blk (4 KiB IOPS, Ember with interrupts, QEMU polled) and
 //!   Ember's vsock (MiB/s both ways); see `bench/devices.rs`.
+//! - `api`: Firecracker-mode start-up beside Firecracker: exec → API socket accepting, and
+//!   exec → `InstanceStart` answered → the null guest's first line, configured over the API.
 //! - `kvm`: the KVM ioctls of Ember's start-up, timed one by one in several orders.
 //!
 //! Results go to `target/bench/` (`results.md`, `boot.png`, `boot-samples.csv`);
 //! `--update-doc` also replaces the generated part of `docs/performance.md` and writes
 //! `docs/performance-boot.png`. The null guest is built here (see `bench/null_elf.rs`).
 
+mod api;
 mod devices;
 mod kvm;
 mod measure;
@@ -43,7 +46,7 @@ use peers::{Guest, Kind, Peer, Protocol};
 use stats::Summary;
 
 const SECTIONS: &[&str] = &[
-    "boot", "startup", "waits", "memory", "rate", "exits", "devices", "kvm",
+    "boot", "startup", "waits", "memory", "rate", "exits", "devices", "api", "kvm",
 ];
 const NULL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 const DOC_BEGIN: &str = "<!-- BEGIN GENERATED: cargo xtask bench -->";
@@ -344,6 +347,10 @@ pub fn run(args: &Args) -> Result<(), String> {
     if wants(&opts, "devices") {
         let runs = if opts.quick { 1 } else { 3 };
         report.devices = Some(devices::run(&peers, &probe, &opts.out, runs)?);
+    }
+    if wants(&opts, "api") {
+        let runs = if opts.quick { 5 } else { opts.runs };
+        report.api = api::run(&peers, &null_pvh, &opts.out, runs);
     }
     if wants(&opts, "kvm") {
         let reps = if opts.quick { 5 } else { opts.runs };
@@ -1005,6 +1012,7 @@ struct Report {
     rate: Vec<RateCell>,
     exits: Report2,
     devices: Option<devices::Report>,
+    api: Vec<api::Cell>,
     kvm: Vec<kvm::SequenceResult>,
 }
 
@@ -1052,6 +1060,7 @@ impl Report {
         if let Some(d) = &self.devices {
             d.markdown(&mut s);
         }
+        api::markdown(&self.api, &mut s);
         self.kvm_md(&mut s);
         s
     }

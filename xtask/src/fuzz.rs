@@ -22,6 +22,7 @@ pub const TARGETS: &[&str] = &[
     "virtio_rng",
     "vm_config",
     "device_option",
+    "api_request",
     "cpu_template",
     "cmdline",
 ];
