@@ -92,7 +92,7 @@ pub fn probe_elf() -> PathBuf {
     elf
 }
 
-/// The `ember` binary (and the root package's `minimal` example), built once per test process
+/// The `ember` binary (and the root package's `minimal` and `virtio_blk` examples), built once per test process
 /// into the profile directory the calling test runs from (`cargo test --all-targets` builds
 /// examples only as test harnesses and other packages' binaries not at all).
 pub fn ember_binary() -> PathBuf {
@@ -105,7 +105,16 @@ pub fn ember_binary() -> PathBuf {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.current_dir(workspace_root())
-            .args(["build", "--quiet", "--bin", "ember", "--example", "minimal"])
+            .args([
+                "build",
+                "--quiet",
+                "--bin",
+                "ember",
+                "--example",
+                "minimal",
+                "--example",
+                "virtio_blk",
+            ])
             .env("CARGO_TARGET_DIR", &target_dir);
         if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
             cmd.arg("--release");
