@@ -208,6 +208,27 @@ impl VcpuControl {
         Ok(replies)
     }
 
+    /// Waits (at most 5 s) until `count` vCPU threads are parked (a paused start).
+    pub(crate) fn wait_parked(&self, count: usize) -> Result<(), String> {
+        let mut st = self.state();
+        let deadline = Instant::now() + TIMEOUT;
+        while st.parked < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(format!(
+                    "{} of {count} vCPUs parked in {TIMEOUT:?}",
+                    st.parked
+                ));
+            }
+            st = self
+                .changed
+                .wait_timeout(st, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        Ok(())
+    }
+
     /// Lets paused vCPUs run again.
     pub(crate) fn resume(&self) {
         let mut st = self.state();

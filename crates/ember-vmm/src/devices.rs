@@ -277,6 +277,19 @@ impl DeviceManager {
         Ok(self.virtio.len() - 1)
     }
 
+    /// Where each virtio device sits, in attach order.
+    pub(crate) fn placements(&self) -> Vec<crate::snapshot::DevicePlacement> {
+        self.virtio
+            .iter()
+            .map(|v| crate::snapshot::DevicePlacement {
+                id: v.id.clone(),
+                device_type: v.device_type,
+                mmio_base: v.mmio_base,
+                gsi: v.gsi,
+            })
+            .collect()
+    }
+
     /// The devices the ACPI tables describe.
     pub(crate) fn acpi_devices(&self) -> &[AcpiDevice] {
         &self.acpi_devices

@@ -106,6 +106,9 @@ pub enum Error {
     /// Parked vCPUs could not carry out a request (the VM is not paused, a vCPU failed).
     #[error("vCPU request: {0}")]
     VcpuRequest(String),
+    /// A snapshot could not be written or read.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A saved state does not fit this VM.
     #[error("the saved state does not fit this VM: {0}")]
     StateMismatch(String),

@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 
 use ember_devices::{lock, Buses};
@@ -17,7 +18,14 @@ use crate::state::MachineState;
 
 /// What a VM shares with its handles, for as long as it runs: the VM fd (before the memory it
 /// maps, so that it is closed first), the devices, the vCPU control.
+/// Work for the VM's event loop thread (where device state changes happen).
+pub(crate) type Job = Box<dyn FnOnce(&VmShared) + Send>;
+
 pub(crate) struct VmShared {
+    /// The configuration the VM was built from.
+    pub config: crate::config::VmConfig,
+    /// Where its virtio devices sit.
+    pub placements: Vec<crate::snapshot::DevicePlacement>,
     /// Each vCPU's exit counters.
     pub exit_counters: Vec<Arc<ember_vcpu::ExitCounters>>,
     pub vm_fd: VmFd,
@@ -51,6 +59,7 @@ pub(crate) fn sum_exits(counters: &[Arc<ember_vcpu::ExitCounters>]) -> crate::Ex
 /// ask it to stop.
 #[derive(Clone)]
 pub struct VmHandle {
+    pub(crate) jobs: ember_devices::mailbox::MailboxSender<Job>,
     pub(crate) stop_evt: Arc<EventFd>,
     pub(crate) input_evt: Arc<EventFd>,
     pub(crate) input: Arc<Mutex<VecDeque<u8>>>,
@@ -158,6 +167,52 @@ impl VmHandle {
         let s = self.shared.upgrade()?;
         let c = lock(&s.legacy.serial).counters();
         Some(c)
+    }
+
+    /// Runs `f` on the VM's event loop thread (no device work happens meanwhile) and returns
+    /// its result.
+    fn on_event_loop<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&VmShared) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.jobs
+            .send(Box::new(move |shared| {
+                let _ = tx.send(f(shared));
+            }))
+            .map_err(|_| Error::NotRunning)?;
+        rx.recv_timeout(std::time::Duration::from_secs(300))
+            .map_err(|_| Error::NotRunning)
+    }
+
+    /// Writes a full snapshot of the paused VM: its state to `state_path` (versioned and
+    /// checksummed) and its guest memory to `memory_path` (sparse). Taken on the event loop
+    /// thread, so no device request is half done: every request a device took from a queue
+    /// is complete, and what the guest queued after is still in its queue. Returns the bytes
+    /// of memory written.
+    pub fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<u64, Error> {
+        if !self.is_paused() {
+            return Err(Error::VcpuRequest("pause the VM before a snapshot".into()));
+        }
+        let (state_path, memory_path) = (state_path.to_path_buf(), memory_path.to_path_buf());
+        self.on_event_loop(move |shared| -> Result<u64, Error> {
+            let machine = shared.save()?;
+            let written = crate::snapshot::write_memory(&shared.memory, &memory_path)?;
+            let memory_bytes = vm_memory::GuestMemoryBackend::iter(&shared.memory)
+                .map(vm_memory::GuestMemoryRegion::len)
+                .sum();
+            crate::snapshot::write_state(
+                &state_path,
+                &crate::snapshot::SnapshotState {
+                    ember_version: env!("CARGO_PKG_VERSION").into(),
+                    config: shared.config.clone(),
+                    memory_bytes,
+                    devices: shared.placements.clone(),
+                    machine,
+                },
+            )?;
+            Ok(written)
+        })?
     }
 
     /// Time from VMM process start to the guest's first boot-timer write, once it wrote.

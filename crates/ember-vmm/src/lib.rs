@@ -35,6 +35,7 @@ mod event_loop;
 mod handle;
 mod kvm;
 mod outcome;
+mod snapshot;
 mod state;
 mod vm;
 
@@ -53,6 +54,10 @@ pub use devices::{DeviceControl, FIRST_VIRTIO_GSI, LAST_GSI};
 pub use error::Error;
 pub use handle::VmHandle;
 pub use outcome::{DeviceCounters, DeviceReport, ExitCounts, StartupTimings, VmExit, VmOutcome};
+pub use snapshot::{
+    describe as describe_snapshot, read_state as read_snapshot, DevicePlacement, SnapshotError,
+    SnapshotState, SNAPSHOT_FORMAT_VERSION,
+};
 pub use state::{DevicesState, MachineState, VirtioDeviceState};
 pub use vm::{Vm, VmBuilder};
 

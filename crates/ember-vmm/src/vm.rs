@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
@@ -41,6 +41,7 @@ use crate::event_loop::{EventLoop, Flow};
 use crate::handle::{VmHandle, VmShared};
 use crate::outcome::{DeviceCounters, DeviceReport, StartupTimings, VmExit, VmOutcome};
 use crate::process_start;
+use crate::state::MachineState;
 
 /// Where the guest's console output goes.
 enum OutputChoice {
@@ -61,6 +62,8 @@ pub struct VmBuilder {
     kvm_path: PathBuf,
     port_devices: Vec<(u64, u64, SharedDevice)>,
     cpu_template: Option<ember_vcpu::template::CpuTemplate>,
+    restore: Option<(crate::snapshot::SnapshotState, std::fs::File, PathBuf)>,
+    start_paused: bool,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -83,7 +86,30 @@ impl VmBuilder {
             kvm_path: PathBuf::from("/dev/kvm"),
             port_devices: Vec::new(),
             cpu_template: None,
+            restore: None,
+            start_paused: false,
         }
+    }
+
+    /// Restores a snapshot instead of booting: the configuration comes from `state` (apply
+    /// overrides to `state.config` before), guest memory is `memory` mapped copy-on-write (the
+    /// file is never written, and nothing is read until the guest touches a page), and
+    /// [`Vm::run`] applies the saved vCPU, VM and device state before any vCPU runs.
+    pub fn restore(
+        state: crate::snapshot::SnapshotState,
+        memory: std::fs::File,
+        memory_path: &Path,
+    ) -> Self {
+        let mut b = VmBuilder::new(state.config.clone());
+        b.restore = Some((state, memory, memory_path.to_path_buf()));
+        b
+    }
+
+    /// Starts the VM paused: [`Vm::run`] waits for [`VmHandle::resume`] before any vCPU runs
+    /// (Firecracker's `resume_vm: false`).
+    pub fn start_paused(mut self, paused: bool) -> Self {
+        self.start_paused = paused;
+        self
     }
 
     /// Uses `template` instead of the one the configuration names (a template built in
@@ -149,14 +175,18 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     shared: Arc<VmShared>,
     layout: MemoryLayout,
-    kernel: LoadedKernel,
-    protocol: BootProtocol,
+    kernel: Option<LoadedKernel>,
+    protocol: Option<BootProtocol>,
     console: ConsoleOut,
     serial_in: Option<OwnedFd>,
     escape: bool,
     cmdline: String,
     handle: VmHandle,
     timings: StartupTimings,
+    /// The state to apply before the vCPUs run (a restore).
+    restore: Option<MachineState>,
+    start_paused: bool,
+    jobs: ember_devices::mailbox::Mailbox<crate::handle::Job>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -185,20 +215,41 @@ impl Vm {
         // Memory, kernel and the boot entry first: they need no KVM, so a user error in them
         // is reported the same on any machine.
         let layout = MemoryLayout::new(config.memory_mib.saturating_mul(ember_memory::MIB))?;
-        let memory = ember_memory::create_guest_memory(&layout)?;
-        timings.record("guest memory", &mut t);
-        let kernel = ember_loader::load_kernel(&memory, &config.kernel)?;
-        let initrd = match &config.initrd {
-            Some(path) => Some(ember_loader::load_initrd(
-                &memory,
-                path,
-                &layout,
-                kernel.kernel_end,
-            )?),
-            None => None,
+        let restore = b.restore.take();
+        let (memory, kernel, initrd, protocol_entry, machine) = match restore {
+            Some((state, file, path)) => {
+                let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                if size != state.memory_bytes || size != layout.mem_size() {
+                    return Err(crate::snapshot::SnapshotError::MemorySize {
+                        path,
+                        size,
+                        want: state.memory_bytes,
+                    }
+                    .into());
+                }
+                let memory =
+                    ember_memory::map_guest_memory(&layout, &file, ember_memory::Sharing::Private)?;
+                timings.record("guest memory", &mut t);
+                (memory, None, None, None, Some(state))
+            }
+            None => {
+                let memory = ember_memory::create_guest_memory(&layout)?;
+                timings.record("guest memory", &mut t);
+                let kernel = ember_loader::load_kernel(&memory, &config.kernel)?;
+                let initrd = match &config.initrd {
+                    Some(path) => Some(ember_loader::load_initrd(
+                        &memory,
+                        path,
+                        &layout,
+                        kernel.kernel_end,
+                    )?),
+                    None => None,
+                };
+                let pe = boot_entry(&config, &kernel)?;
+                timings.record("kernel load", &mut t);
+                (memory, Some(kernel), initrd, Some(pe), None)
+            }
         };
-        let (protocol, entry) = boot_entry(&config, &kernel)?;
-        timings.record("kernel load", &mut t);
 
         let kvm = crate::kvm::open(&b.kvm_path)?;
         timings.record("kvm open", &mut t);
@@ -349,51 +400,65 @@ impl Vm {
         let cmdline = cmdline.build()?;
         timings.record("vcpu create", &mut t);
 
-        // Firmware tables: ACPI (preferred by x86_64 kernels; Debian's has no MP-table parser)
-        // and an MP table for kernels built without ACPI.
-        let rsdp = if config.acpi {
-            Some(ember_boot::acpi::write_acpi_tables(
-                &memory,
-                &AcpiConfig {
-                    vcpus: config.vcpus,
-                    devices: devices.acpi_devices(),
-                },
-            )?)
-        } else {
-            None
-        };
-        ember_boot::mptable::write_mptable(&memory, config.vcpus)?;
-        let boot = ember_boot::write_boot_params(
-            &memory,
-            &BootConfig {
-                entry: match protocol {
-                    BootProtocol::Pvh => BootEntry::Pvh { entry },
-                    BootProtocol::Linux64 => BootEntry::Linux64 {
-                        entry,
-                        setup_header: kernel.setup_header,
+        if let (Some(kernel), Some((protocol, entry))) = (&kernel, protocol_entry) {
+            // Firmware tables: ACPI (preferred by x86_64 kernels; Debian's has no MP-table
+            // parser) and an MP table for kernels built without ACPI.
+            let rsdp = if config.acpi {
+                Some(ember_boot::acpi::write_acpi_tables(
+                    &memory,
+                    &AcpiConfig {
+                        vcpus: config.vcpus,
+                        devices: devices.acpi_devices(),
                     },
-                },
-                cmdline: &cmdline,
-                initrd,
-                rsdp,
-                e820: &layout.e820(),
-            },
-        )?;
-        timings.record("boot params", &mut t);
-
-        for (vcpu, cpuid) in vcpus.iter().zip(&cpuids) {
-            if vcpu.id() == 0 {
-                vcpu.configure(cpuid, &boot)?;
+                )?)
             } else {
-                vcpu.configure_ap(cpuid)?;
+                None
+            };
+            ember_boot::mptable::write_mptable(&memory, config.vcpus)?;
+            let boot = ember_boot::write_boot_params(
+                &memory,
+                &BootConfig {
+                    entry: match protocol {
+                        BootProtocol::Pvh => BootEntry::Pvh { entry },
+                        BootProtocol::Linux64 => BootEntry::Linux64 {
+                            entry,
+                            setup_header: kernel.setup_header,
+                        },
+                    },
+                    cmdline: &cmdline,
+                    initrd,
+                    rsdp,
+                    e820: &layout.e820(),
+                },
+            )?;
+            timings.record("boot params", &mut t);
+
+            for (vcpu, cpuid) in vcpus.iter().zip(&cpuids) {
+                if vcpu.id() == 0 {
+                    vcpu.configure(cpuid, &boot)?;
+                } else {
+                    vcpu.configure_ap(cpuid)?;
+                }
+            }
+            timings.record("vcpu setup", &mut t);
+        }
+        // A restore: the devices must sit where they sat.
+        let placements = devices.placements();
+        if let Some(state) = &machine {
+            if placements != state.devices {
+                return Err(Error::StateMismatch(format!(
+                    "the snapshot's devices {:?} are not this configuration's {:?}",
+                    state.devices, placements
+                )));
             }
         }
-        timings.record("vcpu setup", &mut t);
 
         let (buses, virtio) = devices.into_parts();
         let control = Arc::new(VcpuControl::default());
         let exit_counters = vcpus.iter().map(Vcpu::exit_counters).collect();
         let shared = Arc::new(VmShared {
+            config: config.clone(),
+            placements,
             exit_counters,
             vm_fd,
             memory,
@@ -406,7 +471,9 @@ impl Vm {
             control: control.clone(),
         });
         let eventfd = || ember_devices::new_eventfd().map_err(Error::EventFd);
+        let jobs = ember_devices::mailbox::Mailbox::new().map_err(Error::EventFd)?;
         let handle = VmHandle {
+            jobs: jobs.sender(),
             stop_evt: Arc::new(eventfd()?),
             input_evt: Arc::new(eventfd()?),
             input: Arc::new(Mutex::new(VecDeque::new())),
@@ -418,13 +485,16 @@ impl Vm {
             shared,
             layout,
             kernel,
-            protocol,
+            protocol: protocol_entry.map(|(p, _)| p),
             console: ConsoleOut::new(buffer, sink),
             serial_in: b.serial_in,
             escape: b.escape,
             cmdline,
             handle,
             timings,
+            restore: machine.map(|m| m.machine),
+            start_paused: b.start_paused,
+            jobs,
         })
     }
 
@@ -438,13 +508,13 @@ impl Vm {
         &self.layout
     }
 
-    /// The loaded kernel (format, entry points, protocols offered).
-    pub fn kernel(&self) -> &LoadedKernel {
-        &self.kernel
+    /// The loaded kernel (format, entry points, protocols offered); `None` for a restored VM.
+    pub fn kernel(&self) -> Option<&LoadedKernel> {
+        self.kernel.as_ref()
     }
 
-    /// The boot protocol the vCPUs will enter through.
-    pub fn boot_protocol(&self) -> BootProtocol {
+    /// The boot protocol the vCPUs will enter through; `None` for a restored VM.
+    pub fn boot_protocol(&self) -> Option<BootProtocol> {
         self.protocol
     }
 
@@ -494,6 +564,20 @@ impl Vm {
             &results,
             &shared.virtio,
         )?;
+        let jobs_fd = self.jobs.fd();
+        let mut jobs = self.jobs;
+        let job_shared = shared.clone();
+        event_loop.add(jobs_fd, EventSet::IN, move |_, _| {
+            for job in jobs.take() {
+                job(&job_shared);
+            }
+            Flow::Continue
+        })?;
+        // A restore (or a paused start) holds the vCPUs before their first KVM_RUN.
+        let hold = self.restore.is_some() || self.start_paused;
+        if hold {
+            control.pause();
+        }
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let spawned = spawn_vcpu(
@@ -517,6 +601,20 @@ impl Vm {
             }
         }
 
+        if let Some(state) = self.restore.take() {
+            let applied = control
+                .wait_parked(shared.vcpu_count)
+                .map_err(Error::VcpuRequest)
+                .and_then(|()| shared.restore(&state));
+            if let Err(e) = applied {
+                drop(event_loop);
+                stop_and_join(&control, threads);
+                return Err(e);
+            }
+        }
+        if hold && !self.start_paused {
+            control.resume();
+        }
         let loop_result = event_loop.run();
         drop(event_loop);
         stop_and_join(&control, threads);

@@ -195,6 +195,7 @@ pub fn run() -> ! {
             b"rng" => ctx.rng(),
             b"balloon" => ctx.balloon(),
             b"ctrlaltdel" => ctx.ctrlaltdel(),
+            b"snapshot" => ctx.snapshot(),
             _ => {
                 Line::new_bytes(name).s("skip unknown check").end();
                 false
@@ -694,6 +695,74 @@ impl Ctx<'_> {
     }
 
     /// The `reset` check: report, print the summary so far, then reset at once.
+    /// `snapshot`: lives across a snapshot. Fills a 1 MiB region with a pattern, notes the
+    /// TSC, prints `PROBE snapshot waiting` and polls COM1 for one byte from the host (sent once
+    /// the host has snapshotted and restored the VM; `probe.snapshot_ms`, default 60000). Then
+    /// checks the pattern, that the TSC moved forward, and prints how far; the checks after it
+    /// on the command line then run in the restored VM (blk, rng, net, vsock ...).
+    fn snapshot(&mut self) -> bool {
+        const LEN: usize = 1 << 20;
+        static mut REGION: [u8; LEN] = [0; LEN];
+        let pattern = |i: usize| (i as u8) ^ ((i >> 8) as u8) ^ 0xa5;
+        let ms = match self.params.num(b"probe.snapshot_ms=", 60_000) {
+            Ok(v) => v,
+            Err(_) => {
+                Line::new("snapshot").s("FAIL bad probe.snapshot_ms=").end();
+                return true;
+            }
+        };
+        // SAFETY: only this check touches REGION, on this one thread.
+        let region = unsafe { &mut *core::ptr::addr_of_mut!(REGION) };
+        for (i, b) in region.iter_mut().enumerate() {
+            *b = pattern(i);
+        }
+        // Drain stale input, then wait for the host's byte.
+        while inb(LSR) & LSR_DR != 0 {
+            let _ = inb(RBR_THR);
+        }
+        let before = rdtsc();
+        Line::new("snapshot").s("waiting ms=").dec(ms).end();
+        let limit = self.tsc_khz_or_guess().saturating_mul(ms);
+        let mut polls = 0u64;
+        loop {
+            if inb(LSR) & LSR_DR != 0 {
+                let _ = inb(RBR_THR);
+                break;
+            }
+            polls += 1;
+            if rdtsc().wrapping_sub(before) > limit {
+                Line::new("snapshot")
+                    .s("FAIL no byte from the host within ms=")
+                    .dec(ms)
+                    .end();
+                return true;
+            }
+            core::hint::spin_loop();
+        }
+        let after = rdtsc();
+        let bad = region
+            .iter()
+            .enumerate()
+            .filter(|&(i, &b)| b != pattern(i))
+            .count();
+        if bad != 0 || after <= before {
+            Line::new("snapshot")
+                .s("FAIL pattern_bad_bytes=")
+                .dec(bad as u64)
+                .s(" tsc_forward=")
+                .s(if after > before { "yes" } else { "no" })
+                .end();
+            return true;
+        }
+        Line::new("snapshot")
+            .s("ok pattern=ok tsc_forward=yes waited_ms=")
+            .dec((after - before) / self.tsc_khz_or_guess().max(1))
+            .s(" polls=")
+            .dec(polls)
+            .end();
+        false
+    }
+
     /// `ctrlaltdel`: waits (`probe.ctrlaltdel_ms`, default 30000) for Ctrl+Alt+Del from the
     /// i8042 keyboard (set-2 make codes 0x14 0x11 0xE0 0x71, what Firecracker's and Ember's
     /// `SendCtrlAltDel` send), polling the status port; then reports and resets the machine as
