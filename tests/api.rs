@@ -66,13 +66,18 @@ struct Fc {
 impl Fc {
     /// `ember --api-sock <tmp>/api.sock <extra>`, waiting for the socket.
     fn start(extra: &[&str]) -> Fc {
+        Fc::start_with(extra, Stdio::null())
+    }
+
+    /// As [`Fc::start`], with `stdin` as the process's standard input (the serial console's).
+    fn start_with(extra: &[&str], stdin: Stdio) -> Fc {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-test-").unwrap();
         let sock = dir.as_path().join("api.sock");
         let child = Command::new(ember_binary())
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -91,6 +96,13 @@ impl Fc {
 
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
         call(&self.sock, method, path, body)
+    }
+
+    /// Writes `bytes` to the process's standard input (the guest's serial console).
+    fn type_in(&mut self, bytes: &[u8]) {
+        let stdin = self.child.as_mut().unwrap().stdin.as_mut().unwrap();
+        stdin.write_all(bytes).unwrap();
+        stdin.flush().unwrap();
     }
 
     fn ok(&self, method: &str, path: &str, body: &str) {
@@ -616,4 +628,159 @@ fn the_same_requests_get_the_same_status_codes_as_firecracker() {
         .map(|((m, p, b), (a, o))| format!("{m} {p} {b:?}: Firecracker {a}, Ember {o}"))
         .collect();
     assert!(diff.is_empty(), "differences:\n{}", diff.join("\n"));
+}
+
+/// Waits until `file` holds `needle`; its text.
+fn wait_for_text(file: &Path, needle: &str, timeout: Duration) -> String {
+    let end = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        if text.contains(needle) || Instant::now() > end {
+            return text;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_snapshot_over_the_api_restores_in_a_new_process() {
+    if !kvm_or_skip("a_snapshot_over_the_api_restores_in_a_new_process") {
+        return;
+    }
+    // The first VMM: boot the probe to its snapshot wait, pause, snapshot, stop.
+    let fc = Fc::start_with(&[], Stdio::piped());
+    let files = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-snap-").unwrap();
+    let dir = files.as_path().to_path_buf();
+    let (img, state, mem) = (dir.join("d.img"), dir.join("vm.state"), dir.join("vm.mem"));
+    let (serial1, serial2) = (dir.join("serial1.txt"), dir.join("serial2.txt"));
+    write_blk_image(&img, 2048, 0x5a).unwrap();
+    fc.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, serial1.display()),
+    );
+    fc.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("probe=snapshot,blk,rng"),
+    );
+    fc.ok(
+        "PUT",
+        "/drives/probe",
+        &format!(
+            r#"{{"drive_id":"probe","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+            img.display()
+        ),
+    );
+    fc.ok("PUT", "/entropy", "{}");
+    let create = format!(
+        r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+        state.display(),
+        mem.display()
+    );
+    fc.fails("PUT", "/snapshot/create", Some(&create), "before starting");
+    fc.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let text = wait_for_text(&serial1, "PROBE snapshot waiting", Duration::from_secs(30));
+    assert!(text.contains("PROBE snapshot waiting"), "{text}");
+    fc.fails("PUT", "/snapshot/create", Some(&create), "not paused");
+    fc.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    fc.fails(
+        "PUT",
+        "/snapshot/create",
+        Some(&create.replace("Full", "Diff")),
+        "diff snapshots are not implemented",
+    );
+    fc.ok("PUT", "/snapshot/create", &create);
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 128 << 20);
+    drop(fc);
+
+    // Its version, as Firecracker's --describe-snapshot prints it.
+    let out = Command::new(ember_binary())
+        .arg("--describe-snapshot")
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "v1.0.0");
+    let out = Command::new(ember_binary())
+        .arg("--describe-snapshot")
+        .arg(&img)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not an Ember snapshot"));
+
+    // Loading is refused once boot resources are configured.
+    let load = |extra: &str| {
+        format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}}{extra}}}"#,
+            state.display(),
+            mem.display()
+        )
+    };
+    let fc3 = Fc::start(&[]);
+    fc3.ok("PUT", "/boot-source", &boot_source("x"));
+    fc3.fails(
+        "PUT",
+        "/snapshot/load",
+        Some(&load("")),
+        "not allowed after configuring",
+    );
+    drop(fc3);
+
+    // A second VMM restores it: bad loads are refused and leave nothing behind, then the
+    // good one resumes the guest, which finds its memory and its devices.
+    let mut fc = Fc::start_with(&[], Stdio::piped());
+    fc.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, serial2.display()),
+    );
+    fc.fails(
+        "PUT",
+        "/snapshot/load",
+        Some(&load(
+            r#","network_overrides":[{"iface_id":"eth9","host_dev_name":"tap9"}]"#,
+        )),
+        r#"no network device \"eth9\""#,
+    );
+    fc.fails(
+        "PUT",
+        "/snapshot/load",
+        Some(&load(r#","vsock_override":{"uds_path":"/tmp/x.sock"}"#)),
+        "no vsock device",
+    );
+    fc.fails(
+        "PUT",
+        "/snapshot/load",
+        Some(&load("").replace(r#""File""#, r#""Uffd""#)),
+        "not supported",
+    );
+    fc.fails(
+        "PUT",
+        "/snapshot/load",
+        Some(&load("").replace("vm.state", "d.img")),
+        "not an Ember snapshot",
+    );
+    let (_, b) = fc.call("GET", "/", None);
+    assert!(b.contains(r#""state":"Not started""#), "{b}");
+    fc.ok("PUT", "/snapshot/load", &load(r#","resume_vm":false"#));
+    let (_, b) = fc.call("GET", "/", None);
+    assert!(b.contains(r#""state":"Paused""#), "{b}");
+    let (_, b) = fc.call("GET", "/machine-config", None);
+    assert!(b.contains(r#""mem_size_mib":128"#), "{b}");
+    fc.fails("PUT", "/snapshot/load", Some(&load("")), "after starting");
+    fc.ok("PATCH", "/vm", r#"{"state":"Resumed"}"#);
+    fc.type_in(b"g");
+    let (code, _, stderr) = fc.wait(Duration::from_secs(60));
+    let text = std::fs::read_to_string(&serial2).unwrap_or_default();
+    assert_eq!(code, Some(0), "{text}\n{stderr}");
+    assert!(
+        text.contains("PROBE snapshot ok pattern=ok tsc_forward=yes"),
+        "{text}"
+    );
+    assert!(text.contains("PROBE blk ok"), "{text}");
+    assert!(text.contains("PROBE rng ok"), "{text}");
+    assert!(text.contains("PROBE done checks=3 failed=0"), "{text}");
+    // The restored guest did not print its start again.
+    assert!(!text.contains("PROBE start"), "{text}");
 }

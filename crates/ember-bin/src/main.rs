@@ -97,6 +97,14 @@ struct Args {
     /// Print the VMM's start-up phases on stderr.
     #[arg(long)]
     timings: bool,
+    /// Restore the snapshot in DIR (`vm.state` and `vm.mem`) instead of booting; the
+    /// configuration comes from the snapshot.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+    /// On SIGUSR1, pause the guest, write a full snapshot into DIR (`vm.state`, `vm.mem`) and
+    /// resume it.
+    #[arg(long, value_name = "DIR")]
+    snapshot_dir: Option<PathBuf>,
 
     // Firecracker's flags (Firecracker mode: used without --kernel and --config).
     /// [Firecracker] The API's Unix socket.
@@ -154,10 +162,10 @@ struct Args {
     /// [Firecracker] The parent's CPU time (µs), added to the start-up CPU time.
     #[arg(long, help_heading = "Firecracker mode")]
     parent_cpu_time_us: Option<u64>,
-    /// [Firecracker] Not supported yet (no snapshot files).
+    /// [Firecracker] Prints the format version of a snapshot state file.
     #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
     describe_snapshot: Option<PathBuf>,
-    /// [Firecracker] Not supported yet (no snapshot files).
+    /// [Firecracker] Prints the snapshot format version this build writes.
     #[arg(long, help_heading = "Firecracker mode")]
     snapshot_version: bool,
     /// [Firecracker] Not supported: Ember has no PCI.
@@ -197,12 +205,15 @@ impl Args {
     }
 
     fn quick_boot(&self) -> bool {
-        self.kernel.is_some() || self.config.is_some()
+        self.kernel.is_some() || self.config.is_some() || self.restore.is_some()
     }
 
-    /// Whether a quick-boot-only flag is present.
-    fn quick_boot_flags(&self) -> bool {
-        self.initrd.is_some()
+    /// Whether a flag that configures the VM is present (a restore takes its configuration
+    /// from the snapshot instead).
+    fn config_flags(&self) -> bool {
+        self.kernel.is_some()
+            || self.config.is_some()
+            || self.initrd.is_some()
             || self.cmdline.is_some()
             || self.memory_mib.is_some()
             || self.vcpus.is_some()
@@ -215,7 +226,11 @@ impl Args {
             || self.no_acpi
             || self.cpu_template.is_some()
             || self.boot_protocol.is_some()
-            || self.timings
+    }
+
+    /// Whether a quick-boot-only flag is present.
+    fn quick_boot_flags(&self) -> bool {
+        self.config_flags() || self.timings || self.snapshot_dir.is_some()
     }
 }
 
@@ -234,11 +249,21 @@ fn firecracker_mode(args: &Args) -> ExitCode {
     if args.seccomp_filter.is_some() {
         return unsupported("--seccomp-filter", "Ember has no seccomp filter yet");
     }
-    if args.describe_snapshot.is_some() || args.snapshot_version {
-        return unsupported(
-            "--describe-snapshot/--snapshot-version",
-            "Ember has no snapshot files yet",
-        );
+    if args.snapshot_version {
+        println!("v{}.0.0", ember_vmm::SNAPSHOT_FORMAT_VERSION);
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &args.describe_snapshot {
+        return match ember_vmm::describe_snapshot(path) {
+            Ok(v) => {
+                println!("v{v}.0.0");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ember: error: {e}");
+                ExitCode::from(1)
+            }
+        };
     }
     let level = match args.level.as_deref().map(str::parse) {
         None => None,
@@ -360,6 +385,67 @@ pub(crate) fn install_stop_signals() {
     }
 }
 
+/// The builder of a restore from `dir/vm.state` and `dir/vm.mem`.
+fn restore_builder(dir: &std::path::Path) -> Result<ember_vmm::VmBuilder, String> {
+    let (state_path, mem_path) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let state = ember_vmm::read_snapshot(&state_path).map_err(|e| e.to_string())?;
+    let memory = ember_loader::open_regular_file(&mem_path)
+        .map_err(|e| format!("{}: {e}", mem_path.display()))?;
+    Ok(ember_vmm::VmBuilder::restore(state, memory, &mem_path))
+}
+
+/// Blocks SIGUSR1 in this thread (and the threads it starts); returns the set to wait on.
+fn block_sigusr1() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset; pthread_sigmask changes
+    // only this thread's mask.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGUSR1);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// A thread that waits for SIGUSR1 and then pauses the VM, writes a snapshot into `dir` and
+/// resumes the VM.
+fn snapshot_on_signal(handle: ember_vmm::VmHandle, dir: PathBuf, set: libc::sigset_t) {
+    let spawned = std::thread::Builder::new()
+        .name("snapshot".into())
+        .spawn(move || loop {
+            let mut sig = 0;
+            // SAFETY: `set` is an initialised signal set; `sig` is a valid out-pointer.
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                return;
+            }
+            let t = std::time::Instant::now();
+            if !handle.pause() {
+                eprintln!("ember: snapshot: the VM did not pause");
+                continue;
+            }
+            let written = std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("{}: {e}", dir.display()))
+                .and_then(|()| {
+                    handle
+                        .snapshot(&dir.join("vm.state"), &dir.join("vm.mem"))
+                        .map_err(|e| e.to_string())
+                });
+            handle.resume();
+            match written {
+                Ok(bytes) => eprintln!(
+                    "ember: snapshot written to {} ({:.1} MiB of memory, {:.1} ms)",
+                    dir.display(),
+                    bytes as f64 / f64::from(1u32 << 20),
+                    t.elapsed().as_secs_f64() * 1e3
+                ),
+                Err(e) => eprintln!("ember: snapshot failed: {e}"),
+            }
+        });
+    if let Err(e) = spawned {
+        eprintln!("ember: warning: no snapshot thread ({e}); SIGUSR1 does nothing");
+    }
+}
+
 fn build_config(args: &Args) -> Result<VmConfig, String> {
     let mut config = match (&args.config, &args.kernel) {
         (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
@@ -431,17 +517,34 @@ fn main() -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    let config = match build_config(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("ember: error: {e}");
-            return ExitCode::from(2);
+    let builder = match &args.restore {
+        Some(dir) => {
+            if args.config_flags() {
+                eprintln!("ember: error: --restore takes the VM's configuration from the snapshot; it goes with --snapshot-dir and --timings only");
+                return ExitCode::from(2);
+            }
+            match restore_builder(dir) {
+                Ok(b) => b,
+                Err(e) => {
+                    eprintln!("ember: error: {e}");
+                    return ExitCode::from(2);
+                }
+            }
         }
+        None => match build_config(&args) {
+            Ok(c) => Vm::builder(c),
+            Err(e) => {
+                eprintln!("ember: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
     };
+    // Before any thread starts, so that every thread inherits the blocked SIGUSR1.
+    let snapshot_signal = args.snapshot_dir.as_ref().map(|_| block_sigusr1());
     let stdin = std::io::stdin();
     // SAFETY: isatty only inspects the descriptor.
     let terminal = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-    let mut builder = Vm::builder(config).console_escape(terminal);
+    let mut builder = builder.console_escape(terminal);
     match stdin.as_fd().try_clone_to_owned() {
         Ok(fd) => builder = builder.serial_input(fd),
         Err(e) => eprintln!("ember: warning: stdin is not read ({e})"),
@@ -463,6 +566,9 @@ fn main() -> ExitCode {
     }
     STOP_FD.store(vm.handle().stop_fd(), Ordering::SeqCst);
     install_stop_signals();
+    if let (Some(dir), Some(set)) = (&args.snapshot_dir, snapshot_signal) {
+        snapshot_on_signal(vm.handle(), dir.clone(), set);
+    }
     let outcome = {
         let _raw = RawTerminal::enable(stdin.as_raw_fd());
         vm.run()

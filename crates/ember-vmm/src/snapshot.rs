@@ -124,6 +124,57 @@ pub enum SnapshotError {
         /// What the state says.
         want: u64,
     },
+    /// A restore override names a device the snapshot does not have.
+    #[error("the snapshot has no {kind} device {id:?} to override")]
+    NoSuchDevice {
+        /// `network` or `vsock`.
+        kind: &'static str,
+        /// The id asked for.
+        id: String,
+    },
+}
+
+impl SnapshotState {
+    /// Points the network interface `id` at the host TAP `tap` (a restored clone's own TAP;
+    /// Firecracker's `network_overrides`).
+    pub fn override_tap(&mut self, id: &str, tap: &str) -> Result<(), SnapshotError> {
+        let nic = self
+            .config
+            .nets
+            .iter_mut()
+            .enumerate()
+            .find(|(i, n)| n.id.clone().unwrap_or_else(|| format!("net{i}")) == id)
+            .map(|(_, n)| n)
+            .ok_or_else(|| SnapshotError::NoSuchDevice {
+                kind: "network",
+                id: id.into(),
+            })?;
+        nic.tap = tap.into();
+        Ok(())
+    }
+
+    /// Gives the vsock device a new host socket and, if `cid` is set, a new guest CID (the
+    /// guest reads it again on the transport-reset event every restore sends;
+    /// Firecracker's `vsock_override`).
+    pub fn override_vsock(
+        &mut self,
+        uds_path: &Path,
+        cid: Option<u64>,
+    ) -> Result<(), SnapshotError> {
+        let vsock = self
+            .config
+            .vsock
+            .as_mut()
+            .ok_or_else(|| SnapshotError::NoSuchDevice {
+                kind: "vsock",
+                id: "vsock".into(),
+            })?;
+        vsock.uds_path = uds_path.to_path_buf();
+        if let Some(cid) = cid {
+            vsock.cid = cid;
+        }
+        Ok(())
+    }
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use ember_api::model::{
     ActionType, BalloonStats, InstanceInfo, InstanceState, Logger as LoggerModel,
-    Metrics as MetricsModel, RateLimiter, VmState,
+    Metrics as MetricsModel, RateLimiter, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    VmState,
 };
 use ember_api::{ApiCall, ApiRequest, ApiResponse, ServerCounters};
 use ember_devices::rate_limiter::{BucketUpdate, TokenBucketConfig};
@@ -65,6 +66,8 @@ pub struct Controller {
     server: Option<Arc<ServerCounters>>,
     events: Sender<Event>,
     vm: Option<Running>,
+    /// Boot-specific resources were configured (a snapshot load is then refused).
+    boot_path: bool,
     /// What the VM reported at its end (for the last flush).
     ended: Option<VmOutcome>,
     last_flush: Instant,
@@ -107,6 +110,7 @@ impl Controller {
             server: None,
             events,
             vm: None,
+            boot_path: false,
             ended: None,
             last_flush: Instant::now(),
         }
@@ -122,6 +126,7 @@ impl Controller {
     }
 
     pub fn resources_mut(&mut self) -> &mut VmResources {
+        self.boot_path = true;
         &mut self.resources
     }
 
@@ -216,6 +221,18 @@ impl Controller {
         if let Some(t) = self.resources.cpu_template.clone() {
             builder = builder.cpu_template(t);
         }
+        self.launch(builder, false, "Start microvm error")?;
+        log::info!("Successfully started microvm");
+        Ok(())
+    }
+
+    /// Builds the VM (serial output and input attached) and runs it on its own thread.
+    fn launch(
+        &mut self,
+        mut builder: ember_vmm::VmBuilder,
+        paused: bool,
+        what: &str,
+    ) -> Result<(), String> {
         if let Some(p) = self
             .resources
             .serial
@@ -229,8 +246,9 @@ impl Controller {
             builder = builder.serial_input(fd);
         }
         let vm = builder
+            .start_paused(paused)
             .build()
-            .map_err(|e| format!("Start microvm error: {e}"))?;
+            .map_err(|e| format!("{what}: {e}"))?;
         let handle = vm.handle();
         crate::STOP_FD.store(handle.stop_fd(), Ordering::SeqCst);
         let events = self.events.clone();
@@ -240,13 +258,97 @@ impl Controller {
                 let r = vm.run();
                 let _ = events.send(Event::VmEnded(r));
             })
-            .map_err(|e| format!("Start microvm error: cannot start its thread: {e}"))?;
-        log::info!("Successfully started microvm");
+            .map_err(|e| format!("{what}: cannot start its thread: {e}"))?;
         self.vm = Some(Running {
             handle,
-            paused: false,
+            paused,
             boot_logged: false,
         });
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create`: a full snapshot of the paused microVM.
+    fn create_snapshot(&mut self, p: &SnapshotCreateParams) -> Result<(), String> {
+        let r = self.running()?;
+        if p.snapshot_type == Some(SnapshotType::Diff) {
+            return Err("Create snapshot error: Ember writes full snapshots only \
+                        (diff snapshots are not implemented)"
+                .into());
+        }
+        if !r.paused {
+            return Err("Create snapshot error: Cannot save the microVM state: \
+                        Operation not allowed: the microVM is not paused"
+                .into());
+        }
+        let t = Instant::now();
+        r.handle
+            .snapshot(Path::new(&p.snapshot_path), Path::new(&p.mem_file_path))
+            .map_err(|e| format!("Create snapshot error: {e}"))?;
+        log::info!(
+            "'create full snapshot' VMM action took {} us.",
+            t.elapsed().as_micros()
+        );
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load`: restores a snapshot instead of booting.
+    fn load_snapshot(&mut self, p: &SnapshotLoadParams) -> Result<(), String> {
+        if self.vm.is_some() {
+            return Err(NOT_AFTER_BOOT.into());
+        }
+        if self.boot_path {
+            return Err("Loading a microVM snapshot not allowed after configuring \
+                        boot-specific resources."
+                .into());
+        }
+        let t = Instant::now();
+        let fail = |e: String| format!("Load snapshot error: Failed to restore from snapshot: {e}");
+        let mem_path = match (&p.mem_backend, &p.mem_file_path) {
+            (Some(b), None) if b.backend_type == "File" => b.backend_path.clone(),
+            (Some(b), None) => {
+                return Err(fail(format!(
+                    "memory backend {:?} is not supported (Ember maps a File)",
+                    b.backend_type
+                )))
+            }
+            (None, Some(f)) => f.clone(),
+            _ => {
+                return Err("Load snapshot error: give exactly one of mem_backend and \
+                            mem_file_path"
+                    .into())
+            }
+        };
+        if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
+            return Err(fail(
+                "dirty page tracking is not implemented (diff snapshots)".into(),
+            ));
+        }
+        let mut state = ember_vmm::read_snapshot(Path::new(&p.snapshot_path))
+            .map_err(|e| fail(e.to_string()))?;
+        for o in &p.network_overrides {
+            state
+                .override_tap(&o.iface_id, &o.host_dev_name)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        if let Some(v) = &p.vsock_override {
+            state
+                .override_vsock(Path::new(&v.uds_path), None)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        let memory =
+            std::fs::File::open(&mem_path).map_err(|e| fail(format!("{mem_path}: {e}")))?;
+        self.resources.adopt(&state.config);
+        let builder = ember_vmm::VmBuilder::restore(state, memory, Path::new(&mem_path));
+        let paused = !p.resume_vm.unwrap_or(false);
+        self.launch(
+            builder,
+            paused,
+            "Load snapshot error: Failed to restore from snapshot",
+        )?;
+        log::info!(
+            "'load snapshot' VMM action took {} us.",
+            t.elapsed().as_micros()
+        );
         Ok(())
     }
 
@@ -257,6 +359,7 @@ impl Controller {
         if self.vm.is_some() {
             return Err(NOT_AFTER_BOOT.into());
         }
+        self.boot_path = true;
         f(&mut self.resources)
     }
 
@@ -338,7 +441,12 @@ impl Controller {
                 Ok(())
             })),
             PutBalloon(b) => done(self.pre_boot(|r| r.set_balloon(b.clone()))),
-            PutSerial(s) => done(self.pre_boot(|r| r.set_serial(s.clone()))),
+            // Not boot-specific: a restored VM's console goes there too.
+            PutSerial(s) => done(if self.vm.is_some() {
+                Err(NOT_AFTER_BOOT.into())
+            } else {
+                self.resources.set_serial(s.clone())
+            }),
             PutLogger(l) => done(self.configure_logger(l.clone())),
             PutMetrics(m) => done(self.configure_metrics(m.clone())),
             // The configuration as last set (the device takes a new target a moment later).
@@ -355,9 +463,8 @@ impl Controller {
             PatchDrive(d) => done(self.patch_drive(d)),
             PatchNetworkInterface(n) => done(self.patch_net(n)),
             PatchVm(state) => done(self.patch_vm(*state)),
-            CreateSnapshot(_) | LoadSnapshot(_) => {
-                ApiResponse::bad_request("Snapshots are not supported by Ember yet.")
-            }
+            CreateSnapshot(p) => done(self.create_snapshot(p)),
+            LoadSnapshot(p) => done(self.load_snapshot(p)),
             _ => ApiResponse::bad_request("Unsupported request."),
         }
     }

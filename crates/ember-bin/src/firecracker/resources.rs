@@ -54,6 +54,38 @@ pub(crate) fn limiter(r: &Option<RateLimiter>) -> Option<RateLimitConfig> {
 }
 
 impl VmResources {
+    /// Takes over what a restored snapshot's configuration says (for `GET /vm/config`, the
+    /// machine and balloon requests and the network `PATCH`es after a load).
+    pub fn adopt(&mut self, c: &VmConfig) {
+        self.machine.vcpu_count = c.vcpus;
+        self.machine.mem_size_mib = c.memory_mib;
+        self.nets = c
+            .nets
+            .iter()
+            .enumerate()
+            .map(|(i, n)| NetworkInterface {
+                iface_id: n.id.clone().unwrap_or_else(|| format!("net{i}")),
+                host_dev_name: n.tap.clone(),
+                guest_mac: n.mac.map(|m| m.to_string()),
+                mtu: n.mtu,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .collect();
+        self.vsock = c.vsock.as_ref().map(|v| Vsock {
+            guest_cid: u32::try_from(v.cid).unwrap_or(u32::MAX),
+            uds_path: v.uds_path.display().to_string(),
+            vsock_id: None,
+        });
+        self.balloon = c.balloon.as_ref().map(|b| Balloon {
+            amount_mib: u32::try_from(b.amount_mib).unwrap_or(u32::MAX),
+            deflate_on_oom: b.deflate_on_oom,
+            stats_polling_interval_s: u16::try_from(b.stats_polling_interval_s).unwrap_or(u16::MAX),
+            free_page_hinting: false,
+            free_page_reporting: b.free_page_reporting,
+        });
+    }
+
     pub fn set_boot_source(&mut self, b: BootSource) -> Result<(), String> {
         check_file("kernel", &b.kernel_image_path)?;
         if let Some(i) = &b.initrd_path {
