@@ -2,127 +2,15 @@
 //! the host across the snapshot, then checks its memory and drives its devices in the restored
 //! VM.
 
+mod snapshot_common;
+
 use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use ember_test_support::{kvm_or_skip, probe_elf, write_blk_image};
-use ember_vmm::{DiskConfig, RngConfig, Vm, VmBuilder, VmConfig, VmExit, VmHandle};
-
-/// A console sink the test reads.
-#[derive(Clone, Default)]
-struct Console(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Console {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Console {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
-        let end = Instant::now() + timeout;
-        while Instant::now() < end {
-            if self.text().contains(needle) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        false
-    }
-}
-
-fn config(disk: &Path, checks: &str) -> VmConfig {
-    let mut c = VmConfig::new(probe_elf());
-    c.memory_mib = 128;
-    c.cmdline = format!("probe={checks}");
-    c.disks.push(DiskConfig {
-        path: disk.to_path_buf(),
-        id: Some("probe".into()),
-        ..Default::default()
-    });
-    c.rng = Some(RngConfig::default());
-    c
-}
-
-/// Runs `vm` on a thread; returns its handle and the join handle.
-fn spawn(
-    vm: Vm,
-) -> (
-    VmHandle,
-    std::thread::JoinHandle<Result<ember_vmm::VmOutcome, ember_vmm::Error>>,
-) {
-    let h = vm.handle();
-    (h, std::thread::spawn(move || vm.run()))
-}
-
-struct Files {
-    _dir: vmm_sys_util::tempdir::TempDir,
-    disk: PathBuf,
-    state: PathBuf,
-    memory: PathBuf,
-}
-
-fn files() -> Files {
-    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-snapshot-").unwrap();
-    let disk = dir.as_path().join("disk.img");
-    write_blk_image(&disk, 2048, 0x5a).unwrap();
-    Files {
-        state: dir.as_path().join("vm.state"),
-        memory: dir.as_path().join("vm.mem"),
-        disk,
-        _dir: dir,
-    }
-}
-
-/// Boots the probe to its `snapshot` wait, pauses, snapshots, stops.
-fn take_snapshot(f: &Files, checks: &str) -> String {
-    let console = Console::default();
-    let vm = Vm::builder(config(&f.disk, checks))
-        .serial_output(Box::new(console.clone()))
-        .build()
-        .unwrap();
-    let (h, join) = spawn(vm);
-    assert!(
-        console.wait_for("PROBE snapshot waiting", Duration::from_secs(30)),
-        "{}",
-        console.text()
-    );
-    assert!(h.pause());
-    let written = h.snapshot(&f.state, &f.memory).unwrap();
-    assert!(written > 0);
-    h.stop();
-    let outcome = join.join().unwrap().unwrap();
-    assert_eq!(outcome.exit, VmExit::Stopped);
-    console.text()
-}
-
-fn restore(
-    f: &Files,
-) -> (
-    VmHandle,
-    Console,
-    std::thread::JoinHandle<Result<ember_vmm::VmOutcome, ember_vmm::Error>>,
-) {
-    let state = ember_vmm::read_snapshot(&f.state).unwrap();
-    let mem = std::fs::File::open(&f.memory).unwrap();
-    let console = Console::default();
-    let vm = VmBuilder::restore(state, mem, &f.memory)
-        .serial_output(Box::new(console.clone()))
-        .build()
-        .unwrap();
-    let (h, join) = spawn(vm);
-    (h, console, join)
-}
+use ember_test_support::{kvm_or_skip, probe_elf};
+use ember_vmm::{VmBuilder, VmExit};
+use snapshot_common::{files, restore, take_snapshot};
 
 #[test]
 fn a_restored_probe_finds_its_memory_and_its_devices() {
@@ -186,4 +74,94 @@ fn bad_snapshots_are_clear_errors() {
     std::fs::write(&f.state, &bytes[..n / 3]).unwrap();
     let e = ember_vmm::read_snapshot(&f.state).unwrap_err();
     assert!(e.to_string().contains("truncated"), "{e}");
+}
+
+/// `ember --kernel … --snapshot-dir D` writes a snapshot on SIGUSR1 and goes on; `ember
+/// --restore D` restores it in a new process.
+#[test]
+fn the_cli_snapshots_on_sigusr1_and_restores_from_a_directory() {
+    if !kvm_or_skip("the_cli_snapshots_on_sigusr1_and_restores_from_a_directory") {
+        return;
+    }
+    use std::process::{Command, Stdio};
+    let f = files();
+    let dir = f.state.parent().unwrap().join("snap");
+    let out1 = f.state.with_file_name("out1.txt");
+    let err1 = f.state.with_file_name("err1.txt");
+    let mut child = Command::new(ember_test_support::ember_binary())
+        .arg("--kernel")
+        .arg(probe_elf())
+        .args(["--cmdline", "probe=snapshot,blk,rng", "--rng", "--disk"])
+        .arg(format!("{},id=probe", f.disk.display()))
+        .arg("--snapshot-dir")
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(std::fs::File::create(&out1).unwrap())
+        .stderr(std::fs::File::create(&err1).unwrap())
+        .spawn()
+        .unwrap();
+    let wait_file = |p: &Path, needle: &str| {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let t = std::fs::read_to_string(p).unwrap_or_default();
+            if t.contains(needle) || Instant::now() > end {
+                return t;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let t = wait_file(&out1, "PROBE snapshot waiting");
+    assert!(t.contains("PROBE snapshot waiting"), "{t}");
+    let pid = i32::try_from(child.id()).unwrap();
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(pid, libc::SIGUSR1) };
+    let e = wait_file(&err1, "snapshot written");
+    assert!(e.contains("snapshot written to"), "{e}");
+    // The snapshotted VM goes on: it finishes its checks when released.
+    child.stdin.as_mut().unwrap().write_all(b"g").unwrap();
+    assert!(child.wait().unwrap().success());
+    let t = std::fs::read_to_string(&out1).unwrap();
+    assert!(t.contains("PROBE done checks=3 failed=0"), "{t}");
+
+    // The restore, in a new process.
+    let mut child = Command::new(ember_test_support::ember_binary())
+        .arg("--restore")
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"g").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("PROBE snapshot ok pattern=ok"), "{text}");
+    assert!(text.contains("PROBE done checks=3 failed=0"), "{text}");
+    assert!(!text.contains("PROBE start"), "{text}");
+
+    // User errors.
+    for (args, needle) in [
+        (
+            vec![
+                "--restore".to_string(),
+                dir.display().to_string(),
+                "--memory-mib".into(),
+                "256".into(),
+            ],
+            "takes the VM's configuration from the snapshot",
+        ),
+        (
+            vec!["--restore".into(), "/nonexistent-ember-snap".into()],
+            "/nonexistent-ember-snap/vm.state",
+        ),
+    ] {
+        let out = Command::new(ember_test_support::ember_binary())
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
 }
