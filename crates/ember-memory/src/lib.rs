@@ -472,6 +472,48 @@ pub fn map_guest_memory(
     vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map(e.to_string()))
 }
 
+/// Maps `file` again over each of `mem`'s regions, at the same address, offset and length, but
+/// [`Sharing::Private`]: the contents stay what the shared mapping wrote into the file, and
+/// from here on the guest's writes stay private to this mapping. A VM whose memory was a
+/// [`create_guest_memory_memfd`] memfd becomes one more copy-on-write user of it, so the memfd
+/// can serve as the frozen base of forks. KVM sees the change through its MMU notifier (the
+/// userspace addresses of its memory slots do not move).
+pub fn remap_private(mem: &GuestRam, file: &std::fs::File) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    for region in mem.iter() {
+        let offset = region
+            .file_offset()
+            .map(vm_memory::FileOffset::start)
+            .ok_or_else(|| Error::Map("a region is not backed by a file".into()))?;
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Map(e.to_string()))?;
+        let len = usize::try_from(region.len()).map_err(|e| Error::Map(e.to_string()))?;
+        let off = libc::off_t::try_from(offset).map_err(|e| Error::Map(e.to_string()))?;
+        // SAFETY: MAP_FIXED over exactly the region's own mapping (same address and length,
+        // same protection): the range stays mapped, owned and later unmapped by `mem`; only
+        // which pages back it changes, to a private view of the same file range.
+        let r = unsafe {
+            libc::mmap(
+                host.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                off,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(Error::File {
+                what: "private remap of guest memory",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 #[allow(
     clippy::cast_possible_truncation,

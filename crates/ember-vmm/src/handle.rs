@@ -38,6 +38,9 @@ pub(crate) struct VmShared {
     pub virtio: Vec<VirtioSlot>,
     pub buses: Arc<Buses>,
     pub control: Arc<VcpuControl>,
+    /// The memfd behind guest memory while the VM can still become a fork template
+    /// ([`crate::VmBuilder::fork_template`]); taken by [`VmHandle::template`].
+    pub memory_file: Mutex<Option<std::fs::File>>,
 }
 
 /// The vCPUs' exit counters, summed.
@@ -212,6 +215,49 @@ impl VmHandle {
                 },
             )?;
             Ok(written)
+        })?
+    }
+
+    /// Makes the paused VM a fork template: its state is taken once, and its memfd becomes
+    /// the copy-on-write base of every fork ([`crate::Template::fork`]). The VM itself is
+    /// remapped copy-on-write on the same memfd, so it may be resumed afterwards without any
+    /// fork seeing its writes. Once per VM; needs [`crate::VmBuilder::fork_template`].
+    pub fn template(&self) -> Result<crate::Template, Error> {
+        if !self.is_paused() {
+            return Err(Error::VcpuRequest(
+                "pause the VM before making it a template".into(),
+            ));
+        }
+        self.on_event_loop(move |shared| -> Result<crate::Template, Error> {
+            let mut slot = lock(&shared.memory_file);
+            let Some(file) = slot.as_ref() else {
+                return Err(Error::VcpuRequest(
+                    "not a fork template: build it with VmBuilder::fork_template(true), once"
+                        .into(),
+                ));
+            };
+            let machine = shared.save()?;
+            let memory = file.try_clone().map_err(|source| {
+                Error::Snapshot(crate::snapshot::SnapshotError::Io {
+                    path: "memfd".into(),
+                    source,
+                })
+            })?;
+            ember_memory::remap_private(&shared.memory, &memory)?;
+            *slot = None;
+            let memory_bytes = vm_memory::GuestMemoryBackend::iter(&shared.memory)
+                .map(vm_memory::GuestMemoryRegion::len)
+                .sum();
+            Ok(crate::Template {
+                state: crate::snapshot::SnapshotState {
+                    ember_version: env!("CARGO_PKG_VERSION").into(),
+                    config: shared.config.clone(),
+                    memory_bytes,
+                    devices: shared.placements.clone(),
+                    machine,
+                },
+                memory,
+            })
         })?
     }
 

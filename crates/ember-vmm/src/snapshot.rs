@@ -124,6 +124,9 @@ pub enum SnapshotError {
         /// What the state says.
         want: u64,
     },
+    /// A fork would share a host resource with its template.
+    #[error("a fork would share {0} with its template")]
+    SharedResource(String),
     /// A restore override names a device the snapshot does not have.
     #[error("the snapshot has no {kind} device {id:?} to override")]
     NoSuchDevice {
@@ -150,6 +153,24 @@ impl SnapshotState {
                 id: id.into(),
             })?;
         nic.tap = tap.into();
+        Ok(())
+    }
+
+    /// Gives disk `id` another image (a fork's own copy of a writable disk). The image must
+    /// have the same size: the guest's driver already knows the capacity.
+    pub fn override_disk(&mut self, id: &str, path: &Path) -> Result<(), SnapshotError> {
+        let disk = self
+            .config
+            .disks
+            .iter_mut()
+            .enumerate()
+            .find(|(i, d)| d.id.clone().unwrap_or_else(|| format!("disk{i}")) == id)
+            .map(|(_, d)| d)
+            .ok_or_else(|| SnapshotError::NoSuchDevice {
+                kind: "disk",
+                id: id.into(),
+            })?;
+        disk.path = path.to_path_buf();
         Ok(())
     }
 

@@ -64,6 +64,7 @@ pub struct VmBuilder {
     cpu_template: Option<ember_vcpu::template::CpuTemplate>,
     restore: Option<(crate::snapshot::SnapshotState, std::fs::File, PathBuf)>,
     start_paused: bool,
+    fork_template: bool,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -88,6 +89,7 @@ impl VmBuilder {
             cpu_template: None,
             restore: None,
             start_paused: false,
+            fork_template: false,
         }
     }
 
@@ -103,6 +105,14 @@ impl VmBuilder {
         let mut b = VmBuilder::new(state.config.clone());
         b.restore = Some((state, memory, memory_path.to_path_buf()));
         b
+    }
+
+    /// Puts guest memory in a memfd, so that the paused VM can become a [`crate::Template`]
+    /// that forks map copy-on-write ([`VmHandle::template`]). Off by default (anonymous
+    /// memory).
+    pub fn fork_template(mut self, on: bool) -> Self {
+        self.fork_template = on;
+        self
     }
 
     /// Starts the VM paused: [`Vm::run`] waits for [`VmHandle::resume`] before any vCPU runs
@@ -216,6 +226,7 @@ impl Vm {
         // is reported the same on any machine.
         let layout = MemoryLayout::new(config.memory_mib.saturating_mul(ember_memory::MIB))?;
         let restore = b.restore.take();
+        let mut memory_file = None;
         let (memory, kernel, initrd, protocol_entry, machine) = match restore {
             Some((state, file, path)) => {
                 let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -233,7 +244,13 @@ impl Vm {
                 (memory, None, None, None, Some(state))
             }
             None => {
-                let memory = ember_memory::create_guest_memory(&layout)?;
+                let memory = if b.fork_template {
+                    let (memory, file) = ember_memory::create_guest_memory_memfd(&layout)?;
+                    memory_file = Some(file);
+                    memory
+                } else {
+                    ember_memory::create_guest_memory(&layout)?
+                };
                 timings.record("guest memory", &mut t);
                 let kernel = ember_loader::load_kernel(&memory, &config.kernel)?;
                 let initrd = match &config.initrd {
@@ -469,6 +486,7 @@ impl Vm {
             virtio,
             buses: Arc::new(buses),
             control: control.clone(),
+            memory_file: Mutex::new(memory_file),
         });
         let eventfd = || ember_devices::new_eventfd().map_err(Error::EventFd);
         let jobs = ember_devices::mailbox::Mailbox::new().map_err(Error::EventFd)?;

@@ -721,13 +721,17 @@ impl Ctx<'_> {
             let _ = inb(RBR_THR);
         }
         let before = rdtsc();
-        Line::new("snapshot").s("waiting ms=").dec(ms).end();
+        Line::new("snapshot")
+            .s("waiting ms=")
+            .dec(ms)
+            .s(" region=")
+            .hex(region.as_ptr() as u64)
+            .end();
         let limit = self.tsc_khz_or_guess().saturating_mul(ms);
         let mut polls = 0u64;
-        loop {
+        let mark = loop {
             if inb(LSR) & LSR_DR != 0 {
-                let _ = inb(RBR_THR);
-                break;
+                break inb(RBR_THR);
             }
             polls += 1;
             if rdtsc().wrapping_sub(before) > limit {
@@ -738,7 +742,7 @@ impl Ctx<'_> {
                 return true;
             }
             core::hint::spin_loop();
-        }
+        };
         let after = rdtsc();
         let bad = region
             .iter()
@@ -754,11 +758,26 @@ impl Ctx<'_> {
                 .end();
             return true;
         }
+        // The host's byte marks the region (a fork's own write; its template and the other
+        // forks must not see it).
+        for (i, b) in region.iter_mut().enumerate() {
+            *b = pattern(i) ^ mark;
+        }
+        let marked = region
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern(i) ^ mark);
+        if !marked {
+            Line::new("snapshot").s("FAIL marked region changed").end();
+            return true;
+        }
         Line::new("snapshot")
             .s("ok pattern=ok tsc_forward=yes waited_ms=")
             .dec((after - before) / self.tsc_khz_or_guess().max(1))
             .s(" polls=")
             .dec(polls)
+            .s(" mark=")
+            .dec(u64::from(mark))
             .end();
         false
     }

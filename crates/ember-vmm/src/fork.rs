@@ -1,0 +1,94 @@
+//! Forks: many VMs from one paused template, each a copy-on-write view of the template's
+//! guest memory.
+//!
+//! A VM built with [`VmBuilder::fork_template`] keeps its guest memory in a memfd. Once it is
+//! paused at the point forks should start from (a warmed-up guest), [`VmHandle::template`]
+//! takes its state once and returns a [`Template`]: that state plus the memfd. Each
+//! [`Template::fork`] is then a restore of that state whose memory is the memfd mapped
+//! `MAP_PRIVATE`: pages are shared with the template and every other fork until the fork writes
+//! them; nothing is copied up front, so a fork costs the same for 128 MiB as for 2 GiB.
+//!
+//! Identity: every fork re-creates its devices from the configuration, so anything that names
+//! a host resource must differ per fork, and [`Template::fork_with`] refuses a fork that would
+//! share one with the template: a vsock Unix socket ([`SnapshotState::override_vsock`], with
+//! a CID of its own), a TAP ([`SnapshotState::override_tap`]), a writable disk
+//! ([`SnapshotState::override_disk`]: give each fork its own copy of the image; a read-only
+//! disk is shared). virtio-rng draws from the host's entropy in each fork. There is no VMGenID
+//! device yet: a guest is not told that it was forked beyond the vsock transport reset.
+//!
+//! [`VmBuilder::fork_template`]: crate::VmBuilder::fork_template
+//! [`VmHandle::template`]: crate::VmHandle::template
+
+use std::path::Path;
+
+use crate::error::Error;
+use crate::snapshot::{SnapshotError, SnapshotState};
+use crate::vm::VmBuilder;
+
+/// A paused VM's state and its guest memory's memfd: the base of forks.
+#[derive(Debug)]
+pub struct Template {
+    pub(crate) state: SnapshotState,
+    pub(crate) memory: std::fs::File,
+}
+
+/// What [`Template::fork_with`] refuses.
+fn shared_resource(what: String) -> Error {
+    Error::Snapshot(SnapshotError::SharedResource(what))
+}
+
+impl Template {
+    /// The template's state: clone it, apply a fork's overrides, give it to
+    /// [`fork_with`](Self::fork_with).
+    pub fn state(&self) -> &SnapshotState {
+        &self.state
+    }
+
+    /// A fork with the template's configuration unchanged (for a template whose devices name
+    /// no host resource a fork would share: no vsock, TAP or writable disk).
+    pub fn fork(&self) -> Result<VmBuilder, Error> {
+        self.fork_with(self.state.clone())
+    }
+
+    /// A fork from `state` (the template's, with this fork's identity applied). The builder
+    /// restores it; set its console and [`VmBuilder::start_paused`] as for any VM.
+    pub fn fork_with(&self, state: SnapshotState) -> Result<VmBuilder, Error> {
+        let t = &self.state.config;
+        let f = &state.config;
+        if let (Some(a), Some(b)) = (&t.vsock, &f.vsock) {
+            if a.uds_path == b.uds_path {
+                return Err(shared_resource(format!(
+                    "the vsock socket {} (give the fork its own with override_vsock)",
+                    a.uds_path.display()
+                )));
+            }
+        }
+        for (i, (a, b)) in t.nets.iter().zip(&f.nets).enumerate() {
+            if a.tap == b.tap {
+                return Err(shared_resource(format!(
+                    "the TAP {} of interface {i} (give the fork its own with override_tap)",
+                    a.tap
+                )));
+            }
+        }
+        for (a, b) in t.disks.iter().zip(&f.disks) {
+            if !b.read_only && a.path == b.path {
+                return Err(shared_resource(format!(
+                    "the writable disk {} (give the fork its own copy with override_disk)",
+                    a.path.display()
+                )));
+            }
+        }
+        let memory = self.memory.try_clone().map_err(|source| {
+            Error::Snapshot(SnapshotError::Io {
+                path: "memfd".into(),
+                source,
+            })
+        })?;
+        Ok(VmBuilder::restore(
+            state,
+            memory,
+            Path::new("memfd:ember-guest-ram"),
+        ))
+    }
+}

@@ -1,0 +1,175 @@
+//! Forks of a paused template: each a copy-on-write view of the template's memory, with its
+//! own identity, running beside the others.
+
+mod snapshot_common;
+
+use std::time::Duration;
+
+use ember_test_support::{kvm_or_skip, probe_elf, write_blk_image};
+use ember_vmm::{DiskConfig, RngConfig, Template, Vm, VmConfig, VmExit};
+use snapshot_common::{spawn, Console};
+use vm_memory::{Bytes, GuestAddress};
+
+/// The probe's pattern byte at offset `i` of its snapshot region.
+fn pattern(i: usize) -> u8 {
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the probe's own truncation"
+    )]
+    let b = (i as u8) ^ ((i >> 8) as u8) ^ 0xa5;
+    b
+}
+
+/// The guest address of the probe's snapshot region, from its `waiting` line.
+fn region(console: &str) -> GuestAddress {
+    let hex = console
+        .split("region=0x")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no region= in {console}"));
+    GuestAddress(u64::from_str_radix(hex, 16).unwrap())
+}
+
+/// Boots the probe (`checks` after the snapshot wait) to its wait and makes it a template.
+fn template(config: VmConfig) -> (Template, ember_memory::GuestRam, GuestAddress) {
+    let console = Console::default();
+    let vm = Vm::builder(config)
+        .fork_template(true)
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let memory = vm.memory().clone();
+    let (h, join) = spawn(vm);
+    assert!(
+        console.wait_for("PROBE snapshot waiting", Duration::from_secs(30)),
+        "{}",
+        console.text()
+    );
+    assert!(h.pause());
+    let t = h.template().unwrap();
+    // Once per VM.
+    assert!(h.template().is_err());
+    // The template may run on: its writes are its own (it was remapped copy-on-write).
+    h.resume();
+    h.send_serial(&[0xff]);
+    let outcome = join.join().unwrap().unwrap();
+    assert_eq!(outcome.exit, VmExit::Reset, "{}", console.text());
+    assert!(console.text().contains("mark=255"), "{}", console.text());
+    (t, memory, region(&console.text()))
+}
+
+fn probe_config(checks: &str) -> VmConfig {
+    let mut c = VmConfig::new(probe_elf());
+    c.memory_mib = 128;
+    c.cmdline = format!("probe={checks}");
+    c.rng = Some(RngConfig::default());
+    c
+}
+
+#[test]
+fn forks_run_side_by_side_and_never_see_each_others_writes() {
+    if !kvm_or_skip("forks_run_side_by_side_and_never_see_each_others_writes") {
+        return;
+    }
+    const FORKS: u8 = 100;
+    let (template, template_mem, at) = template(probe_config("snapshot,rng"));
+    // All forks built and running (each in its wait) before any is released.
+    let mut forks = Vec::new();
+    for _ in 0..FORKS {
+        let console = Console::default();
+        let vm = template
+            .fork()
+            .unwrap()
+            .serial_output(Box::new(console.clone()))
+            .build()
+            .unwrap();
+        let memory = vm.memory().clone();
+        let (h, join) = spawn(vm);
+        forks.push((h, join, console, memory));
+    }
+    for (i, (h, ..)) in forks.iter().enumerate() {
+        h.send_serial(&[u8::try_from(i).unwrap() + 1]);
+    }
+    for (i, (_, join, console, memory)) in forks.into_iter().enumerate() {
+        let mark = u8::try_from(i).unwrap() + 1;
+        let outcome = join.join().unwrap().unwrap();
+        let out = console.text();
+        assert_eq!(outcome.exit, VmExit::Reset, "fork {i}: {out}");
+        assert!(
+            out.contains("PROBE snapshot ok pattern=ok tsc_forward=yes"),
+            "fork {i}: {out}"
+        );
+        assert!(out.contains(&format!("mark={mark}\n")), "fork {i}: {out}");
+        assert!(out.contains("PROBE rng ok"), "fork {i}: {out}");
+        assert!(!out.contains("PROBE start"), "fork {i}: {out}");
+        // Its memory holds its own mark, not another fork's.
+        let mut b = [0u8; 256];
+        memory.read_slice(&mut b, at).unwrap();
+        for (j, v) in b.iter().enumerate() {
+            assert_eq!(*v, pattern(j) ^ mark, "fork {i} byte {j}");
+        }
+    }
+    // The template's memory (it ran on after the template was taken, and marked 0xff) is
+    // its own; the memfd forks start from still holds the unmarked pattern, as a new fork
+    // shows.
+    let mut b = [0u8; 256];
+    template_mem.read_slice(&mut b, at).unwrap();
+    assert!(b.iter().enumerate().all(|(j, v)| *v == pattern(j) ^ 0xff));
+    let vm = template.fork().unwrap().build().unwrap();
+    vm.memory().read_slice(&mut b, at).unwrap();
+    assert!(b.iter().enumerate().all(|(j, v)| *v == pattern(j)));
+}
+
+#[test]
+fn a_fork_must_not_share_a_writable_disk_or_a_socket_with_its_template() {
+    if !kvm_or_skip("a_fork_must_not_share_a_writable_disk_or_a_socket_with_its_template") {
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-fork-").unwrap();
+    let disk = dir.as_path().join("base.img");
+    write_blk_image(&disk, 2048, 0x5a).unwrap();
+    let mut c = probe_config("snapshot,blk");
+    c.disks.push(DiskConfig {
+        path: disk.clone(),
+        id: Some("probe".into()),
+        ..Default::default()
+    });
+    c.vsock = Some(ember_vmm::VsockConfig {
+        cid: 3,
+        uds_path: dir.as_path().join("t.sock"),
+    });
+    let (template, _, _) = template(c);
+    let e = template.fork().unwrap_err().to_string();
+    assert!(e.contains("vsock socket"), "{e}");
+    let mut state = template.state().clone();
+    state
+        .override_vsock(&dir.as_path().join("f.sock"), Some(4))
+        .unwrap();
+    let e = template.fork_with(state.clone()).unwrap_err().to_string();
+    assert!(e.contains("writable disk"), "{e}");
+    assert!(state.override_disk("nope", &disk).is_err());
+    // With its own copy of the disk the fork runs its blk checks on it.
+    let copy = dir.as_path().join("fork.img");
+    std::fs::copy(&disk, &copy).unwrap();
+    state.override_disk("probe", &copy).unwrap();
+    let console = Console::default();
+    let vm = template
+        .fork_with(state)
+        .unwrap()
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let base_mtime = std::fs::metadata(&disk).unwrap().modified().unwrap();
+    let copy_mtime = std::fs::metadata(&copy).unwrap().modified().unwrap();
+    // Its own socket, beside the template's.
+    assert!(dir.as_path().join("f.sock").exists());
+    let (h, join) = spawn(vm);
+    h.send_serial(b"g");
+    let outcome = join.join().unwrap().unwrap();
+    let out = console.text();
+    assert_eq!(outcome.exit, VmExit::Reset, "{out}");
+    assert!(out.contains("PROBE blk ok"), "{out}");
+    // The blk check wrote to the fork's copy, not to the template's image.
+    assert_eq!(std::fs::metadata(&disk).unwrap().modified().unwrap(), base_mtime);
+    assert_ne!(std::fs::metadata(&copy).unwrap().modified().unwrap(), copy_mtime);
+}
