@@ -170,6 +170,12 @@ fn a_fork_must_not_share_a_writable_disk_or_a_socket_with_its_template() {
     assert_eq!(outcome.exit, VmExit::Reset, "{out}");
     assert!(out.contains("PROBE blk ok"), "{out}");
     // The blk check wrote to the fork's copy, not to the template's image.
-    assert_eq!(std::fs::metadata(&disk).unwrap().modified().unwrap(), base_mtime);
-    assert_ne!(std::fs::metadata(&copy).unwrap().modified().unwrap(), copy_mtime);
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().modified().unwrap(),
+        base_mtime
+    );
+    assert_ne!(
+        std::fs::metadata(&copy).unwrap().modified().unwrap(),
+        copy_mtime
+    );
 }

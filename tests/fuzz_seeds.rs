@@ -303,3 +303,21 @@ fn parser_seeds_are_accepted_by_their_parsers() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
 }
+
+/// The `snapshot_state` seeds are state files captured from real probe VMs (`ember
+/// --snapshot-dir`; a vCPU's registers and clocks differ on every run, so they are not
+/// generated): each must parse.
+#[test]
+fn captured_snapshot_seeds_parse() {
+    let seeds = committed(&workspace_root().join("fuzz/seeds/snapshot_state"));
+    assert!(
+        seeds.len() >= 2,
+        "fuzz/seeds/snapshot_state: {} seeds",
+        seeds.len()
+    );
+    for (name, bytes) in seeds {
+        let state = ember_vmm::parse_snapshot(&bytes, Path::new(&name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!state.machine.vcpus.is_empty(), "{name}");
+    }
+}

@@ -25,6 +25,7 @@ pub const TARGETS: &[&str] = &[
     "api_request",
     "cpu_template",
     "cmdline",
+    "snapshot_state",
 ];
 
 /// `cargo xtask fuzz`.

@@ -124,6 +124,14 @@ pub enum SnapshotError {
         /// What the state says.
         want: u64,
     },
+    /// The body parsed but does not hang together.
+    #[error("{}: inconsistent state: {why}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// A fork would share a host resource with its template.
     #[error("a fork would share {0} with its template")]
     SharedResource(String),
@@ -216,13 +224,20 @@ pub fn write_state(path: &Path, state: &SnapshotState) -> Result<(), SnapshotErr
 }
 
 /// Writes a state file holding `body`.
-fn write_body(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
+/// The bytes of a state file holding `body`: the header (magic, this build's version, the
+/// body's length and CRC-32), then the body.
+pub fn frame_state(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.extend_from_slice(SNAPSHOT_MAGIC);
     out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&(body.len() as u64).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
     out.extend_from_slice(body);
+    out
+}
+
+fn write_body(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
+    let out = frame_state(body);
     let tmp = path.with_extension("tmp-ember");
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(&out).map_err(io(&tmp))?;
@@ -245,20 +260,61 @@ pub fn describe(path: &Path) -> Result<u32, SnapshotError> {
 
 /// Reads and checks the state file at `path`.
 pub fn read_state(path: &Path) -> Result<SnapshotState, SnapshotError> {
-    let body = read_body(path)?;
-    serde_json::from_slice(&body).map_err(|source| SnapshotError::Json {
+    parse_state(&read_file(path)?, path)
+}
+
+/// A state file's bytes as a [`SnapshotState`] (`path` names it in errors): the header, the
+/// checksum, the JSON body and its consistency (a configuration that validates, one saved
+/// state per vCPU, one placement per virtio device) are checked.
+pub fn parse_state(bytes: &[u8], path: &Path) -> Result<SnapshotState, SnapshotError> {
+    let state: SnapshotState =
+        serde_json::from_slice(body(bytes, path)?).map_err(|source| SnapshotError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let invalid = |why: String| SnapshotError::Invalid {
         path: path.to_path_buf(),
-        source,
-    })
+        why,
+    };
+    state
+        .config
+        .validate()
+        .map_err(|e| invalid(format!("its configuration: {e}")))?;
+    if state.machine.vcpus.len() != usize::from(state.config.vcpus) {
+        return Err(invalid(format!(
+            "{} vCPU states for {} vCPUs",
+            state.machine.vcpus.len(),
+            state.config.vcpus
+        )));
+    }
+    if state.machine.devices.virtio.len() != state.devices.len() {
+        return Err(invalid(format!(
+            "{} virtio device states for {} devices",
+            state.machine.devices.virtio.len(),
+            state.devices.len()
+        )));
+    }
+    if state.memory_bytes != state.config.memory_mib.saturating_mul(1 << 20) {
+        return Err(invalid(format!(
+            "{} bytes of memory for {} MiB",
+            state.memory_bytes, state.config.memory_mib
+        )));
+    }
+    Ok(state)
 }
 
 /// Reads a state file's body, checked.
-fn read_body(path: &Path) -> Result<Vec<u8>, SnapshotError> {
+fn read_file(path: &Path) -> Result<Vec<u8>, SnapshotError> {
     let f = ember_loader::open_regular_file(path).map_err(io(path))?;
     let mut bytes = Vec::new();
     f.take(MAX_BODY + HEADER_LEN as u64)
         .read_to_end(&mut bytes)
         .map_err(io(path))?;
+    Ok(bytes)
+}
+
+/// The checked body of a state file's bytes (`path` names it in errors).
+fn body<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], SnapshotError> {
     if bytes.len() < 8 || &bytes[..8] != SNAPSHOT_MAGIC {
         return Err(SnapshotError::NotASnapshot(path.to_path_buf()));
     }
@@ -299,7 +355,7 @@ fn read_body(path: &Path) -> Result<Vec<u8>, SnapshotError> {
             want,
         });
     }
-    Ok(body.to_vec())
+    Ok(body)
 }
 
 /// Bytes per residency check when writing memory.
@@ -355,6 +411,10 @@ pub fn write_memory(mem: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn read_body(p: &Path) -> Result<Vec<u8>, SnapshotError> {
+        read_file(p).and_then(|b| body(&b, p).map(<[u8]>::to_vec))
+    }
 
     #[test]
     fn state_files_round_trip_and_refuse_damage() {
