@@ -14,6 +14,21 @@ fn fds_and_threads() -> (usize, usize) {
     (count("/proc/self/fd"), count("/proc/self/task"))
 }
 
+/// The counts once they stop changing: a finished VM's KVM fd is closed on Ember's teardown
+/// thread a moment after `Vm::run` returns.
+fn settled() -> (usize, usize) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut last = fds_and_threads();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let now = fds_and_threads();
+        if now == last || std::time::Instant::now() > end {
+            return now;
+        }
+        last = now;
+    }
+}
+
 #[test]
 fn many_restores_of_one_snapshot_complete_and_leak_nothing() {
     if !kvm_or_skip("many_restores_of_one_snapshot_complete_and_leak_nothing") {
@@ -36,7 +51,7 @@ fn many_restores_of_one_snapshot_complete_and_leak_nothing() {
         "{}",
         console.text()
     );
-    let before = fds_and_threads();
+    let before = settled();
     for i in 0..restores {
         let (h, console, join) = restore(&f);
         h.send_serial(b"g");
@@ -48,7 +63,7 @@ fn many_restores_of_one_snapshot_complete_and_leak_nothing() {
             "restore {i}: {out}"
         );
     }
-    let after = fds_and_threads();
+    let after = settled();
     assert_eq!(
         before, after,
         "(fds, threads) before and after {restores} restores"

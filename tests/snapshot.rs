@@ -165,3 +165,29 @@ fn the_cli_snapshots_on_sigusr1_and_restores_from_a_directory() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// A `resume` that comes before `Vm::run` has applied the restored state (a client that loads
+/// a snapshot paused and resumes at once) must not let a vCPU run from its reset state.
+#[test]
+fn an_early_resume_waits_for_the_restored_state() {
+    if !kvm_or_skip("an_early_resume_waits_for_the_restored_state") {
+        return;
+    }
+    let f = files();
+    take_snapshot(&f, "snapshot");
+    let state = ember_vmm::read_snapshot(&f.state).unwrap();
+    let console = snapshot_common::Console::default();
+    let vm = VmBuilder::restore(state, std::fs::File::open(&f.memory).unwrap(), &f.memory)
+        .start_paused(true)
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let h = vm.handle();
+    assert!(h.is_paused());
+    h.resume();
+    h.send_serial(b"g");
+    let outcome = vm.run().unwrap();
+    let out = console.text();
+    assert_eq!(outcome.exit, VmExit::Reset, "{out}");
+    assert!(out.contains("PROBE snapshot ok pattern=ok"), "{out}");
+}

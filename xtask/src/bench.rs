@@ -2,7 +2,8 @@
 //! QEMU's `microvm` machine (and Firecracker when `FIRECRACKER=/path/to/firecracker` is set)
 //! on this machine, in the same run.
 //!
-//! Sections (`--only boot,startup,waits,memory,rate,exits,devices,api,kvm`; all by default):
+//! Sections (`--only boot,startup,waits,memory,rate,exits,devices,api,snapshot,fork,kvm`; all by
+//! default):
 //!
 //! - `boot`: null-guest boot, exec → first console line and exec → exit, PVH and Linux 64-bit
 //!   entry, 1 and 4 vCPUs, 128 MiB and 2 GiB; min/median/max over `--runs` runs (default 20,
@@ -19,6 +20,10 @@
 //!   Ember's vsock (MiB/s both ways); see `bench/devices.rs`.
 //! - `api`: Firecracker-mode start-up beside Firecracker: exec → API socket accepting, and
 //!   exec → `InstanceStart` answered → the null guest's first line, configured over the API.
+//! - `snapshot`: full snapshot create and exec → restored guest answering, beside Firecracker,
+//!   128 MiB and 2 GiB, 1 and 4 vCPUs; see `bench/snapshot.rs`.
+//! - `fork`: in-process forks of a paused template (`cargo bench --bench fork`): fork → the
+//!   fork's guest answering (p50, p99), forks per second, VMM memory per idle fork.
 //! - `kvm`: the KVM ioctls of Ember's start-up, timed one by one in several orders.
 //!
 //! Results go to `target/bench/` (`results.md`, `boot.png`, `boot-samples.csv`);
@@ -33,6 +38,7 @@ mod null_elf;
 mod peers;
 #[cfg(feature = "plot")]
 mod plot;
+mod snapshot;
 mod stats;
 
 use std::fmt::Write as _;
@@ -46,7 +52,8 @@ use peers::{Guest, Kind, Peer, Protocol};
 use stats::Summary;
 
 const SECTIONS: &[&str] = &[
-    "boot", "startup", "waits", "memory", "rate", "exits", "devices", "api", "kvm",
+    "boot", "startup", "waits", "memory", "rate", "exits", "devices", "api", "snapshot", "fork",
+    "kvm",
 ];
 const NULL_CMDLINE: &str = "console=ttyS0 reboot=k panic=1";
 const DOC_BEGIN: &str = "<!-- BEGIN GENERATED: cargo xtask bench -->";
@@ -352,6 +359,18 @@ pub fn run(args: &Args) -> Result<(), String> {
         let runs = if opts.quick { 5 } else { opts.runs };
         report.api = api::run(&peers, &null_pvh, &opts.out, runs);
     }
+    if wants(&opts, "snapshot") {
+        let runs = if opts.quick { 5 } else { opts.runs };
+        let sizes: &[(u64, u8)] = if opts.quick {
+            &[(128, 1), (2048, 1)]
+        } else {
+            &[(128, 1), (2048, 1), (128, 4), (2048, 4)]
+        };
+        report.snapshot = snapshot::run(&peers, &probe, &opts.out, runs, sizes);
+    }
+    if wants(&opts, "fork") {
+        report.fork = Some(fork_section(&root, opts.quick)?);
+    }
     if wants(&opts, "kvm") {
         let reps = if opts.quick { 5 } else { opts.runs };
         eprintln!("xtask bench: KVM ioctl ablation ({reps} repetitions)");
@@ -383,6 +402,30 @@ pub fn run(args: &Args) -> Result<(), String> {
         update_doc(&root, &md, &png)?;
     }
     Ok(())
+}
+
+/// Runs `cargo bench --bench fork` (in-process forks need the library, which this xtask does
+/// not link) and returns its markdown.
+fn fork_section(root: &Path, quick: bool) -> Result<String, String> {
+    eprintln!("xtask bench: forks (cargo bench --bench fork)");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .args(["bench", "--quiet", "--bench", "fork", "--", "--markdown"])
+        .env("EMBER_PROBE", root.join("target/probe/probe.elf"));
+    if quick {
+        cmd.arg("--quick");
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run cargo bench: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo bench --bench fork failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 fn write_null(dir: &Path, name: &str, mode: NullMode, entries: Entries) -> Result<PathBuf, String> {
@@ -1013,6 +1056,8 @@ struct Report {
     exits: Report2,
     devices: Option<devices::Report>,
     api: Vec<api::Cell>,
+    snapshot: Vec<snapshot::Cell>,
+    fork: Option<String>,
     kvm: Vec<kvm::SequenceResult>,
 }
 
@@ -1061,6 +1106,10 @@ impl Report {
             d.markdown(&mut s);
         }
         api::markdown(&self.api, &mut s);
+        snapshot::markdown(&self.snapshot, &mut s);
+        if let Some(f) = &self.fork {
+            s.push_str(f);
+        }
         self.kvm_md(&mut s);
         s
     }

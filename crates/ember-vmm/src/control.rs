@@ -42,6 +42,9 @@ pub(crate) enum VcpuReply {
 struct State {
     /// A pause is in force.
     paused: bool,
+    /// The VM holds its vCPUs before their first run (a restore applies its state): like a
+    /// pause, but [`VcpuControl::resume`] does not end it.
+    held: bool,
     /// vCPU threads parked because of it.
     parked: usize,
     /// vCPU threads still in their run loop.
@@ -117,10 +120,10 @@ impl VcpuControl {
                 break r;
             }
             let mut st = self.state();
-            if st.paused {
+            if st.paused || st.held {
                 st.parked += 1;
                 self.changed.notify_all();
-                while st.paused && !self.stop.load(Ordering::SeqCst) {
+                while (st.paused || st.held) && !self.stop.load(Ordering::SeqCst) {
                     if let Some((number, request)) = st.request.clone() {
                         if number != answered {
                             answered = number;
@@ -177,7 +180,7 @@ impl VcpuControl {
     /// within 5 s.
     pub(crate) fn request(&self, request: VcpuRequest) -> Result<Vec<(u8, VcpuReply)>, String> {
         let mut st = self.state();
-        if !st.paused || st.parked < st.running {
+        if !(st.paused || st.held) || st.parked < st.running {
             return Err("the VM must be paused first".into());
         }
         st.requests += 1;
@@ -229,12 +232,33 @@ impl VcpuControl {
         Ok(())
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets paused vCPUs run again (once the VM no longer holds them).
     pub(crate) fn resume(&self) {
         let mut st = self.state();
         st.paused = false;
-        self.exit
-            .store(self.stop.load(Ordering::SeqCst), Ordering::SeqCst);
+        self.exit.store(
+            self.stop.load(Ordering::SeqCst) || st.held,
+            Ordering::SeqCst,
+        );
+        self.changed.notify_all();
+    }
+
+    /// Holds every vCPU before its first `KVM_RUN`, whatever [`resume`](Self::resume) is
+    /// called meanwhile, until [`release`](Self::release). Called before any vCPU thread runs.
+    pub(crate) fn hold(&self) {
+        let mut st = self.state();
+        st.held = true;
+        self.exit.store(true, Ordering::SeqCst);
+    }
+
+    /// Ends a [`hold`](Self::hold): the vCPUs run unless a pause is in force.
+    pub(crate) fn release(&self) {
+        let mut st = self.state();
+        st.held = false;
+        self.exit.store(
+            self.stop.load(Ordering::SeqCst) || st.paused,
+            Ordering::SeqCst,
+        );
         self.changed.notify_all();
     }
 

@@ -694,12 +694,13 @@ impl Ctx<'_> {
         true
     }
 
-    /// The `reset` check: report, print the summary so far, then reset at once.
-    /// `snapshot`: lives across a snapshot. Fills a 1 MiB region with a pattern, notes the
-    /// TSC, prints `PROBE snapshot waiting` and polls COM1 for one byte from the host (sent once
-    /// the host has snapshotted and restored the VM; `probe.snapshot_ms`, default 60000). Then
-    /// checks the pattern, that the TSC moved forward, and prints how far; the checks after it
-    /// on the command line then run in the restored VM (blk, rng, net, vsock ...).
+    /// `snapshot`: lives across a snapshot. Fills a region (`probe.snapshot_kib`, default and
+    /// at most 1024) with a pattern, notes the TSC, prints `PROBE snapshot waiting` with the
+    /// region's address and polls COM1 for one byte from the host (sent once the host has
+    /// snapshotted and restored or forked the VM; `probe.snapshot_ms`, default 60000). Then
+    /// checks the pattern and that the TSC moved forward, marks the region with the byte (a
+    /// fork's own write) and prints `mark=`; the checks after it on the command line then run
+    /// in the restored VM (blk, rng, net, vsock ...).
     fn snapshot(&mut self) -> bool {
         const LEN: usize = 1 << 20;
         static mut REGION: [u8; LEN] = [0; LEN];
@@ -711,8 +712,18 @@ impl Ctx<'_> {
                 return true;
             }
         };
+        let kib = match self.params.num(b"probe.snapshot_kib=", 1024) {
+            Ok(v) if (4..=1024).contains(&v) => v as usize,
+            _ => {
+                Line::new("snapshot")
+                    .s("FAIL bad probe.snapshot_kib= (4 to 1024)")
+                    .end();
+                return true;
+            }
+        };
         // SAFETY: only this check touches REGION, on this one thread.
-        let region = unsafe { &mut *core::ptr::addr_of_mut!(REGION) };
+        let whole = unsafe { &mut *core::ptr::addr_of_mut!(REGION) };
+        let region = &mut whole[..kib << 10];
         for (i, b) in region.iter_mut().enumerate() {
             *b = pattern(i);
         }
@@ -836,6 +847,7 @@ impl Ctx<'_> {
         self.reset()
     }
 
+    /// The `reset` check: report, print the summary so far, then reset at once.
     fn reset_check(&mut self) -> bool {
         Line::new("reset")
             .s("ok via=")

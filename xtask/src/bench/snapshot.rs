@@ -1,0 +1,455 @@
+//! The `snapshot` section: full snapshot and restore of the probe guest, Ember beside
+//! Firecracker (`FIRECRACKER=`), each VMM restoring its own snapshot.
+//!
+//! The probe runs its `snapshot` check: it fills 1 MiB with a pattern and waits for a byte on
+//! its serial console. Each VMM boots it to that wait and writes a full snapshot (Ember:
+//! `--snapshot-dir` and SIGUSR1; Firecracker: `PATCH /vm` Paused then `PUT /snapshot/create`,
+//! timed from the request to its answer). Then, per run, a new VMM process restores it
+//! (Ember: `ember --restore DIR`; Firecracker: `PUT /snapshot/load` with `resume_vm`), the byte
+//! is already waiting on its standard input, and the time is exec → the restored guest's
+//! `PROBE snapshot ok` line (it checked its pattern, so its memory is there). For Ember the
+//! VMM's own "first KVM_RUN after VMM start" is reported too: exec → the restored vCPU running.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use super::peers::{Kind, Peer};
+use super::stats::Summary;
+
+/// One VMM at one size.
+pub struct Cell {
+    /// The VMM.
+    pub peer: String,
+    /// Guest memory, MiB.
+    pub mib: u64,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Snapshot create, ms.
+    pub create_ms: Option<f64>,
+    /// exec → the restored guest answered, ms.
+    pub answered: Option<Summary>,
+    /// Its 99th percentile.
+    pub answered_p99: Option<f64>,
+    /// exec → the restored vCPU's first KVM_RUN (Ember's own figure), ms.
+    pub first_run: Option<Summary>,
+    /// Why a cell is empty.
+    pub error: Option<String>,
+}
+
+/// The `p`-th percentile (nearest rank) of `v`.
+pub fn percentile(v: &[f64], p: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    #[allow(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        clippy::cast_precision_loss,
+        reason = "a rank within a short sample"
+    )]
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    Some(v[rank.clamp(1, v.len()) - 1])
+}
+
+/// Lines of a child's stdout, as they come.
+fn lines(child: &mut Child) -> Result<mpsc::Receiver<(Instant, String)>, String> {
+    let out = child.stdout.take().ok_or("no stdout")?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { return };
+            if tx.send((Instant::now(), line)).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Waits for a line holding `needle`; when it came.
+fn wait_line(
+    rx: &mpsc::Receiver<(Instant, String)>,
+    needle: &str,
+    timeout: Duration,
+) -> Result<(Instant, String), String> {
+    let end = Instant::now() + timeout;
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((t, l)) if l.contains(needle) => return Ok((t, l)),
+            Ok(_) => {}
+            Err(_) => return Err(format!("no `{needle}` line")),
+        }
+    }
+}
+
+fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
+    let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("no status in {text:?}"))?;
+    Ok((status, text))
+}
+
+fn ok(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), String> {
+    match request(sock, method, path, body)? {
+        (204, _) => Ok(()),
+        (st, text) => Err(format!("{method} {path}: {st} {text}")),
+    }
+}
+
+fn wait_socket(sock: &Path) -> Result<(), String> {
+    let end = Instant::now() + Duration::from_secs(5);
+    while UnixStream::connect(sock).is_err() {
+        if Instant::now() > end {
+            return Err("the API socket never accepted".into());
+        }
+        std::thread::sleep(Duration::from_micros(20));
+    }
+    Ok(())
+}
+
+fn kill(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+const CMDLINE: &str = "console=ttyS0 reboot=k panic=1 probe=snapshot probe.snapshot_ms=30000";
+
+/// Ember: boots to the wait, snapshots into `dir`; the VMM's own create time, ms.
+fn ember_create(peer: &Peer, probe: &Path, dir: &Path, mib: u64, vcpus: u8) -> Result<f64, String> {
+    let mut child = Command::new(&peer.bin)
+        .arg("--kernel")
+        .arg(probe)
+        .args(["--cmdline", CMDLINE])
+        .args([
+            "--memory-mib",
+            &mib.to_string(),
+            "--vcpus",
+            &vcpus.to_string(),
+        ])
+        .arg("--snapshot-dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))?;
+    let result = (|| {
+        let rx = lines(&mut child)?;
+        wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
+        let err = child.stderr.take().ok_or("no stderr")?;
+        let pid = i32::try_from(child.id()).map_err(|e| e.to_string())?;
+        // SAFETY: signals the child this function started.
+        unsafe { libc::kill(pid, libc::SIGUSR1) };
+        let mut err = BufReader::new(err);
+        let mut line = String::new();
+        while err.read_line(&mut line).map_err(|e| e.to_string())? > 0 {
+            if line.contains("snapshot written") {
+                // "... (N MiB of memory, X ms)"
+                return line
+                    .rsplit(", ")
+                    .next()
+                    .and_then(|s| s.trim().trim_end_matches(')').strip_suffix(" ms"))
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| format!("no time in {line:?}"));
+            }
+            if line.contains("snapshot failed") {
+                return Err(line);
+            }
+            line.clear();
+        }
+        Err("no snapshot line".into())
+    })();
+    kill(child);
+    result
+}
+
+/// Ember: one restore; (exec → answer, exec → first KVM_RUN), ms.
+fn ember_restore(peer: &Peer, dir: &Path) -> Result<(f64, f64), String> {
+    let t0 = Instant::now();
+    let mut child = Command::new(&peer.bin)
+        .arg("--restore")
+        .arg(dir)
+        .arg("--timings")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))?;
+    let result = (|| {
+        child
+            .stdin
+            .as_mut()
+            .ok_or("no stdin")?
+            .write_all(b"g")
+            .map_err(|e| e.to_string())?;
+        let rx = lines(&mut child)?;
+        let (t, _) = wait_line(&rx, "PROBE snapshot ok", Duration::from_secs(30))?;
+        let answered = t.duration_since(t0).as_secs_f64() * 1e3;
+        let _ = child.wait();
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .ok_or("no stderr")?
+            .read_to_string(&mut err)
+            .map_err(|e| e.to_string())?;
+        let first = err
+            .lines()
+            .find_map(|l| l.strip_prefix("ember: first KVM_RUN "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("no first KVM_RUN line in {err}"))?;
+        Ok((answered, first))
+    })();
+    kill(child);
+    result
+}
+
+fn fc_spawn(peer: &Peer, sock: &Path) -> Result<Child, String> {
+    let _ = std::fs::remove_file(sock);
+    Command::new(&peer.bin)
+        .arg("--api-sock")
+        .arg(sock)
+        .args(["--level", "Error"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))
+}
+
+/// Firecracker: boots to the wait, snapshots into `dir`; `PUT /snapshot/create`, ms.
+fn fc_create(peer: &Peer, probe: &Path, dir: &Path, mib: u64, vcpus: u8) -> Result<f64, String> {
+    let sock = dir.join("fc.sock");
+    let mut child = fc_spawn(peer, &sock)?;
+    let result = (|| {
+        wait_socket(&sock)?;
+        let rx = lines(&mut child)?;
+        ok(
+            &sock,
+            "PUT",
+            "/boot-source",
+            &format!(
+                r#"{{"kernel_image_path":"{}","boot_args":"{CMDLINE}"}}"#,
+                probe.display()
+            ),
+        )?;
+        ok(
+            &sock,
+            "PUT",
+            "/machine-config",
+            &format!(r#"{{"vcpu_count":{vcpus},"mem_size_mib":{mib}}}"#),
+        )?;
+        ok(
+            &sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        )?;
+        wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
+        ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+        let t = Instant::now();
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            &format!(
+                r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+                dir.join("vm.state").display(),
+                dir.join("vm.mem").display()
+            ),
+        )?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    })();
+    kill(child);
+    result
+}
+
+/// Firecracker: one restore; exec → answer, ms.
+fn fc_restore(peer: &Peer, dir: &Path) -> Result<f64, String> {
+    let sock = dir.join("fc-restore.sock");
+    let t0 = Instant::now();
+    let mut child = fc_spawn(peer, &sock)?;
+    let result = (|| {
+        child
+            .stdin
+            .as_mut()
+            .ok_or("no stdin")?
+            .write_all(b"g")
+            .map_err(|e| e.to_string())?;
+        let rx = lines(&mut child)?;
+        wait_socket(&sock)?;
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/load",
+            &format!(
+                r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true}}"#,
+                dir.join("vm.state").display(),
+                dir.join("vm.mem").display()
+            ),
+        )?;
+        let (t, _) = wait_line(&rx, "PROBE snapshot ok", Duration::from_secs(30))?;
+        Ok(t.duration_since(t0).as_secs_f64() * 1e3)
+    })();
+    kill(child);
+    let _ = std::fs::remove_file(&sock);
+    result
+}
+
+/// Runs the section: every size for Ember and Firecracker.
+pub fn run(
+    peers: &[Peer],
+    probe: &Path,
+    scratch: &Path,
+    runs: usize,
+    sizes: &[(u64, u8)],
+) -> Vec<Cell> {
+    let mut cells = Vec::new();
+    for p in peers
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Ember | Kind::Firecracker))
+    {
+        for &(mib, vcpus) in sizes {
+            eprintln!(
+                "xtask bench: snapshot/restore, {} ({mib} MiB, {vcpus} vCPU, {runs} restores)",
+                p.name
+            );
+            let dir: PathBuf = scratch.join(format!("snapshot-{:?}-{mib}-{vcpus}", p.kind));
+            let _ = std::fs::remove_dir_all(&dir);
+            let mut cell = Cell {
+                peer: p.name.clone(),
+                mib,
+                vcpus,
+                create_ms: None,
+                answered: None,
+                answered_p99: None,
+                first_run: None,
+                error: None,
+            };
+            if let Err(e) = std::fs::create_dir_all(&dir) {
+                cell.error = Some(e.to_string());
+                cells.push(cell);
+                continue;
+            }
+            let is_ember = p.kind == Kind::Ember;
+            let created = if is_ember {
+                ember_create(p, probe, &dir, mib, vcpus)
+            } else {
+                fc_create(p, probe, &dir, mib, vcpus)
+            };
+            match created {
+                Ok(ms) => cell.create_ms = Some(ms),
+                Err(e) => cell.error = Some(format!("snapshot: {e}")),
+            }
+            let (mut answered, mut first) = (Vec::new(), Vec::new());
+            for _ in 0..runs {
+                if cell.error.is_some() {
+                    break;
+                }
+                let r = if is_ember {
+                    ember_restore(p, &dir).map(|(a, f)| (a, Some(f)))
+                } else {
+                    fc_restore(p, &dir).map(|a| (a, None))
+                };
+                match r {
+                    Ok((a, f)) => {
+                        answered.push(a);
+                        first.extend(f);
+                    }
+                    Err(e) => cell.error = Some(format!("restore: {e}")),
+                }
+            }
+            cell.answered = Summary::of(&answered);
+            cell.answered_p99 = percentile(&answered, 99.0);
+            cell.first_run = Summary::of(&first);
+            let _ = std::fs::remove_dir_all(&dir);
+            cells.push(cell);
+        }
+    }
+    cells
+}
+
+/// The section's markdown.
+pub fn markdown(cells: &[Cell], s: &mut String) {
+    use std::fmt::Write as _;
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "### Snapshot and restore (probe guest, full snapshot, each VMM restoring its own)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| VMM | memory | vCPUs | snapshot create, ms | exec → restored guest answered, ms (median, min–max) | p99, ms | exec → restored vCPU running, ms |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+    let f = |v: &Option<Summary>| v.map_or("–".to_string(), |x| x.fmt(2));
+    for c in cells {
+        let _ = writeln!(
+            s,
+            "| {} | {} MiB | {} | {} | {} | {} | {} |{}",
+            c.peer,
+            c.mib,
+            c.vcpus,
+            c.create_ms.map_or("–".into(), |v| format!("{v:.1}")),
+            f(&c.answered),
+            c.answered_p99.map_or("–".into(), |v| format!("{v:.2}")),
+            f(&c.first_run),
+            c.error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        );
+    }
+    let ember: Vec<&Cell> = cells.iter().filter(|c| c.first_run.is_some()).collect();
+    for e in ember {
+        if let Some(fc) = cells
+            .iter()
+            .find(|c| c.first_run.is_none() && c.mib == e.mib && c.vcpus == e.vcpus)
+        {
+            if let (Some(a), Some(b)) = (e.answered, fc.answered) {
+                let _ = writeln!(
+                    s,
+                    "\n{} MiB, {} vCPU: Ember ÷ {} restore {:.2}× (medians){}",
+                    e.mib,
+                    e.vcpus,
+                    fc.peer,
+                    a.median / b.median,
+                    match (e.create_ms, fc.create_ms) {
+                        (Some(x), Some(y)) if y > 0.0 => format!(", snapshot create {:.2}×", x / y),
+                        _ => String::new(),
+                    }
+                );
+            }
+        }
+    }
+    let _ = writeln!(s);
+}
