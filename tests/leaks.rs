@@ -44,6 +44,14 @@ fn fifty_vms_leak_no_fds_threads_or_memory() {
     boot_probe(&poweroff)
         .unwrap()
         .expect_all_ok("smp,virtio,poweroff");
+    // Each VM's KVM VM is closed on Ember's teardown thread after `run` returns.
+    let settle = || {
+        assert!(
+            ember_vmm::wait_for_teardown(std::time::Duration::from_secs(2)),
+            "finished VMs not released within 2 s"
+        );
+    };
+    settle();
     let (fds0, threads0, rss0) = (open_fds(), threads(), rss_kib());
     for i in 0..50 {
         if i % 2 == 0 {
@@ -56,6 +64,7 @@ fn fifty_vms_leak_no_fds_threads_or_memory() {
                 .expect_all_ok("smp,virtio,poweroff");
         }
     }
+    settle();
     let (fds1, threads1, rss1) = (open_fds(), threads(), rss_kib());
     eprintln!("fds {fds0}->{fds1}, threads {threads0}->{threads1}, rss {rss0}->{rss1} KiB");
     assert_eq!(fds1, fds0, "file descriptors leaked");

@@ -14,19 +14,14 @@ fn fds_and_threads() -> (usize, usize) {
     (count("/proc/self/fd"), count("/proc/self/task"))
 }
 
-/// The counts once they stop changing: a finished VM's KVM fd is closed on Ember's teardown
-/// thread a moment after `Vm::run` returns.
+/// The counts once every finished VM is released (their KVM VMs are closed on Ember's teardown
+/// thread a moment after `Vm::run` returns).
 fn settled() -> (usize, usize) {
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    let mut last = fds_and_threads();
-    loop {
-        std::thread::sleep(std::time::Duration::from_millis(50));
-        let now = fds_and_threads();
-        if now == last || std::time::Instant::now() > end {
-            return now;
-        }
-        last = now;
-    }
+    assert!(
+        ember_vmm::wait_for_teardown(std::time::Duration::from_secs(2)),
+        "finished VMs not released within 2 s"
+    );
+    fds_and_threads()
 }
 
 #[test]

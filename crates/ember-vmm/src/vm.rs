@@ -679,32 +679,62 @@ impl Vm {
     }
 }
 
+/// Finished VMs whose KVM VM fd and memory the teardown thread has not released yet.
+static PENDING_TEARDOWNS: Mutex<usize> = Mutex::new(0);
+/// Signalled when [`PENDING_TEARDOWNS`] falls.
+static TEARDOWN_DONE: std::sync::Condvar = std::sync::Condvar::new();
+
+/// Waits until the KVM VM and guest memory of every VM whose [`Vm::run`] returned have been
+/// released (they are released on a teardown thread, a few milliseconds after `run`
+/// returns); `false` if that took longer than `timeout`.
+pub fn wait_for_teardown(timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut pending = lock(&PENDING_TEARDOWNS);
+    while *pending > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        pending = TEARDOWN_DONE
+            .wait_timeout(pending, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    true
+}
+
 /// Drops a finished VM's KVM VM fd and guest memory on one process-wide thread. Closing a KVM
 /// VM's fd waits for the kernel's grace periods (11 to 20 ms measured here, with 0.3 ms of
 /// CPU): done inline it would hold up whoever waits for [`Vm::run`] to return by that much. The
-/// fd is closed a moment after `run` returns.
+/// fd is closed a moment after `run` returns ([`wait_for_teardown`] waits for it).
 fn drop_off_thread(vm_fd: kvm_ioctls::VmFd, memory: GuestRam) {
     type Parts = (kvm_ioctls::VmFd, GuestRam);
     type Reaper = Mutex<Option<std::sync::mpsc::Sender<Parts>>>;
     static REAPER: OnceLock<Reaper> = OnceLock::new();
-    let shared = (vm_fd, memory);
     let reaper = REAPER.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Parts>();
         let spawned = std::thread::Builder::new()
             .name("ember-teardown".into())
             .spawn(move || {
-                for shared in rx {
-                    drop(shared);
+                for parts in rx {
+                    drop(parts);
+                    *lock(&PENDING_TEARDOWNS) -= 1;
+                    TEARDOWN_DONE.notify_all();
                 }
             });
         Mutex::new(spawned.ok().map(|_| tx))
     });
-    let sent = match lock(reaper).as_ref() {
-        Some(tx) => tx.send(shared).map_err(|e| e.0),
-        None => Err(shared),
+    *lock(&PENDING_TEARDOWNS) += 1;
+    let unsent = match lock(reaper).as_ref() {
+        Some(tx) => tx.send((vm_fd, memory)).err().map(|e| e.0),
+        None => Some((vm_fd, memory)),
     };
-    // No teardown thread: drop it here.
-    drop(sent);
+    // No teardown thread: release it here.
+    if let Some(parts) = unsent {
+        drop(parts);
+        *lock(&PENDING_TEARDOWNS) -= 1;
+        TEARDOWN_DONE.notify_all();
+    }
 }
 
 /// The boot protocol and its entry point: the configured one, or the kernel's preferred one.
