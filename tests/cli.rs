@@ -332,3 +332,55 @@ fn the_example_config_boots_as_documented() {
     }
     assert!(stdout.contains("PROBE done checks=8 failed=0"), "{stdout}");
 }
+
+#[test]
+fn a_disk_image_in_use_is_refused_naming_its_holder() {
+    if !kvm_or_skip("a_disk_image_in_use_is_refused_naming_its_holder") {
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-cli-lock-").unwrap();
+    let img = dir.as_path().join("disk.img");
+    ember_test_support::write_blk_image(&img, 2048, 0x5a).unwrap();
+    let disk = img.to_str().unwrap();
+    // The same image twice in one VM.
+    let r = run_probe(&["--disk", disk, "--disk", &format!("{disk},ro")], b"");
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains("is in use"), "{}", r.stderr);
+    // Held for writing by a running VM: another VMM may neither write nor read it.
+    let mut holder = std::process::Command::new(ember())
+        .arg("--kernel")
+        .arg(probe_elf())
+        .args(["--cmdline", "probe=snapshot", "--disk", disk])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    std::io::Read::read_exact(holder.stdout.as_mut().unwrap(), &mut first).unwrap();
+    for extra in ["", ",ro"] {
+        let r = run_probe(&["--disk", &format!("{disk}{extra}")], b"");
+        assert_eq!(r.code, Some(2), "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains(&format!("process {} (ember)", holder.id())),
+            "{}",
+            r.stderr
+        );
+    }
+    let _ = holder.kill();
+    let _ = holder.wait();
+    // Read-only openers share it.
+    let r = run_probe(
+        &[
+            "--cmdline",
+            "probe=blk",
+            "--disk",
+            &format!("{disk},ro"),
+            "--disk",
+            &format!("{disk},ro"),
+        ],
+        b"",
+    );
+    assert!(!r.stderr.contains("in use"), "{}", r.stderr);
+}

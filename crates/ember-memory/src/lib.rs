@@ -389,10 +389,35 @@ pub type GuestRam = vm_memory::GuestMemoryMmap;
 /// touched: host pages are only allocated when the guest (or the VMM) uses
 /// them.
 pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestRam, Error> {
-    vm_memory::GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|source| Error::Mmap {
-        size: layout.mem_size,
-        source,
-    })
+    let mem = vm_memory::GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|source| {
+        Error::Mmap {
+            size: layout.mem_size,
+            source,
+        }
+    })?;
+    dont_dump(&mem)?;
+    Ok(mem)
+}
+
+/// Leaves guest memory out of the VMM's core dumps (`MADV_DONTDUMP` on every region): a
+/// crashing VMM must not write the guest's data to disk.
+fn dont_dump(mem: &GuestRam) -> Result<(), Error> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+    for region in mem.iter() {
+        let host = region
+            .get_host_address(MemoryRegionAddress(0))
+            .map_err(|e| Error::Map(e.to_string()))?;
+        let len = usize::try_from(region.len()).map_err(|e| Error::Map(e.to_string()))?;
+        // SAFETY: advice on exactly one region's own mapping; MADV_DONTDUMP changes no
+        // contents.
+        if unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTDUMP) } != 0 {
+            return Err(Error::File {
+                what: "madvise(MADV_DONTDUMP) of guest memory",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// How [`map_guest_memory`] maps a memory file.
@@ -469,7 +494,10 @@ pub fn map_guest_memory(
         );
         offset += size as u64;
     }
-    vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map(e.to_string()))
+    let mem =
+        vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map(e.to_string()))?;
+    dont_dump(&mem)?;
+    Ok(mem)
 }
 
 /// Maps `file` again over each of `mem`'s regions, at the same address, offset and length, but
@@ -511,7 +539,55 @@ pub fn remap_private(mem: &GuestRam, file: &std::fs::File) -> Result<(), Error> 
             });
         }
     }
-    Ok(())
+    // The new mappings start without the old ones' advice.
+    dont_dump(mem)
+}
+
+#[cfg(test)]
+mod dump_tests {
+    use super::*;
+
+    /// The `VmFlags` of the mapping that holds `addr`, from `/proc/self/smaps`.
+    fn vm_flags(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ') {
+                if let Some((a, b)) = range.split_once('-') {
+                    if let (Ok(a), Ok(b)) =
+                        (usize::from_str_radix(a, 16), usize::from_str_radix(b, 16))
+                    {
+                        inside = (a..b).contains(&addr);
+                        continue;
+                    }
+                }
+            }
+            if inside {
+                if let Some(f) = line.strip_prefix("VmFlags:") {
+                    return f.to_string();
+                }
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn guest_memory_is_left_out_of_core_dumps_and_never_executable() {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
+        let layout = MemoryLayout::new(64 * MIB).unwrap();
+        let anon = create_guest_memory(&layout).unwrap();
+        let (shared, file) = create_guest_memory_memfd(&layout).unwrap();
+        let private = map_guest_memory(&layout, &file, Sharing::Private).unwrap();
+        remap_private(&shared, &file).unwrap();
+        for mem in [&anon, &shared, &private] {
+            for region in mem.iter() {
+                let addr = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
+                let flags = vm_flags(addr);
+                assert!(flags.contains(" dd"), "{flags}");
+                assert!(!flags.contains(" ex"), "{flags}");
+            }
+        }
+    }
 }
 
 #[cfg(test)]

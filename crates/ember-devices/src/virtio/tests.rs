@@ -1050,7 +1050,7 @@ fn invalid_queue_max_sizes_are_refused() {
 // State
 
 /// A transport saved with a request published but not yet processed, restored into a fresh
-/// transport over a fresh device on the same image and memory: the driver's next notify
+/// transport over a fresh device on a copy of the image and the same memory: the driver's next notify
 /// completes that request there, and the queue positions carry on.
 #[test]
 fn transport_state_round_trips_with_a_request_in_the_ring() {
@@ -1071,8 +1071,11 @@ fn transport_state_round_trips_with_a_request_in_the_ring() {
     assert_eq!(saved.queues[0].next_avail, 1);
     assert_eq!(saved.queues[0].next_used, 1);
 
+    // A copy of the image: the old device still holds the original's write lock.
+    let copy = vmm_sys_util::tempfile::TempFile::new().unwrap();
+    std::fs::copy(fx.img.as_path(), copy.as_path()).unwrap();
     let block = Block::new(BlockConfig {
-        path: fx.img.as_path().to_path_buf(),
+        path: copy.as_path().to_path_buf(),
         read_only: false,
         serial: Some("disk-a".into()),
     })

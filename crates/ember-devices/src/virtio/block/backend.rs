@@ -42,6 +42,20 @@ pub enum DiskError {
         #[source]
         source: io::Error,
     },
+    /// Another opener holds the image: a VM (this one or another) has it open for writing, or
+    /// this opener wants to write and someone has it open.
+    #[error("disk image {} is in use: {holder} holds a {kind} lock on it ({wanted} refused)", path.display())]
+    InUse {
+        /// The image path.
+        path: PathBuf,
+        /// Who holds it ("process 1234 (ember)", or "another opener" when the kernel does not
+        /// say).
+        holder: String,
+        /// `write` or `read`: the holder's lock.
+        kind: &'static str,
+        /// What this opener asked for: `writing` or `reading`.
+        wanted: &'static str,
+    },
     /// The image is not a regular file or block device, or its size cannot be read.
     #[error("disk image {}: {why}", path.display())]
     BadImage {
@@ -50,6 +64,58 @@ pub enum DiskError {
         /// What is wrong.
         why: String,
     },
+}
+
+/// Takes `flock` on an image: exclusive to write it, shared to read it, so that no two VMs (nor
+/// one VM twice) write one image, and no one writes an image another VM reads. The lock lives
+/// as long as the open file (every descriptor of it).
+fn lock_image(file: &File, path: &Path, read_only: bool) -> Result<(), DiskError> {
+    let op = if read_only {
+        libc::LOCK_SH
+    } else {
+        libc::LOCK_EX
+    };
+    // SAFETY: flock on a descriptor this function borrows; no memory is passed.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+        return Err(DiskError::Open {
+            path: path.to_path_buf(),
+            source: err,
+        });
+    }
+    let (holder, kind) = lock_holder(file).unwrap_or((
+        "another opener".into(),
+        if read_only { "write" } else { "read or write" },
+    ));
+    Err(DiskError::InUse {
+        path: path.to_path_buf(),
+        holder,
+        kind,
+        wanted: if read_only { "reading" } else { "writing" },
+    })
+}
+
+/// Who holds an `flock` on `file`, from `/proc/locks`: ("process PID (COMM)", "read"/"write").
+fn lock_holder(file: &File) -> Option<(String, &'static str)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    // /proc/locks writes the device as MAJOR:MINOR in hex and the inode in decimal.
+    let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let want = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        if f.len() < 6 || f[1] != "FLOCK" || f[5] != want {
+            return None;
+        }
+        let kind = if f[3] == "WRITE" { "write" } else { "read" };
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", f[4])).unwrap_or_default();
+        Some((format!("process {} ({})", f[4], comm.trim()), kind))
+    })
 }
 
 /// A raw disk image (regular file or block device), read with `pread` and written with `pwrite`
@@ -86,6 +152,7 @@ impl FileDisk {
         } else {
             return Err(bad("not a regular file or block device".into()));
         };
+        lock_image(&file, path, read_only)?;
         Ok(FileDisk {
             file,
             size,
@@ -192,4 +259,45 @@ fn block_device_size(file: &File) -> io::Result<u64> {
 #[cfg(not(target_os = "linux"))]
 fn block_device_size(_file: &File) -> io::Result<u64> {
     Err(io::Error::from(io::ErrorKind::Unsupported))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image() -> (vmm_sys_util::tempdir::TempDir, PathBuf) {
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-lock-").unwrap();
+        let p = dir.as_path().join("disk.img");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn a_written_image_has_one_opener() {
+        let (_d, p) = image();
+        let first = FileDisk::open(&p, false).unwrap();
+        for read_only in [false, true] {
+            let e = FileDisk::open(&p, read_only).unwrap_err().to_string();
+            assert!(e.contains("is in use"), "{e}");
+            assert!(
+                e.contains(&format!("process {}", std::process::id())),
+                "{e}"
+            );
+            assert!(e.contains("write lock"), "{e}");
+        }
+        drop(first);
+        FileDisk::open(&p, false).unwrap();
+    }
+
+    #[test]
+    fn a_read_image_has_many_readers_and_no_writer() {
+        let (_d, p) = image();
+        let a = FileDisk::open(&p, true).unwrap();
+        let b = FileDisk::open(&p, true).unwrap();
+        let e = FileDisk::open(&p, false).unwrap_err().to_string();
+        assert!(e.contains("is in use") && e.contains("read lock"), "{e}");
+        assert!(e.contains("writing refused"), "{e}");
+        drop((a, b));
+        FileDisk::open(&p, false).unwrap();
+    }
 }
