@@ -191,3 +191,43 @@ fn an_early_resume_waits_for_the_restored_state() {
     assert_eq!(outcome.exit, VmExit::Reset, "{out}");
     assert!(out.contains("PROBE snapshot ok pattern=ok"), "{out}");
 }
+
+/// Snapshots taken while the guest keeps a disk write in flight: in the restored VM every
+/// write completes exactly once and every slot of the disk holds the last write the guest saw
+/// complete (the probe's `blkflight` check). Five snapshots, each at a different moment.
+#[test]
+fn disk_writes_in_flight_complete_once_across_a_snapshot() {
+    if !kvm_or_skip("disk_writes_in_flight_complete_once_across_a_snapshot") {
+        return;
+    }
+    for round in 0..5u64 {
+        let f = files();
+        let console = snapshot_common::Console::default();
+        let vm = ember_vmm::Vm::builder(snapshot_common::config(&f.disk, "blkflight"))
+            .serial_output(Box::new(console.clone()))
+            .build()
+            .unwrap();
+        let (h, join) = snapshot_common::spawn(vm);
+        assert!(
+            console.wait_for("PROBE blkflight running", Duration::from_secs(30)),
+            "{}",
+            console.text()
+        );
+        std::thread::sleep(Duration::from_millis(10 + 7 * round));
+        assert!(h.pause());
+        h.snapshot(&f.state, &f.memory).unwrap();
+        h.stop();
+        join.join().unwrap().unwrap();
+        assert!(!console.text().contains("FAIL"), "{}", console.text());
+
+        let (h, console, join) = restore(&f);
+        h.send_serial(b"g");
+        let outcome = join.join().unwrap().unwrap();
+        let out = console.text();
+        assert_eq!(outcome.exit, VmExit::Reset, "round {round}: {out}");
+        assert!(
+            out.contains("PROBE blkflight ok writes="),
+            "round {round}: {out}"
+        );
+    }
+}

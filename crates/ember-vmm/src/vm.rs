@@ -630,6 +630,18 @@ impl Vm {
                 stop_and_join(&control, threads);
                 return Err(e);
             }
+            // A queue notification the guest made just before the snapshot may have been
+            // pending, not yet seen by the device, when the state was taken: the restored
+            // device looks at every queue once, so such a request completes (once: a device
+            // only takes what is past its saved position in the ring).
+            for slot in &shared.virtio {
+                let mut t = lock(&slot.transport);
+                if t.is_activated() {
+                    for q in 0..t.queue_notify_evts().len() {
+                        t.process_notification(q);
+                    }
+                }
+            }
         }
         // The restored state is in place (or there was none): the vCPUs may run, unless the VM
         // is paused.

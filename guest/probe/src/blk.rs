@@ -2,7 +2,8 @@
 
 use core::sync::atomic::Ordering;
 
-use crate::arch::rdtsc;
+use crate::arch::{inb, rdtsc};
+use crate::console::{LSR, LSR_DR, RBR_THR};
 use crate::checks::Ctx;
 use crate::console::Line;
 use crate::virtio::{self as vio, Dev, Found, D_NEXT, D_WRITE, NOTIFY_GATE};
@@ -964,5 +965,124 @@ impl Hostile {
             d.notify();
         })?;
         Ok(())
+    }
+}
+
+/// Sectors `blkflight` cycles over (one 4 KiB write each).
+const FLIGHT_SLOTS: u64 = 64;
+
+/// The 4 KiB `blkflight` writes as its `n`-th write: slot `n % FLIGHT_SLOTS`, each byte from
+/// `n`, so that a read-back tells which write a slot last received.
+fn flight_byte(n: u64, i: u64) -> u8 {
+    (n as u8) ^ ((n >> 8) as u8) ^ (i as u8).rotate_left(3) ^ 0x3c
+}
+
+impl Ctx<'_> {
+    /// `blkflight`: lives across a snapshot with disk writes in flight. Writes 4 KiB after 4 KiB
+    /// to the first virtio-blk disk (cycling over 64 slots, each write numbered), one request
+    /// always published, until a byte arrives on COM1 (`probe.snapshot_ms`, default 60000);
+    /// the snapshot is taken meanwhile and the byte sent to the restored VM. Every request
+    /// must complete, exactly once (a lost one times out after 5 s, a doubled one leaves an
+    /// extra used entry); then every slot is read back and must hold the last write the guest
+    /// saw complete for it.
+    pub(crate) fn blkflight(&mut self) -> bool {
+        let ms = match self.params.num(b"probe.snapshot_ms=", 60_000) {
+            Ok(v) => v,
+            Err(_) => {
+                Line::new("blkflight").s("FAIL bad probe.snapshot_ms=").end();
+                return true;
+            }
+        };
+        let Some(f) = self.virtio_found("blkflight") else {
+            return true;
+        };
+        let khz = self.tsc_khz_or_guess();
+        let Some((slot, t)) = f.devs[..f.n]
+            .iter()
+            .enumerate()
+            .find(|(_, t)| matches!(Dev::identify(t.base), Ok((_, BLK_ID, _))))
+        else {
+            Line::new("blkflight").s("FAIL no virtio-blk disk").end();
+            return true;
+        };
+        let dev = match self.open_virtio(t, slot, BLK_WANT, 1) {
+            Ok(d) => d,
+            Err((why, _)) => {
+                Line::new("blkflight").s("FAIL ").s(why).end();
+                return true;
+            }
+        };
+        let mut b = Blk::new(dev, khz);
+        if b.dev.features & F_RO != 0 || b.capacity() < FLIGHT_SLOTS * 8 {
+            Line::new("blkflight")
+                .s("FAIL the disk is read-only or smaller than 256 KiB")
+                .end();
+            return true;
+        }
+        while inb(LSR) & LSR_DR != 0 {
+            let _ = inb(RBR_THR);
+        }
+        Line::new("blkflight").s("running ms=").dec(ms).end();
+        let start = rdtsc();
+        let limit = khz.saturating_mul(ms);
+        let mut n = 0u64;
+        let data = buf_slice(4096);
+        loop {
+            for (i, byte) in data.iter_mut().enumerate() {
+                *byte = flight_byte(n, i as u64);
+            }
+            match b.request(T_OUT, (n % FLIGHT_SLOTS) * 8, buf(), 4096) {
+                Ok(S_OK) => {}
+                Ok(_) => {
+                    Line::new("blkflight").s("FAIL write ").dec(n).s(" status not OK").end();
+                    return true;
+                }
+                Err(why) => {
+                    Line::new("blkflight").s("FAIL write ").dec(n).s(" ").s(why).end();
+                    return true;
+                }
+            }
+            // Exactly once: no second used entry for it.
+            if b.dev.poll(0).is_some() {
+                Line::new("blkflight").s("FAIL write ").dec(n).s(" completed twice").end();
+                return true;
+            }
+            n += 1;
+            if inb(LSR) & LSR_DR != 0 {
+                let _ = inb(RBR_THR);
+                break;
+            }
+            if rdtsc().wrapping_sub(start) > limit {
+                Line::new("blkflight").s("FAIL no byte from the host").end();
+                return true;
+            }
+        }
+        // Every slot holds the last write the guest saw complete for it.
+        for s in 0..FLIGHT_SLOTS.min(n) {
+            let last = if n == 0 { 0 } else { n - 1 - ((n - 1 + FLIGHT_SLOTS - s) % FLIGHT_SLOTS) };
+            match b.request(T_IN, s * 8, buf(), 4096) {
+                Ok(S_OK) => {}
+                _ => {
+                    Line::new("blkflight").s("FAIL read-back of slot ").dec(s).end();
+                    return true;
+                }
+            }
+            let data = buf_slice(4096);
+            if let Some(i) = (0..4096u64).find(|&i| data[i as usize] != flight_byte(last, i)) {
+                Line::new("blkflight")
+                    .s("FAIL slot ")
+                    .dec(s)
+                    .s(" does not hold write ")
+                    .dec(last)
+                    .s(" (byte ")
+                    .dec(i)
+                    .s(")")
+                    .end();
+                return true;
+            }
+        }
+        self.close_virtio(t);
+        Line::new("blkflight").s("ok writes=").dec(n).end();
+        false
     }
 }

@@ -188,6 +188,7 @@ pub fn run() -> ! {
             b"poweroff" => ctx.poweroff(),
             b"virtio" => ctx.virtio(),
             b"blk" => ctx.blk(),
+            b"blkflight" => ctx.blkflight(),
             b"hostile" => ctx.hostile(),
             b"irq" => ctx.irq(),
             b"net" => ctx.net(),
