@@ -8,6 +8,8 @@
 //! - fork → its vCPU's first `KVM_RUN`, and fork → its guest's answer (its `PROBE snapshot ok`
 //!   line, the pattern checked: the memory is the template's), one fork at a time;
 //! - forks per second: two threads forking, running and tearing down forks for a fixed time;
+//! - each of these with the fork's KVM VM, vCPUs and memory made for it, and taken from a
+//!   [`ember_vmm::VmPool::for_template`] that prepares them on a thread of its own;
 //! - VMM memory per idle fork: process RSS with 64 forks built and paused, minus before, per
 //!   fork (guest pages are not touched while paused, so this is what the VMM adds).
 
@@ -60,6 +62,8 @@ impl Write for Watch {
 
 struct Setup {
     template: Template,
+    /// Prepared KVM VMs (`--pool`), or none.
+    pool: Option<ember_vmm::VmPool>,
     dir: PathBuf,
     next_cid: AtomicU64,
 }
@@ -71,17 +75,18 @@ impl Setup {
         let mut state = self.template.state().clone();
         let sock = self.dir.join(format!("f{cid}.sock"));
         state.override_vsock(&sock, Some(cid)).unwrap();
-        self.template
-            .fork_with(state)
-            .unwrap()
-            .serial_output(Box::new(console))
+        let mut b = self.template.fork_with(state).unwrap();
+        if let Some(pool) = &self.pool {
+            b = b.prepared(pool.take().unwrap());
+        }
+        b.serial_output(Box::new(console))
             .start_paused(paused)
             .build()
             .unwrap()
     }
 }
 
-fn setup() -> Setup {
+fn setup(pool: bool) -> Setup {
     let dir = std::env::temp_dir().join(format!("ember-bench-fork-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
@@ -115,8 +120,10 @@ fn setup() -> Setup {
     let template = h.template().unwrap();
     h.stop();
     join.join().unwrap().unwrap();
+    let pool = pool.then(|| ember_vmm::VmPool::for_template("/dev/kvm", &template, 8).unwrap());
     Setup {
         template,
+        pool,
         dir,
         next_cid: AtomicU64::new(10),
     }
@@ -161,25 +168,16 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn main() {
-    let _ = ember_vmm::process_start();
-    let args: Vec<String> = std::env::args().collect();
-    let quick = args.iter().any(|a| a == "--quick");
-    let markdown = args.iter().any(|a| a == "--markdown");
-    // `cargo bench` passes `--bench`; `cargo test --benches` runs this once with no KVM check.
-    if !std::path::Path::new("/dev/kvm").exists() {
-        eprintln!("fork bench: SKIPPED: no /dev/kvm");
-        return;
-    }
-    let s = setup();
+/// One configuration's figures: a markdown table row.
+fn measure(s: &Setup, quick: bool) -> String {
     let n = if quick { 50 } else { 300 };
     // Warm-up.
     for _ in 0..5 {
-        one(&s);
+        one(s);
     }
     let (mut first, mut answer) = (Vec::new(), Vec::new());
     for _ in 0..n {
-        let (f, a) = one(&s);
+        let (f, a) = one(s);
         first.push(f.as_secs_f64() * 1e3);
         answer.push(a.as_secs_f64() * 1e3);
     }
@@ -191,7 +189,7 @@ fn main() {
         for _ in 0..2 {
             sc.spawn(|| {
                 while start.elapsed() < window {
-                    one(&s);
+                    one(s);
                     count.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -201,6 +199,7 @@ fn main() {
     let per_sec = count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     // Memory per idle fork.
     const IDLE: u64 = 64;
+    assert!(ember_vmm::wait_for_teardown(Duration::from_secs(5)));
     let before = rss_kib();
     let mut idle = Vec::new();
     for _ in 0..IDLE {
@@ -218,22 +217,39 @@ fn main() {
     let fit = (8u64 << 20) / per_fork_kib.max(1);
     let (f50, f99) = (pct(&mut first, 50.0), pct(&mut first, 99.0));
     let (a50, a99) = (pct(&mut answer, 50.0), pct(&mut answer, 99.0));
+    format!(
+        "| {} | {f50:.3} / {f99:.3} | {a50:.3} / {a99:.3} | {per_sec:.0} | {per_fork_kib} KiB | {fit} |",
+        if s.pool.is_some() { "from a VmPool" } else { "created per fork" }
+    )
+}
+
+fn main() {
+    let _ = ember_vmm::process_start();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let markdown = args.iter().any(|a| a == "--markdown");
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs this once with no KVM check.
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("fork bench: SKIPPED: no /dev/kvm");
+        return;
+    }
+    let mut rows = Vec::new();
+    for pool in [false, true] {
+        let s = setup(pool);
+        rows.push(measure(&s, quick));
+        let _ = std::fs::remove_dir_all(&s.dir);
+    }
+    let n = if quick { 50 } else { 300 };
     if markdown {
         println!("### Forks (in process, 128 MiB probe template with rng, blk and vsock)\n");
-        println!("| fork → vCPU running, p50 / p99, ms | fork → guest answered, p50 / p99, ms | forks per second (2 threads) | VMM memory per idle fork | idle forks in 8 GiB |");
-        println!("|---|---|---|---|---|");
-        println!(
-            "| {f50:.3} / {f99:.3} | {a50:.3} / {a99:.3} | {per_sec:.0} | {per_fork_kib} KiB | {fit} |\n"
-        );
-        println!(
-            "{n} forks one at a time; each gets its own vsock socket and CID. Command: `cargo bench --bench fork -- --markdown{}`.\n",
-            if quick { " --quick" } else { "" }
-        );
-    } else {
-        println!("fork → vCPU running: p50 {f50:.3} ms, p99 {f99:.3} ms ({n} forks)");
-        println!("fork → guest answered: p50 {a50:.3} ms, p99 {a99:.3} ms");
-        println!("forks per second (2 threads): {per_sec:.0}");
-        println!("VMM memory per idle fork: {per_fork_kib} KiB ({fit} idle forks in 8 GiB)");
     }
-    let _ = std::fs::remove_dir_all(&s.dir);
+    println!("| KVM VM and vCPUs | fork → vCPU running, p50 / p99, ms | fork → guest answered, p50 / p99, ms | forks per second (2 threads) | VMM memory per idle fork | idle forks in 8 GiB |");
+    println!("|---|---|---|---|---|---|");
+    for r in rows {
+        println!("{r}");
+    }
+    println!(
+        "\n{n} forks one at a time; each gets its own vsock socket and CID. Command: `cargo bench --bench fork -- --markdown{}`.\n",
+        if quick { " --quick" } else { "" }
+    );
 }

@@ -179,3 +179,62 @@ fn a_fork_must_not_share_a_writable_disk_or_a_socket_with_its_template() {
         copy_mtime
     );
 }
+
+#[test]
+fn forks_and_boots_run_on_prepared_vms_and_refuse_ones_that_do_not_fit() {
+    if !kvm_or_skip("forks_and_boots_run_on_prepared_vms_and_refuse_ones_that_do_not_fit") {
+        return;
+    }
+    let (other, _, _) = template(probe_config("snapshot"));
+    let (template, _, _) = template(probe_config("snapshot,rng"));
+    let pool = ember_vmm::VmPool::for_template("/dev/kvm", &template, 2).unwrap();
+    for mark in [7u8, 8, 9] {
+        let console = Console::default();
+        let vm = template
+            .fork()
+            .unwrap()
+            .prepared(pool.take().unwrap())
+            .serial_output(Box::new(console.clone()))
+            .build()
+            .unwrap();
+        let (h, join) = spawn(vm);
+        h.send_serial(&[mark]);
+        let outcome = join.join().unwrap().unwrap();
+        let out = console.text();
+        assert_eq!(outcome.exit, VmExit::Reset, "{out}");
+        assert!(out.contains(&format!("mark={mark}\n")), "{out}");
+    }
+    // Another template's pool: its memory is another memfd.
+    let e = other
+        .fork()
+        .unwrap()
+        .prepared(pool.take().unwrap())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("maps another file"), "{e}");
+    // A boot on a prepared VM without memory; one with the wrong vCPU count is refused.
+    let plain = ember_vmm::VmPool::new("/dev/kvm", 1, false, 1).unwrap();
+    let console = Console::default();
+    let outcome = Vm::builder(probe_config("cmdline"))
+        .prepared(plain.take().unwrap())
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    assert_eq!(outcome.exit, VmExit::Reset, "{}", console.text());
+    assert!(
+        console.text().contains("PROBE cmdline ok"),
+        "{}",
+        console.text()
+    );
+    let mut two = probe_config("cmdline");
+    two.vcpus = 2;
+    let e = Vm::builder(two)
+        .prepared(plain.take().unwrap())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("1 vCPUs") && e.contains("wants 2"), "{e}");
+}

@@ -19,14 +19,25 @@ pub(crate) fn create_vcpus(
     template: &CpuTemplate,
     count: u8,
 ) -> Result<(Vec<Vcpu>, Vec<CpuId>), Error> {
+    let vcpus = (0..count)
+        .map(|id| Vcpu::new(vm_fd, id))
+        .collect::<Result<Vec<_>, _>>()?;
+    prepare_vcpus(kvm, vcpus, template)
+}
+
+/// Gives created vCPUs (ids `0..n`, in order) the template's MSR modifiers and computes each
+/// one's CPUID table.
+pub(crate) fn prepare_vcpus(
+    kvm: &Kvm,
+    mut vcpus: Vec<Vcpu>,
+    template: &CpuTemplate,
+) -> Result<(Vec<Vcpu>, Vec<CpuId>), Error> {
     let supported = crate::kvm::supported_cpuid(kvm)?;
-    let mut vcpus = Vec::with_capacity(usize::from(count));
-    let mut cpuids = Vec::with_capacity(usize::from(count));
-    for id in 0..count {
-        let mut vcpu = Vcpu::new(vm_fd, id)?;
-        cpuids.push(template.vcpu_cpuid(&supported, id, count, vcpu.tsc_khz())?);
+    let count = u8::try_from(vcpus.len()).unwrap_or(u8::MAX);
+    let mut cpuids = Vec::with_capacity(vcpus.len());
+    for vcpu in &mut vcpus {
+        cpuids.push(template.vcpu_cpuid(&supported, vcpu.id(), count, vcpu.tsc_khz())?);
         vcpu.set_msr_modifiers(&template.msrs)?;
-        vcpus.push(vcpu);
     }
     Ok((vcpus, cpuids))
 }

@@ -115,6 +115,9 @@ pub enum Error {
     /// The vsock device's socket could not be set up.
     #[error("vsock: {0}")]
     Vsock(#[source] ember_devices::virtio::vsock::VsockError),
+    /// A prepared VM (`VmBuilder::prepared`, `VmPool`) cannot be made or does not fit.
+    #[error("prepared VM: {0}")]
+    Prepared(String),
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),

@@ -44,6 +44,16 @@ impl Template {
         &self.state
     }
 
+    /// A new descriptor of the template's memfd.
+    pub(crate) fn memory_file(&self) -> Result<std::fs::File, Error> {
+        self.memory.try_clone().map_err(|source| {
+            Error::Snapshot(SnapshotError::Io {
+                path: "memfd".into(),
+                source,
+            })
+        })
+    }
+
     /// A fork with the template's configuration unchanged (for a template whose devices name
     /// no host resource a fork would share: no vsock, TAP or writable disk).
     pub fn fork(&self) -> Result<VmBuilder, Error> {
@@ -79,12 +89,7 @@ impl Template {
                 )));
             }
         }
-        let memory = self.memory.try_clone().map_err(|source| {
-            Error::Snapshot(SnapshotError::Io {
-                path: "memfd".into(),
-                source,
-            })
-        })?;
+        let memory = self.memory_file()?;
         Ok(VmBuilder::restore(
             state,
             memory,

@@ -36,6 +36,7 @@ mod fork;
 mod handle;
 mod kvm;
 mod outcome;
+mod pool;
 mod snapshot;
 mod state;
 mod vm;
@@ -56,6 +57,7 @@ pub use error::Error;
 pub use fork::Template;
 pub use handle::VmHandle;
 pub use outcome::{DeviceCounters, DeviceReport, ExitCounts, StartupTimings, VmExit, VmOutcome};
+pub use pool::{PreparedVm, VmPool};
 pub use snapshot::{
     describe as describe_snapshot, frame_state as frame_snapshot, parse_state as parse_snapshot,
     read_state as read_snapshot, DevicePlacement, SnapshotError, SnapshotState,

@@ -65,6 +65,7 @@ pub struct VmBuilder {
     restore: Option<(crate::snapshot::SnapshotState, std::fs::File, PathBuf)>,
     start_paused: bool,
     fork_template: bool,
+    prepared: Option<crate::pool::PreparedVm>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -90,6 +91,7 @@ impl VmBuilder {
             restore: None,
             start_paused: false,
             fork_template: false,
+            prepared: None,
         }
     }
 
@@ -112,6 +114,14 @@ impl VmBuilder {
     /// memory).
     pub fn fork_template(mut self, on: bool) -> Self {
         self.fork_template = on;
+        self
+    }
+
+    /// Builds the VM on `vm`, a KVM VM made ahead of time with its irqchip and vCPUs
+    /// ([`crate::VmPool`]), instead of creating one: `KVM_CREATE_VM`, the irqchip and vCPU
+    /// creation leave the start-up path. Its vCPU count and PIT must be the configuration's.
+    pub fn prepared(mut self, vm: crate::pool::PreparedVm) -> Self {
+        self.prepared = Some(vm);
         self
     }
 
@@ -225,6 +235,13 @@ impl Vm {
         // is reported the same on any machine.
         let layout = MemoryLayout::new(config.memory_mib.saturating_mul(ember_memory::MIB))?;
         let restore = b.restore.take();
+        // A prepared VM with its memory registered is only for a restore (a fork).
+        let premapped = b.prepared.as_ref().is_some_and(|p| p.memory.is_some());
+        if premapped && restore.is_none() {
+            return Err(Error::Prepared(
+                "a prepared VM with memory is for a fork or restore, not a boot".into(),
+            ));
+        }
         let mut memory_file = None;
         let (memory, kernel, initrd, protocol_entry, machine) = match restore {
             Some((state, file, path)) => {
@@ -237,8 +254,24 @@ impl Vm {
                     }
                     .into());
                 }
-                let memory =
-                    ember_memory::map_guest_memory(&layout, &file, ember_memory::Sharing::Private)?;
+                let memory = match b.prepared.as_mut().and_then(|p| p.memory.take()) {
+                    // A fork's prepared VM brings its view of the template's memfd.
+                    Some(m) => {
+                        let source = b.prepared.as_ref().and_then(|p| p.memory_source);
+                        if source != Some(crate::pool::file_id(&file)?) {
+                            return Err(Error::Prepared(format!(
+                                "its memory maps another file than {}",
+                                path.display()
+                            )));
+                        }
+                        m
+                    }
+                    None => ember_memory::map_guest_memory(
+                        &layout,
+                        &file,
+                        ember_memory::Sharing::Private,
+                    )?,
+                };
                 timings.record("guest memory", &mut t);
                 (memory, None, None, None, Some(state))
             }
@@ -267,11 +300,34 @@ impl Vm {
             }
         };
 
-        let kvm = crate::kvm::open(&b.kvm_path)?;
-        timings.record("kvm open", &mut t);
-        let vm_fd = crate::kvm::create_vm(&kvm, &memory, config.pit, &mut |phase| {
-            timings.record(phase, &mut t)
-        })?;
+        let (kvm, vm_fd, prepared_vcpus) = match b.prepared.take() {
+            Some(p) => {
+                if p.vcpus.len() != usize::from(config.vcpus) || p.pit != config.pit {
+                    return Err(Error::Prepared(format!(
+                        "it has {} vCPUs and {} PIT; the configuration wants {} and {}",
+                        p.vcpus.len(),
+                        if p.pit { "a" } else { "no" },
+                        config.vcpus,
+                        if config.pit { "a PIT" } else { "none" }
+                    )));
+                }
+                if !premapped {
+                    // SAFETY: the `Vm` keeps `memory` alive for as long as `vm_fd` (it drops
+                    // the fd first), and nothing remaps it.
+                    unsafe { ember_vcpu::vm::register_guest_memory(&p.vm_fd, &memory)? };
+                    timings.record("memory mapping", &mut t);
+                }
+                (p.kvm, p.vm_fd, Some(p.vcpus))
+            }
+            None => {
+                let kvm = crate::kvm::open(&b.kvm_path)?;
+                timings.record("kvm open", &mut t);
+                let vm_fd = crate::kvm::create_vm(&kvm, &memory, config.pit, &mut |phase| {
+                    timings.record(phase, &mut t)
+                })?;
+                (kvm, vm_fd, None)
+            }
+        };
 
         let buffer = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY)?;
         let sink = match b.output {
@@ -400,7 +456,10 @@ impl Vm {
             Some(t) => t,
             None => config.cpu_template()?,
         };
-        let (vcpus, cpuids) = crate::cpu::create_vcpus(&kvm, &vm_fd, &template, config.vcpus)?;
+        let (vcpus, cpuids) = match prepared_vcpus {
+            Some(v) => crate::cpu::prepare_vcpus(&kvm, v, &template)?,
+            None => crate::cpu::create_vcpus(&kvm, &vm_fd, &template, config.vcpus)?,
+        };
         let mut cmdline = KernelCmdline::new(&config.cmdline);
         if !config.acpi {
             // Without ACPI the guest learns of its virtio-mmio devices from the command line
