@@ -4,7 +4,7 @@
 //! A [`PreparedVm`] is a KVM VM with its in-kernel irqchip (and PIT, if asked) and its vCPUs,
 //! but no guest memory and no devices: [`VmBuilder::prepared`](crate::VmBuilder::prepared)
 //! builds a VM on it instead of creating one. A [`VmPool`] keeps some ready and makes new ones
-//! on a thread of its own as they are taken.
+//! as they are taken, on a thread of its own at the lowest scheduling priority.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), ember_vmm::Error> {
@@ -126,6 +126,7 @@ pub(crate) fn file_id(f: &std::fs::File) -> Result<(u64, u64), Error> {
 /// Prepared VMs of one shape (vCPU count, PIT), refilled on a thread of its own.
 pub struct VmPool {
     ready: Mutex<Receiver<Result<PreparedVm, Error>>>,
+    count: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     make: Maker,
     vcpus: u8,
     pit: bool,
@@ -192,22 +193,38 @@ impl VmPool {
     }
 
     fn with_maker(make: Maker, vcpus: u8, pit: bool, size: usize) -> Result<Self, Error> {
+        use std::sync::atomic::Ordering::SeqCst;
         let first = make()?;
         let (tx, rx) = sync_channel(size.max(1));
         let _ = tx.send(Ok(first));
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(1));
+        let counted = count.clone();
         let maker = make.clone();
         // The thread fills the channel and blocks while it is full; it ends when the pool
         // (the receiver) is dropped.
         std::thread::Builder::new()
             .name("ember-vm-pool".into())
-            .spawn(move || loop {
-                if tx.send(maker()).is_err() {
-                    return;
+            .spawn(move || {
+                // The lowest priority: refilling uses idle CPU, not the VMs' (a refill right
+                // after a `take` would otherwise compete with the VM just taken).
+                // SAFETY: gettid has no arguments; setpriority takes this thread's own id and
+                // no memory.
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
+                if let Ok(tid) = libc::id_t::try_from(tid) {
+                    // SAFETY: as above.
+                    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+                }
+                loop {
+                    if tx.send(maker()).is_err() {
+                        return;
+                    }
+                    counted.fetch_add(1, SeqCst);
                 }
             })
             .map_err(|e| Error::Prepared(format!("cannot start the pool's thread: {e}")))?;
         Ok(VmPool {
             ready: Mutex::new(rx),
+            count,
             make,
             vcpus,
             pit,
@@ -218,8 +235,17 @@ impl VmPool {
     pub fn take(&self) -> Result<PreparedVm, Error> {
         let ready = ember_devices::lock(&self.ready).try_recv();
         match ready {
-            Ok(vm) => vm,
+            Ok(vm) => {
+                self.count
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                vm
+            }
             Err(_) => (self.make)(),
         }
+    }
+
+    /// How many VMs are ready to take now (at most the pool's size).
+    pub fn ready(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
