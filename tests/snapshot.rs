@@ -231,3 +231,59 @@ fn disk_writes_in_flight_complete_once_across_a_snapshot() {
         );
     }
 }
+
+/// A restored VM given a new vsock socket and CID (Firecracker's `vsock_override`, a clone's
+/// identity) reaches the host on that socket, and its guest sees the new CID.
+#[test]
+fn a_restored_vm_reaches_the_host_on_its_overridden_vsock() {
+    if !kvm_or_skip("a_restored_vm_reaches_the_host_on_its_overridden_vsock") {
+        return;
+    }
+    use std::io::{Read, Write as _};
+    let f = files();
+    let dir = f.state.parent().unwrap().to_path_buf();
+    let mut c = snapshot_common::config(&f.disk, "snapshot,vsock");
+    c.cmdline.push_str(" probe.vsock.connect=5000");
+    c.vsock = Some(ember_vmm::VsockConfig {
+        cid: 3,
+        uds_path: dir.join("template.sock"),
+    });
+    let console = snapshot_common::Console::default();
+    let vm = ember_vmm::Vm::builder(c)
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let (h, join) = snapshot_common::spawn(vm);
+    assert!(
+        console.wait_for("PROBE snapshot waiting", Duration::from_secs(30)),
+        "{}",
+        console.text()
+    );
+    assert!(h.pause());
+    h.snapshot(&f.state, &f.memory).unwrap();
+    h.stop();
+    join.join().unwrap().unwrap();
+
+    let mut state = ember_vmm::read_snapshot(&f.state).unwrap();
+    let sock = dir.join("clone.sock");
+    state.override_vsock(&sock, Some(42)).unwrap();
+    let listener =
+        std::os::unix::net::UnixListener::bind(format!("{}_5000", sock.display())).unwrap();
+    let console = snapshot_common::Console::default();
+    let vm = VmBuilder::restore(state, std::fs::File::open(&f.memory).unwrap(), &f.memory)
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let (h, join) = snapshot_common::spawn(vm);
+    h.send_serial(b"g");
+    let (mut s, _) = listener.accept().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut hello = [0u8; 18];
+    s.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello, b"PROBE-VSOCK-HELLO\n");
+    s.write_all(b"go\n").unwrap();
+    let outcome = join.join().unwrap().unwrap();
+    let out = console.text();
+    assert_eq!(outcome.exit, VmExit::Reset, "{out}");
+    assert!(out.contains("PROBE vsock ok cid=42 port=5000"), "{out}");
+}

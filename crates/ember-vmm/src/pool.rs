@@ -236,8 +236,7 @@ impl VmPool {
         let ready = ember_devices::lock(&self.ready).try_recv();
         match ready {
             Ok(vm) => {
-                self.count
-                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                self.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 vm
             }
             Err(_) => (self.make)(),
