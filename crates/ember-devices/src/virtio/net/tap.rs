@@ -120,7 +120,7 @@ pub trait NetBackend: Send + AsRawFd {
     }
 }
 
-/// A Linux TAP interface (see the [module docs](self)).
+/// A Linux TAP interface (see the `tap` module docs).
 #[derive(Debug)]
 pub struct Tap {
     file: File,
