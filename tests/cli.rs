@@ -384,3 +384,32 @@ fn a_disk_image_in_use_is_refused_naming_its_holder() {
     );
     assert!(!r.stderr.contains("in use"), "{}", r.stderr);
 }
+
+/// `ember` reports its exit status before its KVM VM is closed (a short-lived child does the
+/// last close): that child is gone promptly, and leaves nothing behind.
+#[test]
+fn the_kvm_vm_is_closed_promptly_after_ember_exits() {
+    if !kvm_or_skip("the_kvm_vm_is_closed_promptly_after_ember_exits") {
+        return;
+    }
+    let marker = format!("ember.exit.marker={}", std::process::id());
+    let r = run_probe(&["--cmdline", &format!("probe=cmdline {marker}")], b"");
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.contains("PROBE cmdline ok"), "{}", r.stdout);
+    let with_marker = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .filter(|c| String::from_utf8_lossy(c).contains(&marker))
+            .count()
+    };
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while with_marker() > 0 && std::time::Instant::now() < end {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(
+        with_marker(),
+        0,
+        "an ember process is still there 2 s after the exit"
+    );
+}

@@ -501,8 +501,20 @@ fn build_config(args: &Args) -> Result<VmConfig, String> {
     Ok(config)
 }
 
-fn main() -> ExitCode {
+fn main() {
     let _ = ember_vmm::process_start();
+    // One VM per process: its KVM VM is closed after the exit status is reported
+    // (`exit_process`), not on the way to it.
+    ember_vmm::defer_teardown_to_exit();
+    let code = run();
+    // ExitCode has no accessor for its value: find the byte it was made from.
+    let byte = (0..=u8::MAX)
+        .find(|&b| ExitCode::from(b) == code)
+        .unwrap_or(1);
+    ember_vmm::exit_process(byte)
+}
+
+fn run() -> ExitCode {
     let args = Args::parse();
     if !args.quick_boot() {
         if args.quick_boot_flags() {

@@ -399,8 +399,9 @@ pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestRam, Error> {
     Ok(mem)
 }
 
-/// Leaves guest memory out of the VMM's core dumps (`MADV_DONTDUMP` on every region): a
-/// crashing VMM must not write the guest's data to disk.
+/// Leaves guest memory out of the VMM's core dumps (`MADV_DONTDUMP` on every region: a
+/// crashing VMM must not write the guest's data to disk) and out of any child process the VMM
+/// forks (`MADV_DONTFORK`: a fork copies no page table of it, and no child sees it).
 fn dont_dump(mem: &GuestRam) -> Result<(), Error> {
     use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
     for region in mem.iter() {
@@ -408,13 +409,23 @@ fn dont_dump(mem: &GuestRam) -> Result<(), Error> {
             .get_host_address(MemoryRegionAddress(0))
             .map_err(|e| Error::Map(e.to_string()))?;
         let len = usize::try_from(region.len()).map_err(|e| Error::Map(e.to_string()))?;
-        // SAFETY: advice on exactly one region's own mapping; MADV_DONTDUMP changes no
-        // contents.
-        if unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTDUMP) } != 0 {
-            return Err(Error::File {
-                what: "madvise(MADV_DONTDUMP) of guest memory",
-                source: std::io::Error::last_os_error(),
-            });
+        for (advice, what) in [
+            (
+                libc::MADV_DONTDUMP,
+                "madvise(MADV_DONTDUMP) of guest memory",
+            ),
+            (
+                libc::MADV_DONTFORK,
+                "madvise(MADV_DONTFORK) of guest memory",
+            ),
+        ] {
+            // SAFETY: advice on exactly one region's own mapping; neither changes contents.
+            if unsafe { libc::madvise(host.cast(), len, advice) } != 0 {
+                return Err(Error::File {
+                    what,
+                    source: std::io::Error::last_os_error(),
+                });
+            }
         }
     }
     Ok(())
@@ -584,6 +595,7 @@ mod dump_tests {
                 let addr = region.get_host_address(MemoryRegionAddress(0)).unwrap() as usize;
                 let flags = vm_flags(addr);
                 assert!(flags.contains(" dd"), "{flags}");
+                assert!(flags.contains(" dc"), "{flags}");
                 assert!(!flags.contains(" ex"), "{flags}");
             }
         }

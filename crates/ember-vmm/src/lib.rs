@@ -32,6 +32,7 @@ mod device_config;
 mod devices;
 mod error;
 mod event_loop;
+mod exit;
 mod fork;
 mod handle;
 mod kvm;
@@ -54,6 +55,7 @@ pub use config::{
 pub use console::ESCAPE as CONSOLE_ESCAPE;
 pub use devices::{DeviceControl, FIRST_VIRTIO_GSI, LAST_GSI};
 pub use error::Error;
+pub use exit::{defer_teardown_to_exit, exit_process};
 pub use fork::Template;
 pub use handle::VmHandle;
 pub use outcome::{DeviceCounters, DeviceReport, ExitCounts, StartupTimings, VmExit, VmOutcome};

@@ -779,6 +779,10 @@ pub fn wait_for_teardown(timeout: Duration) -> bool {
 /// CPU): done inline it would hold up whoever waits for [`Vm::run`] to return by that much. The
 /// fd is closed a moment after `run` returns ([`wait_for_teardown`] waits for it).
 fn drop_off_thread(vm_fd: kvm_ioctls::VmFd, memory: GuestRam) {
+    // A process that will exit with `exit_process` keeps them.
+    let Some((vm_fd, memory)) = crate::exit::keep(vm_fd, memory) else {
+        return;
+    };
     type Parts = (kvm_ioctls::VmFd, GuestRam);
     type Reaper = Mutex<Option<std::sync::mpsc::Sender<Parts>>>;
     static REAPER: OnceLock<Reaper> = OnceLock::new();
