@@ -338,11 +338,17 @@ fn body<'a>(bytes: &'a [u8], path: &Path) -> Result<&'a [u8], SnapshotError> {
     let len = u64::from_le_bytes(len);
     let want = u32::from_le_bytes([bytes[20], bytes[21], bytes[22], bytes[23]]);
     let have = (bytes.len() - HEADER_LEN) as u64;
-    if have < len || len > MAX_BODY {
+    if len > MAX_BODY {
+        return Err(SnapshotError::Invalid {
+            path: path.to_path_buf(),
+            why: format!("its header gives a body of {len} bytes (at most {MAX_BODY})"),
+        });
+    }
+    if have < len {
         return Err(SnapshotError::Truncated {
             path: path.to_path_buf(),
             got: bytes.len() as u64,
-            want: HEADER_LEN as u64 + len,
+            want: (HEADER_LEN as u64).saturating_add(len),
         });
     }
     // len <= have <= usize.
@@ -414,6 +420,25 @@ mod tests {
 
     fn read_body(p: &Path) -> Result<Vec<u8>, SnapshotError> {
         read_file(p).and_then(|b| body(&b, p).map(<[u8]>::to_vec))
+    }
+
+    /// Found by the `snapshot_state` fuzz target: a header whose body length is near
+    /// `u64::MAX` overflowed the "truncated" error's arithmetic.
+    #[test]
+    fn a_huge_body_length_is_an_error() {
+        let p = Path::new("huge.state");
+        for len in [u64::MAX, u64::MAX - 10, MAX_BODY + 1] {
+            let mut bytes = frame_state(b"{}");
+            bytes[12..20].copy_from_slice(&len.to_le_bytes());
+            let e = body(&bytes, p).unwrap_err().to_string();
+            assert!(e.contains("at most"), "{e}");
+        }
+        let mut bytes = frame_state(b"{}");
+        bytes[12..20].copy_from_slice(&100u64.to_le_bytes());
+        assert!(matches!(
+            body(&bytes, p),
+            Err(SnapshotError::Truncated { .. })
+        ));
     }
 
     #[test]
