@@ -29,7 +29,8 @@ pub struct Cell {
     pub error: Option<String>,
 }
 
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<u16, String> {
+/// One request on a new connection; its status.
+pub(super) fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<u16, String> {
     let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
     let req = format!(
@@ -64,7 +65,8 @@ fn spawn(peer: &Peer, sock: &Path) -> Result<std::process::Child, String> {
         .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))
 }
 
-fn wait_socket(sock: &Path, t0: Instant) -> Result<f64, String> {
+/// Polls until `sock` accepts; ms since `t0`.
+pub(super) fn wait_socket(sock: &Path, t0: Instant) -> Result<f64, String> {
     loop {
         if UnixStream::connect(sock).is_ok() {
             return Ok(t0.elapsed().as_secs_f64() * 1e3);

@@ -13,7 +13,6 @@
 //! VMM's own "first KVM_RUN after VMM start" is reported too: exec → the restored vCPU running.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -91,49 +90,25 @@ fn wait_line(
     }
 }
 
-fn request(sock: &Path, method: &str, path: &str, body: &str) -> Result<(u16, String), String> {
-    let mut s = UnixStream::connect(sock).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(60))).ok();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
-        if n == 0 {
-            break;
-        }
-        got.extend_from_slice(&buf[..n]);
-    }
-    let text = String::from_utf8_lossy(&got).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| format!("no status in {text:?}"))?;
-    Ok((status, text))
-}
-
 fn ok(sock: &Path, method: &str, path: &str, body: &str) -> Result<(), String> {
-    match request(sock, method, path, body)? {
-        (204, _) => Ok(()),
-        (st, text) => Err(format!("{method} {path}: {st} {text}")),
+    match super::api::request(sock, method, path, body)? {
+        204 => Ok(()),
+        st => Err(format!("{method} {path}: {st}")),
     }
 }
 
 fn wait_socket(sock: &Path) -> Result<(), String> {
-    let end = Instant::now() + Duration::from_secs(5);
-    while UnixStream::connect(sock).is_err() {
-        if Instant::now() > end {
-            return Err("the API socket never accepted".into());
-        }
-        std::thread::sleep(Duration::from_micros(20));
-    }
-    Ok(())
+    super::api::wait_socket(sock, Instant::now()).map(drop)
+}
+
+/// Writes the byte the restored probe waits for to the VMM's standard input (its console).
+fn release_guest(child: &mut Child) -> Result<(), String> {
+    child
+        .stdin
+        .as_mut()
+        .ok_or("no stdin")?
+        .write_all(b"g")
+        .map_err(|e| e.to_string())
 }
 
 fn kill(mut c: Child) {
@@ -206,12 +181,7 @@ fn ember_restore(peer: &Peer, dir: &Path) -> Result<(f64, f64), String> {
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))?;
     let result = (|| {
-        child
-            .stdin
-            .as_mut()
-            .ok_or("no stdin")?
-            .write_all(b"g")
-            .map_err(|e| e.to_string())?;
+        release_guest(&mut child)?;
         let rx = lines(&mut child)?;
         let (t, _) = wait_line(&rx, "PROBE snapshot ok", Duration::from_secs(30))?;
         let answered = t.duration_since(t0).as_secs_f64() * 1e3;
@@ -301,12 +271,7 @@ fn fc_restore(peer: &Peer, dir: &Path) -> Result<f64, String> {
     let t0 = Instant::now();
     let mut child = fc_spawn(peer, &sock)?;
     let result = (|| {
-        child
-            .stdin
-            .as_mut()
-            .ok_or("no stdin")?
-            .write_all(b"g")
-            .map_err(|e| e.to_string())?;
+        release_guest(&mut child)?;
         let rx = lines(&mut child)?;
         wait_socket(&sock)?;
         ok(
