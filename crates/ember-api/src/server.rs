@@ -150,10 +150,25 @@ impl ApiServer {
         config: ServerConfig,
         deliver: impl Fn(ApiCall) + Send + Sync + 'static,
     ) -> Result<std::thread::JoinHandle<()>, ServerError> {
+        self.spawn_with(config, || Ok(()), deliver)
+    }
+
+    /// As [`spawn`](Self::spawn), with `on_start` run first on the new thread, before it
+    /// accepts a connection (where a VMM installs the API thread's seccomp filter). If it
+    /// fails, the thread logs the error and ends without serving.
+    pub fn spawn_with(
+        self,
+        config: ServerConfig,
+        on_start: impl FnOnce() -> Result<(), String> + Send + 'static,
+        deliver: impl Fn(ApiCall) + Send + Sync + 'static,
+    ) -> Result<std::thread::JoinHandle<()>, ServerError> {
         let path = self.path.clone();
         std::thread::Builder::new()
             .name("fc_api".into())
-            .spawn(move || self.run(config, Arc::new(deliver)))
+            .spawn(move || match on_start() {
+                Ok(()) => self.run(config, Arc::new(deliver)),
+                Err(e) => log::error!("API server: not serving: {e}"),
+            })
             .map_err(|source| ServerError::Io { path, source })
     }
 

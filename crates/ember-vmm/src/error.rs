@@ -121,4 +121,7 @@ pub enum Error {
     /// A vCPU thread could not be started.
     #[error("cannot start a vCPU thread: {0}")]
     Thread(#[source] std::io::Error),
+    /// The VMM's [`crate::ThreadHook`] failed on the event-loop thread.
+    #[error("the event-loop thread's hook failed: {0}")]
+    ThreadHook(String),
 }

@@ -66,7 +66,7 @@ pub use snapshot::{
     SNAPSHOT_FORMAT_VERSION,
 };
 pub use state::{DevicesState, MachineState, VirtioDeviceState};
-pub use vm::{wait_for_teardown, Vm, VmBuilder};
+pub use vm::{wait_for_teardown, ThreadHook, ThreadKind, Vm, VmBuilder};
 
 /// Re-exports for callers that want the layout or loader types without naming those crates.
 pub use ember_loader::BootProtocol;

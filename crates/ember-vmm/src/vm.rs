@@ -66,7 +66,33 @@ pub struct VmBuilder {
     start_paused: bool,
     fork_template: bool,
     prepared: Option<crate::pool::PreparedVm>,
+    thread_hook: Option<ThreadHook>,
 }
+
+/// Which of a VM's threads a [`ThreadHook`] runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ThreadKind {
+    /// The thread of vCPU `n`, before it first enters the guest.
+    Vcpu(usize),
+    /// The thread that called [`Vm::run`] (the event loop: devices, console, timers), after
+    /// the vCPU threads are started and before it handles anything the guest wrote.
+    EventLoop,
+}
+
+impl std::fmt::Display for ThreadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ThreadKind::Vcpu(n) => write!(f, "vcpu{n}"),
+            ThreadKind::EventLoop => f.write_str("event loop"),
+        }
+    }
+}
+
+/// Code a VMM runs on each of a VM's threads before the thread does anything for the guest:
+/// installing that kind of thread's seccomp filter, pinning it, naming it. An error ends the
+/// VM ([`Error::ThreadHook`], or [`VmExit::VcpuError`] for a vCPU).
+pub type ThreadHook = Arc<dyn Fn(ThreadKind) -> Result<(), String> + Send + Sync>;
 
 impl std::fmt::Debug for VmBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -92,7 +118,16 @@ impl VmBuilder {
             start_paused: false,
             fork_template: false,
             prepared: None,
+            thread_hook: None,
         }
+    }
+
+    /// Runs `hook` on every vCPU thread before it enters the guest and on the event-loop
+    /// thread before it handles guest input ([`ThreadKind`]): where a VMM installs its seccomp
+    /// filters.
+    pub fn thread_hook(mut self, hook: ThreadHook) -> Self {
+        self.thread_hook = Some(hook);
+        self
     }
 
     /// Restores a snapshot instead of booting: the configuration comes from `state` (apply
@@ -206,6 +241,7 @@ pub struct Vm {
     /// The state to apply before the vCPUs run (a restore).
     restore: Option<MachineState>,
     jobs: ember_devices::mailbox::Mailbox<crate::handle::Job>,
+    thread_hook: Option<ThreadHook>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -578,6 +614,7 @@ impl Vm {
             timings,
             restore: machine.map(|m| m.machine),
             jobs,
+            thread_hook: b.thread_hook,
         })
     }
 
@@ -668,6 +705,7 @@ impl Vm {
                     results: results.clone(),
                     first_run: first_run.clone(),
                     exit_evt: vcpu_exit_evt.try_clone().map_err(Error::EventFd),
+                    hook: self.thread_hook.clone(),
                 },
             );
             match spawned {
@@ -679,16 +717,24 @@ impl Vm {
             }
         }
 
-        if let Some(state) = self.restore.take() {
-            let applied = control
+        let restored = self.restore.is_some();
+        let ready = match self.restore.take() {
+            Some(state) => control
                 .wait_parked(shared.vcpu_count)
                 .map_err(Error::VcpuRequest)
-                .and_then(|()| shared.restore(&state));
-            if let Err(e) = applied {
-                drop(event_loop);
-                stop_and_join(&control, threads);
-                return Err(e);
-            }
+                .and_then(|()| shared.restore(&state)),
+            None => Ok(()),
+        }
+        .and_then(|()| match &self.thread_hook {
+            Some(hook) => hook(ThreadKind::EventLoop).map_err(Error::ThreadHook),
+            None => Ok(()),
+        });
+        if let Err(e) = ready {
+            drop(event_loop);
+            stop_and_join(&control, threads);
+            return Err(e);
+        }
+        if restored {
             // A queue notification the guest made just before the snapshot may have been
             // pending, not yet seen by the device, when the state was taken: the restored
             // device looks at every queue once, so such a request completes (once: a device
@@ -842,6 +888,7 @@ struct VcpuThread {
     results: Arc<Mutex<Vec<VmExit>>>,
     first_run: Arc<OnceLock<Duration>>,
     exit_evt: Result<EventFd, Error>,
+    hook: Option<ThreadHook>,
 }
 
 /// Reports a vCPU thread's end to the event loop, whichever way the thread ends: normally
@@ -877,6 +924,12 @@ fn spawn_vcpu(index: usize, mut vcpu: Vcpu, t: VcpuThread) -> Result<JoinHandle<
                 exit: None,
                 index,
             };
+            if let Some(hook) = &t.hook {
+                if let Err(e) = hook(ThreadKind::Vcpu(index)) {
+                    report.exit = Some(VmExit::VcpuError(format!("vcpu{index}: {e}")));
+                    return;
+                }
+            }
             t.control.enter();
             let _ = started_tx.send(());
             let _ = t.first_run.set(process_start().elapsed());
