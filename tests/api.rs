@@ -228,6 +228,12 @@ fn a_whole_life_over_the_socket() {
     fc.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
     let (_, b) = fc.call("GET", "/", None);
     assert!(b.contains(r#""state":"Running""#), "{b}");
+    // Every thread runs under its seccomp filter (Firecracker's three: api, vmm, vcpu).
+    let pid = fc.child.as_ref().unwrap().id();
+    let names = ["ember", "fc_api", "fc_vmm", "vcpu0", "vcpu1"];
+    if let Err(seen) = ember_test_support::wait_for_filtered_threads(pid, &names) {
+        panic!("threads and their seccomp modes: {seen:?}");
+    }
     // Pre-boot only now.
     fc.fails(
         "PUT",
@@ -491,8 +497,8 @@ fn flags_ember_does_not_implement_are_refused() {
         (&["--enable-pci"][..], "no PCI"),
         (&["--metadata", "/tmp/m.json"][..], "no MMDS"),
         (
-            &["--seccomp-filter", "/tmp/f.bpf"][..],
-            "no seccomp filter yet",
+            &["--seccomp-filter", "/nonexistent/f.bpf"][..],
+            "--seccomp-filter /nonexistent/f.bpf",
         ),
         (&["--no-api"][..], "--no-api needs --config-file"),
         (&["--level", "loud"][..], "unknown log level"),

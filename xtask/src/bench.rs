@@ -207,6 +207,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         name: "Ember".into(),
         bin: ember_bin.clone(),
         scratch: opts.out.clone(),
+        flags: Vec::new(),
     }];
     for (name, bin) in &opts.variants {
         if !bin.exists() {
@@ -217,6 +218,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             name: name.clone(),
             bin: bin.clone(),
             scratch: opts.out.clone(),
+            flags: Vec::new(),
         });
     }
     if let Err(e) = crate::ensure_packages(&["qemu-system-x86"]) {
@@ -236,6 +238,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             name: format!("QEMU {v} microvm").replace("  ", " "),
             bin: qemu,
             scratch: opts.out.clone(),
+            flags: Vec::new(),
         });
     } else {
         eprintln!("xtask bench: warning: no QEMU; Ember runs alone (no ratios)");
@@ -248,6 +251,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             name: v,
             bin,
             scratch: opts.out.clone(),
+            flags: Vec::new(),
         });
     }
 
@@ -314,7 +318,19 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
-        report.boot = boot_section(&peers, &scenarios, opts.runs)?;
+        // Ember without its seccomp filters too: what installing them costs.
+        let mut boot_peers = peers.clone();
+        if let Some(e) = peers.iter().find(|p| p.kind == Kind::Ember) {
+            boot_peers.insert(
+                1,
+                Peer {
+                    name: "Ember --no-seccomp".into(),
+                    flags: vec!["--no-seccomp".into()],
+                    ..e.clone()
+                },
+            );
+        }
+        report.boot = boot_section(&boot_peers, &scenarios, opts.runs)?;
     }
     if wants(&opts, "startup") {
         let runs = opts.runs;

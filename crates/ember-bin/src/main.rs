@@ -21,6 +21,7 @@ use clap::Parser;
 use ember_vmm::{BootProtocolChoice, Vm, VmConfig, VmExit};
 
 mod firecracker;
+mod seccomp;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -144,12 +145,18 @@ struct Args {
     /// [Firecracker] Log the guest's boot time (its write to port 0x510).
     #[arg(long, help_heading = "Firecracker mode")]
     boot_timer: bool,
-    /// [Firecracker] Accepted: Ember has no seccomp filter yet.
-    #[arg(long, help_heading = "Firecracker mode")]
+    /// Run without seccomp filters (a warning is printed). By default every thread gets the
+    /// filter of its kind (vcpu, vmm, api) before it handles anything from the guest or the API.
+    #[arg(long)]
     no_seccomp: bool,
-    /// [Firecracker] Not supported yet (Ember has no seccomp filter).
-    #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
+    /// Seccomp filters compiled by Firecracker's `seccompiler-bin` (a map with `vmm`, `api`
+    /// and `vcpu` entries), instead of Ember's own.
+    #[arg(long, value_name = "FILE", conflicts_with = "no_seccomp")]
     seccomp_filter: Option<PathBuf>,
+    /// Test hook: once its filter is in place, the given thread makes a system call no filter
+    /// allows (socket(AF_INET)), to check the report and the exit status.
+    #[arg(long, hide = true, value_parser = ["vcpu", "vmm", "api"])]
+    seccomp_test_blocked: Option<String>,
     /// [Firecracker] Largest API request body, bytes.
     #[arg(long, default_value_t = ember_api::DEFAULT_MAX_PAYLOAD, help_heading = "Firecracker mode")]
     http_api_max_payload_size: usize,
@@ -182,7 +189,7 @@ struct Args {
 impl Args {
     /// Whether any Firecracker-only flag is present.
     fn firecracker_flags(&self) -> Option<&'static str> {
-        let set: [(bool, &'static str); 17] = [
+        let set: [(bool, &'static str); 16] = [
             (self.api_sock.is_some(), "--api-sock"),
             (self.config_file.is_some(), "--config-file"),
             (self.no_api, "--no-api"),
@@ -193,7 +200,6 @@ impl Args {
             (self.module.is_some(), "--module"),
             (self.metrics_path.is_some(), "--metrics-path"),
             (self.boot_timer, "--boot-timer"),
-            (self.seccomp_filter.is_some(), "--seccomp-filter"),
             (self.start_time_us.is_some(), "--start-time-us"),
             (self.describe_snapshot.is_some(), "--describe-snapshot"),
             (self.snapshot_version, "--snapshot-version"),
@@ -234,6 +240,19 @@ impl Args {
     }
 }
 
+/// The seccomp filters the flags ask for (status 2 and a message for a bad filter file).
+fn seccomp_setup(args: &Args) -> Result<seccomp::Setup, ExitCode> {
+    seccomp::Setup::from_flags(
+        args.no_seccomp,
+        args.seccomp_filter.as_deref(),
+        args.seccomp_test_blocked.as_deref(),
+    )
+    .map_err(|e| {
+        eprintln!("ember: error: {e}");
+        ExitCode::from(2)
+    })
+}
+
 /// Firecracker mode: checks the flags Ember does not implement, then runs.
 fn firecracker_mode(args: &Args) -> ExitCode {
     let unsupported = |flag: &str, why: &str| {
@@ -245,9 +264,6 @@ fn firecracker_mode(args: &Args) -> ExitCode {
     }
     if args.metadata.is_some() || args.mmds_size_limit.is_some() {
         return unsupported("--metadata/--mmds-size-limit", "Ember has no MMDS");
-    }
-    if args.seccomp_filter.is_some() {
-        return unsupported("--seccomp-filter", "Ember has no seccomp filter yet");
     }
     if args.snapshot_version {
         println!("v{}.0.0", ember_vmm::SNAPSHOT_FORMAT_VERSION);
@@ -265,6 +281,10 @@ fn firecracker_mode(args: &Args) -> ExitCode {
             }
         };
     }
+    let seccomp = match seccomp_setup(args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     let level = match args.level.as_deref().map(str::parse) {
         None => None,
         Some(Ok(l)) => Some(l),
@@ -292,6 +312,7 @@ fn firecracker_mode(args: &Args) -> ExitCode {
         start_time_us: args.start_time_us,
         start_time_cpu_us: args.start_time_cpu_us,
         parent_cpu_time_us: args.parent_cpu_time_us,
+        seccomp,
     })
 }
 
@@ -409,40 +430,56 @@ fn block_sigusr1() -> libc::sigset_t {
 
 /// A thread that waits for SIGUSR1 and then pauses the VM, writes a snapshot into `dir` and
 /// resumes the VM.
-fn snapshot_on_signal(handle: ember_vmm::VmHandle, dir: PathBuf, set: libc::sigset_t) {
+fn snapshot_on_signal(
+    handle: ember_vmm::VmHandle,
+    dir: PathBuf,
+    set: libc::sigset_t,
+    seccomp: seccomp::Setup,
+) {
     let spawned = std::thread::Builder::new()
         .name("snapshot".into())
-        .spawn(move || loop {
-            let mut sig = 0;
-            // SAFETY: `set` is an initialised signal set; `sig` is a valid out-pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+        .spawn(move || {
+            if let Err(e) = seccomp.enter(seccomp::Thread::Vmm, "snapshot") {
+                eprintln!("ember: snapshot: {e}; SIGUSR1 does nothing");
                 return;
             }
-            let t = std::time::Instant::now();
-            if !handle.pause() {
-                eprintln!("ember: snapshot: the VM did not pause");
-                continue;
-            }
-            let written = std::fs::create_dir_all(&dir)
-                .map_err(|e| format!("{}: {e}", dir.display()))
-                .and_then(|()| {
-                    handle
-                        .snapshot(&dir.join("vm.state"), &dir.join("vm.mem"))
-                        .map_err(|e| e.to_string())
-                });
-            handle.resume();
-            match written {
-                Ok(bytes) => eprintln!(
-                    "ember: snapshot written to {} ({:.1} MiB of memory, {:.1} ms)",
-                    dir.display(),
-                    bytes as f64 / f64::from(1u32 << 20),
-                    t.elapsed().as_secs_f64() * 1e3
-                ),
-                Err(e) => eprintln!("ember: snapshot failed: {e}"),
-            }
+            snapshot_loop(&handle, &dir, &set);
         });
     if let Err(e) = spawned {
         eprintln!("ember: warning: no snapshot thread ({e}); SIGUSR1 does nothing");
+    }
+}
+
+/// Waits for SIGUSR1 and writes a snapshot, for ever.
+fn snapshot_loop(handle: &ember_vmm::VmHandle, dir: &std::path::Path, set: &libc::sigset_t) {
+    loop {
+        let mut sig = 0;
+        // SAFETY: `set` is an initialised signal set; `sig` is a valid out-pointer.
+        if unsafe { libc::sigwait(set, &mut sig) } != 0 {
+            return;
+        }
+        let t = std::time::Instant::now();
+        if !handle.pause() {
+            eprintln!("ember: snapshot: the VM did not pause");
+            continue;
+        }
+        let written = std::fs::create_dir_all(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))
+            .and_then(|()| {
+                handle
+                    .snapshot(&dir.join("vm.state"), &dir.join("vm.mem"))
+                    .map_err(|e| e.to_string())
+            });
+        handle.resume();
+        match written {
+            Ok(bytes) => eprintln!(
+                "ember: snapshot written to {} ({:.1} MiB of memory, {:.1} ms)",
+                dir.display(),
+                bytes as f64 / f64::from(1u32 << 20),
+                t.elapsed().as_secs_f64() * 1e3
+            ),
+            Err(e) => eprintln!("ember: snapshot failed: {e}"),
+        }
     }
 }
 
@@ -551,12 +588,18 @@ fn run() -> ExitCode {
             }
         },
     };
+    let seccomp = match seccomp_setup(&args) {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
     // Before any thread starts, so that every thread inherits the blocked SIGUSR1.
     let snapshot_signal = args.snapshot_dir.as_ref().map(|_| block_sigusr1());
     let stdin = std::io::stdin();
     // SAFETY: isatty only inspects the descriptor.
     let terminal = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-    let mut builder = builder.console_escape(terminal);
+    let mut builder = builder
+        .console_escape(terminal)
+        .thread_hook(seccomp.hook("main"));
     match stdin.as_fd().try_clone_to_owned() {
         Ok(fd) => builder = builder.serial_input(fd),
         Err(e) => eprintln!("ember: warning: stdin is not read ({e})"),
@@ -579,7 +622,7 @@ fn run() -> ExitCode {
     STOP_FD.store(vm.handle().stop_fd(), Ordering::SeqCst);
     install_stop_signals();
     if let (Some(dir), Some(set)) = (&args.snapshot_dir, snapshot_signal) {
-        snapshot_on_signal(vm.handle(), dir.clone(), set);
+        snapshot_on_signal(vm.handle(), dir.clone(), set, seccomp.clone());
     }
     let outcome = {
         let _raw = RawTerminal::enable(stdin.as_raw_fd());

@@ -95,6 +95,10 @@ pub fn probe_elf() -> PathBuf {
 /// The `ember` binary (and the root package's `minimal` and `virtio_blk` examples), built once per test process
 /// into the profile directory the calling test runs from (`cargo test --all-targets` builds
 /// examples only as test harnesses and other packages' binaries not at all).
+///
+/// `EMBER_TEST_BINARY=PATH` runs PATH instead (still after the build): a wrapper script that
+/// runs the built binary under `strace -f -Y`, for instance, shows which system calls each
+/// thread makes across the suite (how the seccomp allow-lists are checked).
 pub fn ember_binary() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     // target/<profile>/deps/cli-<hash> -> target/<profile>/ember
@@ -122,7 +126,10 @@ pub fn ember_binary() -> PathBuf {
         let status = cmd.status().expect("run cargo build");
         assert!(status.success(), "building ember and the examples failed");
     });
-    profile_dir.join("ember")
+    match std::env::var_os("EMBER_TEST_BINARY") {
+        Some(p) => PathBuf::from(p),
+        None => profile_dir.join("ember"),
+    }
 }
 
 /// Opens a pseudo-terminal pair: (controller, terminal), for tests of what a VMM does on a
@@ -614,6 +621,44 @@ pub fn write_blk_image(path: &Path, sectors: u64, seed: u8) -> std::io::Result<(
         .map(|i| blk_pattern_byte(i, seed))
         .collect();
     std::fs::write(path, bytes)
+}
+
+/// Each thread of process `pid`: its name and its `Seccomp:` mode (0 none, 2 filter), from
+/// `/proc/PID/task/TID/{comm,status}`.
+pub fn thread_seccomp_modes(pid: u32) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let mode = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(u32::MAX);
+        out.push((comm.trim().to_string(), mode));
+    }
+    out.sort();
+    out
+}
+
+/// Waits up to 5 s until process `pid` has a thread of every name in `names` and every one
+/// of its threads is in seccomp mode 2; returns what it saw last.
+pub fn wait_for_filtered_threads(pid: u32, names: &[&str]) -> Result<(), Vec<(String, u32)>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let seen = thread_seccomp_modes(pid);
+        let all_named = names.iter().all(|n| seen.iter().any(|(c, _)| c == n));
+        if all_named && !seen.is_empty() && seen.iter().all(|(_, m)| *m == 2) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(seen);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[cfg(test)]

@@ -62,6 +62,8 @@ pub struct Peer {
     pub bin: PathBuf,
     /// Where generated config files go.
     pub scratch: PathBuf,
+    /// Flags added to every command (Ember only: `--no-seccomp` for the filters' cost).
+    pub flags: Vec<String>,
 }
 
 impl Peer {
@@ -81,6 +83,7 @@ impl Peer {
                 if g.protocol == Protocol::Linux64 {
                     c.args(["--boot-protocol", "linux64"]);
                 }
+                c.args(&self.flags);
                 Ok(c)
             }
             Kind::Qemu => {

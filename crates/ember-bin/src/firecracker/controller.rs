@@ -47,6 +47,8 @@ pub struct Settings {
     pub boot_timer: bool,
     pub startup_us: u64,
     pub startup_cpu_us: u64,
+    /// The threads' seccomp filters.
+    pub seccomp: crate::seccomp::Setup,
 }
 
 struct Running {
@@ -247,6 +249,7 @@ impl Controller {
         }
         let vm = builder
             .start_paused(paused)
+            .thread_hook(self.settings.seccomp.hook("fc_vmm"))
             .build()
             .map_err(|e| format!("{what}: {e}"))?;
         let handle = vm.handle();
@@ -259,6 +262,15 @@ impl Controller {
                 let _ = events.send(Event::VmEnded(r));
             })
             .map_err(|e| format!("{what}: cannot start its thread: {e}"))?;
+        // This thread's filter after the VM thread started (which must not inherit it).
+        if let Err(e) = self
+            .settings
+            .seccomp
+            .enter(crate::seccomp::Thread::Vmm, "fc_main")
+        {
+            handle.stop();
+            return Err(format!("{what}: {e}"));
+        }
         self.vm = Some(Running {
             handle,
             paused,

@@ -116,7 +116,9 @@ pub fn configure(settings: LogSettings, path: Option<&str>) -> Result<(), String
     let mut guard = logger.state.lock().unwrap_or_else(|p| p.into_inner());
     let state = guard.as_mut().ok_or("the logger is not installed")?;
     if let Some(p) = path {
-        state.out = Box::new(open_output(p)?);
+        let f = open_output(p)?;
+        crate::seccomp::report_to_log(std::os::fd::AsRawFd::as_raw_fd(&f));
+        state.out = Box::new(f);
     }
     log::set_max_level(filter(settings.level));
     state.settings = settings;

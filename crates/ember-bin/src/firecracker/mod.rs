@@ -36,6 +36,7 @@ pub struct FcArgs {
     pub start_time_us: Option<u64>,
     pub start_time_cpu_us: Option<u64>,
     pub parent_cpu_time_us: Option<u64>,
+    pub seccomp: crate::seccomp::Setup,
 }
 
 /// Most bytes of a config file.
@@ -77,6 +78,7 @@ pub fn run(args: FcArgs) -> ExitCode {
             boot_timer: args.boot_timer,
             startup_us: 0,
             startup_cpu_us: 0,
+            seccomp: args.seccomp.clone(),
         },
         tx.clone(),
     );
@@ -143,7 +145,9 @@ pub fn run(args: FcArgs) -> ExitCode {
             max_payload: args.http_api_max_payload_size,
             ..ServerConfig::default()
         };
-        if let Err(e) = server.spawn(cfg, move |call| {
+        let seccomp = args.seccomp.clone();
+        let on_start = move || seccomp.enter(crate::seccomp::Thread::Api, "fc_api");
+        if let Err(e) = server.spawn_with(cfg, on_start, move |call| {
             let _ = tx.send(Event::Api(call));
         }) {
             return fail(e);
