@@ -266,3 +266,41 @@ fn the_thread_hook_runs_on_every_vm_thread_and_its_failure_ends_the_vm() {
         assert!(text.contains("refused by the test"), "{fail_on}: {text}");
     }
 }
+
+/// No mapping of a running VMM is both writable and executable (guest memory included), and
+/// the filters keep it so: no thread may ask for `PROT_EXEC` once filtered.
+#[test]
+fn no_mapping_of_a_running_vmm_is_writable_and_executable() {
+    if !kvm_or_skip("no_mapping_of_a_running_vmm_is_writable_and_executable") {
+        return;
+    }
+    let child = start_long_guest(&[]);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap();
+    let (code, stderr) = stop(child);
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    let wx: Vec<&str> = maps
+        .lines()
+        .filter(|l| {
+            let perms = l.split_whitespace().nth(1).unwrap_or("");
+            perms.contains('w') && perms.contains('x')
+        })
+        .collect();
+    assert!(wx.is_empty(), "writable and executable mappings: {wx:#?}");
+    // Guest memory (the largest mapping) is there, read-write and not executable.
+    let largest = maps
+        .lines()
+        .max_by_key(|l| {
+            let range = l.split_whitespace().next().unwrap_or("0-0");
+            let (a, b) = range.split_once('-').unwrap_or(("0", "0"));
+            u64::from_str_radix(b, 16).unwrap_or(0) - u64::from_str_radix(a, 16).unwrap_or(0)
+        })
+        .unwrap();
+    assert!(
+        largest
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .starts_with("rw-"),
+        "{largest}"
+    );
+}

@@ -623,6 +623,53 @@ pub fn write_blk_image(path: &Path, sectors: u64, seed: u8) -> std::io::Result<(
     std::fs::write(path, bytes)
 }
 
+/// A statically linked `ember` (debug profile), built once per test process into
+/// `target/static` (a jail has no dynamic loader), and the `ember-jailer` beside
+/// [`ember_binary`].
+pub fn static_ember_and_jailer() -> (PathBuf, PathBuf) {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    let static_dir = target_dir.join("static");
+    const TARGET: &str = "x86_64-unknown-linux-gnu";
+    BUILT.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        for (args, dir, flags) in [
+            (
+                &["build", "--quiet", "--bin", "ember", "--target", TARGET][..],
+                &static_dir,
+                "-C target-feature=+crt-static",
+            ),
+            (
+                &["build", "--quiet", "--bin", "ember-jailer"][..],
+                &target_dir,
+                "",
+            ),
+        ] {
+            let mut cmd = Command::new(&cargo);
+            cmd.current_dir(workspace_root())
+                .args(args)
+                .env("CARGO_TARGET_DIR", dir);
+            if flags.is_empty() {
+                cmd.env_remove("RUSTFLAGS");
+            } else {
+                cmd.env("RUSTFLAGS", flags);
+            }
+            if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+                cmd.arg("--release");
+            }
+            let status = cmd.status().expect("run cargo build");
+            assert!(status.success(), "cargo {args:?} failed");
+        }
+    });
+    let profile = profile_dir.file_name().unwrap();
+    (
+        static_dir.join(TARGET).join(profile).join("ember"),
+        profile_dir.join("ember-jailer"),
+    )
+}
+
 /// Each thread of process `pid`: its name and its `Seccomp:` mode (0 none, 2 filter), from
 /// `/proc/PID/task/TID/{comm,status}`.
 pub fn thread_seccomp_modes(pid: u32) -> Vec<(String, u32)> {

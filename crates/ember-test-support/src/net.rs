@@ -26,6 +26,12 @@ impl Netns {
     /// network namespaces) or `/dev/net/tun` is missing; where they are present, a failing
     /// step panics.
     pub fn create(test: &str) -> Option<Netns> {
+        Self::create_for(test, None)
+    }
+
+    /// As [`create`](Self::create), with the TAP owned by `owner` (a uid that may then attach
+    /// to it without privileges) when given.
+    pub fn create_for(test: &str, owner: Option<u32>) -> Option<Netns> {
         let ip_ok = Command::new("ip")
             .arg("-V")
             .stdout(Stdio::null())
@@ -65,9 +71,14 @@ impl Netns {
         run(&["netns", "add", &name]);
         let ns = Netns { name };
         let n = ns.name.as_str();
-        run(&[
+        let owner = owner.map(|u| u.to_string());
+        let mut add = vec![
             "netns", "exec", n, "ip", "tuntap", "add", "tap0", "mode", "tap",
-        ]);
+        ];
+        if let Some(u) = &owner {
+            add.extend(["user", u.as_str()]);
+        }
+        run(&add);
         for args in [
             &[
                 "netns",

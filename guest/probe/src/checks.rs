@@ -366,7 +366,43 @@ impl Ctx<'_> {
             first = false;
             line.hex(r.addr).s("-").hex(r.addr.wrapping_add(r.size));
         }
-        line.s(" tested=").dec(tested).end();
+        line.s(" tested=").dec(tested);
+        // `probe.memmap.touch_mib=N`: writes a word in every page of the top N MiB of the
+        // largest RAM region (far from the probe's own image at 1 MiB), so that the host
+        // backs them (a memory limit test).
+        let touch_mib = match self.params.num(b"probe.memmap.touch_mib=", 0) {
+            Ok(n) => n,
+            Err(_) => {
+                line.s(" FAIL bad probe.memmap.touch_mib=").end();
+                return true;
+            }
+        };
+        if touch_mib > 0 {
+            let Some(r) = map.entries[..map.count]
+                .iter()
+                .filter(|r| r.kind == TYPE_RAM && r.addr >= 0x10_0000)
+                .max_by_key(|r| r.size)
+            else {
+                line.s(" FAIL no RAM above 1 MiB to touch").end();
+                return true;
+            };
+            let bytes = touch_mib << 20;
+            let end = (r.addr + r.size).min(mapped_end) & !0xfff;
+            if bytes.saturating_add(8 << 20) > end.saturating_sub(r.addr) {
+                line.s(" FAIL probe.memmap.touch_mib= is larger than RAM less 8 MiB")
+                    .end();
+                return true;
+            }
+            let mut a = end - bytes;
+            while a < end {
+                // SAFETY: `a` is identity-mapped guest RAM in the region's top part, which
+                // holds none of the probe's code, data or stack.
+                unsafe { core::ptr::write_volatile(a as *mut u64, a) };
+                a += 4096;
+            }
+            line.s(" touched_mib=").dec(touch_mib);
+        }
+        line.end();
         false
     }
 
