@@ -368,6 +368,10 @@ mod tests {
             assert!(p.iter().any(|i| i.code == 0x06 && i.k == 0x0003_0000));
         }
         assert!(f.vcpu.len() < f.vmm.len());
+        // build.rs's argument load before the call number's (the action cache skipped).
+        for p in [&f.vmm, &f.api, &f.vcpu] {
+            assert_eq!((p[3].code, p[3].k, p[4].code, p[4].k), (0x20, 16, 0x20, 0));
+        }
     }
 
     #[test]
