@@ -243,6 +243,19 @@ pub fn run(args: &Args) -> Result<(), String> {
     } else {
         eprintln!("xtask bench: warning: no QEMU; Ember runs alone (no ratios)");
     }
+    if let Some(ch) = std::env::var_os("CLOUD_HYPERVISOR") {
+        let bin = PathBuf::from(ch);
+        let v = peers::version(&bin)
+            .map(|v| v.replace("cloud-hypervisor", "Cloud Hypervisor"))
+            .unwrap_or_else(|| "Cloud Hypervisor".into());
+        peers.push(Peer {
+            kind: Kind::CloudHypervisor,
+            name: v,
+            bin,
+            scratch: opts.out.clone(),
+            flags: Vec::new(),
+        });
+    }
     if let Some(fc) = std::env::var_os("FIRECRACKER") {
         let bin = PathBuf::from(fc);
         let v = peers::version(&bin).unwrap_or_else(|| "Firecracker".into());
@@ -318,17 +331,18 @@ pub fn run(args: &Args) -> Result<(), String> {
                 }
             }
         }
-        // Ember without its seccomp filters too: what installing them costs.
-        let mut boot_peers = peers.clone();
-        if let Some(e) = peers.iter().find(|p| p.kind == Kind::Ember) {
-            boot_peers.insert(
-                1,
-                Peer {
-                    name: "Ember --no-seccomp".into(),
+        // Ember and Firecracker without their seccomp filters too: what installing them
+        // costs each.
+        let mut boot_peers = Vec::new();
+        for p in &peers {
+            boot_peers.push(p.clone());
+            if matches!(p.kind, Kind::Ember | Kind::Firecracker) && p.flags.is_empty() {
+                boot_peers.push(Peer {
+                    name: format!("{} --no-seccomp", p.name),
                     flags: vec!["--no-seccomp".into()],
-                    ..e.clone()
-                },
-            );
+                    ..p.clone()
+                });
+            }
         }
         report.boot = boot_section(&boot_peers, &scenarios, opts.runs)?;
     }
@@ -464,8 +478,6 @@ pub struct BootCell {
     pub peer: String,
     /// Whether this is Ember.
     pub is_ember: bool,
-    /// Whether this is QEMU.
-    pub is_qemu: bool,
     /// Why there are no numbers, if there are none.
     pub unsupported: Option<String>,
     /// exec → first line, ms.
@@ -501,8 +513,22 @@ fn null_opts(g: &Guest) -> measure::Options {
         line: Some(null_elf::LINE.into()),
         timeout: timeout_for(g),
         sample_memory: None,
+        stop_after_line: false,
         guest_bytes: g.mem_mib << 20,
     }
+}
+
+/// [`null_opts`] for `p`: a VMM that reboots on reset is killed after the first line.
+fn null_opts_for(p: &Peer, g: &Guest) -> measure::Options {
+    measure::Options {
+        stop_after_line: p.kind == Kind::CloudHypervisor,
+        ..null_opts(g)
+    }
+}
+
+/// Whether `p` ends a null guest's run by itself (it does not when it reboots on reset).
+fn exits_by_itself(p: &Peer) -> bool {
+    p.kind != Kind::CloudHypervisor
 }
 
 /// Why a failed first run means "unsupported" rather than a broken VMM.
@@ -517,6 +543,9 @@ fn unsupported_reason(peer: &Peer, g: &Guest, run: &Run) -> Option<String> {
 }
 
 fn check_null_run(run: &Run) -> Result<(), String> {
+    if run.stopped_after_line {
+        return Ok(());
+    }
     if !run.ok() {
         return Err(run.failure());
     }
@@ -536,7 +565,6 @@ fn boot_section(peers: &[Peer], scenarios: &[Guest], runs: usize) -> Result<Vec<
                 key: (g.protocol, g.vcpus, g.mem_mib),
                 peer: p.name.clone(),
                 is_ember: p.kind == Kind::Ember,
-                is_qemu: p.kind == Kind::Qemu,
                 unsupported: None,
                 first_line: Vec::new(),
                 exit: Vec::new(),
@@ -544,7 +572,7 @@ fn boot_section(peers: &[Peer], scenarios: &[Guest], runs: usize) -> Result<Vec<
             match p.command(g) {
                 Err(why) => cell.unsupported = Some(format!("n/a: {why}")),
                 Ok(mut cmd) => {
-                    let run = measure::run(&mut cmd, &null_opts(g))?;
+                    let run = measure::run(&mut cmd, &null_opts_for(p, g))?;
                     if let Err(e) = check_null_run(&run) {
                         cell.unsupported = Some(
                             unsupported_reason(p, g, &run)
@@ -574,7 +602,7 @@ fn boot_section(peers: &[Peer], scenarios: &[Guest], runs: usize) -> Result<Vec<
                     continue;
                 }
                 let mut cmd = peers[pi].command(g)?;
-                let run = measure::run(&mut cmd, &null_opts(g))?;
+                let run = measure::run(&mut cmd, &null_opts_for(&peers[pi], g))?;
                 if let Err(e) = check_null_run(&run) {
                     eprintln!(
                         "xtask bench: {} / {}: run {i} failed: {e}",
@@ -583,7 +611,9 @@ fn boot_section(peers: &[Peer], scenarios: &[Guest], runs: usize) -> Result<Vec<
                     continue;
                 }
                 cell.first_line.push(ms(run.first_line.unwrap_or_default()));
-                cell.exit.push(ms(run.exit));
+                if exits_by_itself(&peers[pi]) {
+                    cell.exit.push(ms(run.exit));
+                }
             }
         }
     }
@@ -713,6 +743,7 @@ fn quiet_opts() -> measure::Options {
         line: None,
         timeout: Duration::from_secs(10),
         sample_memory: None,
+        stop_after_line: false,
         guest_bytes: 0,
     }
 }
@@ -765,6 +796,7 @@ fn memory_section(
                     line: Some(null_elf::LINE.into()),
                     timeout: timeout_for(g),
                     sample_memory: Some(Duration::from_millis(50)),
+                    stop_after_line: false,
                     guest_bytes: g.mem_mib << 20,
                 };
                 let run = measure::run(&mut cmd, &opts)?;
@@ -811,7 +843,7 @@ fn rate_section(peers: &[Peer], g: &Guest, per_level: usize) -> Result<Vec<RateC
     eprintln!("xtask bench: creation rate ({per_level} VMs per level)");
     let mut cells = Vec::new();
     for c in [1usize, 2, 4, 8] {
-        for p in peers {
+        for p in peers.iter().filter(|p| exits_by_itself(p)) {
             let total = per_level.max(c * 2);
             let t0 = Instant::now();
             let results: Vec<Result<usize, String>> = std::thread::scope(|s| {
@@ -908,7 +940,7 @@ fn exits_section(
             (_, true) => 1000,
             (_, false) => 5000,
         };
-        for p in peers {
+        for p in peers.iter().filter(|p| exits_by_itself(p)) {
             let g = Guest {
                 kernel: probe.to_path_buf(),
                 kernel_no_pvh: None,
@@ -946,6 +978,7 @@ fn exits_section(
                     line: None,
                     timeout: Duration::from_secs(60),
                     sample_memory: None,
+                    stop_after_line: false,
                     guest_bytes: 128 << 20,
                 };
                 let run = measure::run(&mut cmd, &opts)?;
@@ -1137,19 +1170,30 @@ impl Report {
         let _ = writeln!(s, "### Null-guest boot\n");
         let _ = writeln!(
             s,
-            "Milliseconds, median (min–max) over the runs; Ember and the other VMMs alternate run \
-             by run. *first line*: exec until `NULL` is read from the VMM's stdout pipe; *exit*: \
-             exec until the VMM is reaped. Ratio: Ember's median over QEMU's (below 1: Ember \
-             is faster).\n"
+            "Milliseconds, median (min–max) over the runs; the VMMs alternate run by run. \
+             *first line*: exec until `NULL` is read from the VMM's stdout pipe; *exit*: exec \
+             until the VMM is reaped (Cloud Hypervisor reboots the guest on its reset, so it is \
+             killed after the first line and has no exit time). Ratios: an Ember row's median \
+             over the best other VMM's in the same guest (QEMU, Firecracker or Cloud \
+             Hypervisor, whichever is fastest, named; `--no-seccomp` rows are not peers; below \
+             1: Ember is faster).\n"
         );
-        let _ = writeln!(s, "| guest | VMM | exec → first line, ms | exec → exit, ms | Ember/QEMU first line | Ember/QEMU exit |");
+        let _ = writeln!(s, "| guest | VMM | exec → first line, ms | exec → exit, ms | ÷ best peer, first line | ÷ best peer, exit |");
         let _ = writeln!(s, "|---|---|---|---|---|---|");
+        // The fastest other VMM in `key`'s guest by `pick` (first line or exit).
+        let best = |key, pick: fn(&BootCell) -> &Vec<f64>| {
+            self.boot
+                .iter()
+                .filter(|q| q.key == key && !q.is_ember && !q.peer.ends_with("--no-seccomp"))
+                .filter_map(|q| Summary::of(pick(q)).map(|m| (m.median, q.peer.clone())))
+                .min_by(|a, b| a.0.total_cmp(&b.0))
+        };
         for c in &self.boot {
             if let Some(u) = &c.unsupported {
                 let _ = writeln!(s, "| {} | {} | {u} | | | |", c.scenario, c.peer);
                 continue;
             }
-            let (Some(f), Some(e)) = (Summary::of(&c.first_line), Summary::of(&c.exit)) else {
+            let Some(f) = Summary::of(&c.first_line) else {
                 let _ = writeln!(
                     s,
                     "| {} | {} | every run failed | | | |",
@@ -1157,23 +1201,23 @@ impl Report {
                 );
                 continue;
             };
+            let e = Summary::of(&c.exit);
             let (mut rf, mut re) = (String::new(), String::new());
             if c.is_ember {
-                if let Some(q) = self.boot.iter().find(|q| q.is_qemu && q.key == c.key) {
-                    if let (Some(qf), Some(qe)) = (Summary::of(&q.first_line), Summary::of(&q.exit))
-                    {
-                        rf = format!("**{}**", ratio(f.median, qf.median));
-                        re = format!("**{}**", ratio(e.median, qe.median));
-                    }
+                if let Some((m, who)) = best(c.key, |q| &q.first_line) {
+                    rf = format!("**{}** ({who})", ratio(f.median, m));
+                }
+                if let (Some(e), Some((m, who))) = (&e, best(c.key, |q| &q.exit)) {
+                    re = format!("**{}** ({who})", ratio(e.median, m));
                 }
             }
+            let exit = e.map_or_else(|| "n/a (reboots on reset)".to_string(), |e| e.fmt(2));
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {rf} | {re} |",
+                "| {} | {} | {} | {exit} | {rf} | {re} |",
                 c.scenario,
                 c.peer,
                 f.fmt(2),
-                e.fmt(2),
             );
         }
         let _ = writeln!(s);
@@ -1533,7 +1577,6 @@ fn read_samples_csv(path: &Path) -> Result<Vec<BootCell>, String> {
                     key: (Protocol::Pvh, 1, 0),
                     peer: vmm.to_string(),
                     is_ember: *vmm == "Ember",
-                    is_qemu: vmm.starts_with("QEMU"),
                     unsupported: None,
                     first_line: Vec::new(),
                     exit: Vec::new(),

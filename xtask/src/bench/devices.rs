@@ -200,6 +200,7 @@ fn run_probe(cmd: &mut Command, check: &str) -> Result<String, String> {
             line: None,
             timeout: Duration::from_secs(90),
             sample_memory: None,
+            stop_after_line: false,
             guest_bytes: 256 << 20,
         },
     )?;
@@ -456,7 +457,10 @@ pub fn run(peers: &[Peer], probe: &Path, scratch: &Path, runs: usize) -> Result<
             None
         }
     };
-    for p in peers.iter().filter(|p| p.kind != Kind::Firecracker) {
+    for p in peers
+        .iter()
+        .filter(|p| !matches!(p.kind, Kind::Firecracker | Kind::CloudHypervisor))
+    {
         eprintln!("xtask bench: devices, {} ({runs} runs)", p.name);
         let (mut pps, mut mbit, mut share, mut echo, mut polled, mut irq) = (
             Vec::new(),

@@ -27,6 +27,8 @@ pub struct Run {
     pub timed_out: bool,
     /// Memory sampled while it ran (only with [`Options::sample_memory`]).
     pub memory: Option<MemorySample>,
+    /// Whether it was killed after its line ([`Options::stop_after_line`]).
+    pub stopped_after_line: bool,
 }
 
 impl Run {
@@ -65,6 +67,8 @@ pub struct Options {
     /// Once the line appeared: wait this long, sample `/proc/<pid>/smaps` and `VmHWM`, then
     /// kill the child (for guests that do not exit by themselves).
     pub sample_memory: Option<Duration>,
+    /// Kill the child as soon as the line appeared (a VMM that reboots the guest on reset).
+    pub stop_after_line: bool,
     /// Guest RAM size in bytes, to tell guest mappings from the VMM's own.
     pub guest_bytes: u64,
 }
@@ -125,6 +129,9 @@ pub fn run(cmd: &mut Command, opts: &Options) -> Result<Run, String> {
                         memory = sample_memory(pid, opts.guest_bytes).ok();
                         // SAFETY: as above; the child is not reaped yet.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
+                    } else if opts.stop_after_line {
+                        // SAFETY: as above; the child is not reaped yet.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
                     }
                 }
             }
@@ -162,6 +169,7 @@ pub fn run(cmd: &mut Command, opts: &Options) -> Result<Run, String> {
         stderr,
         timed_out,
         memory,
+        stopped_after_line: opts.stop_after_line && first_line.is_some(),
     })
 }
 

@@ -49,6 +49,10 @@ pub enum Kind {
     Qemu,
     /// Firecracker (`FIRECRACKER=/path`), `--no-api --config-file`.
     Firecracker,
+    /// Cloud Hypervisor (`CLOUD_HYPERVISOR=/path`), `--kernel` with the serial console on
+    /// stdout. It reboots the guest on a reset, so a null guest's run is timed to its first
+    /// line and then killed (no exit time).
+    CloudHypervisor,
 }
 
 /// One VMM binary.
@@ -62,7 +66,8 @@ pub struct Peer {
     pub bin: PathBuf,
     /// Where generated config files go.
     pub scratch: PathBuf,
-    /// Flags added to every command (Ember only: `--no-seccomp` for the filters' cost).
+    /// Flags added to every command (Ember and Firecracker: `--no-seccomp`, for what the
+    /// seccomp filters cost).
     pub flags: Vec<String>,
 }
 
@@ -129,7 +134,27 @@ impl Peer {
                 c.arg("--no-api")
                     .arg("--config-file")
                     .arg(&path)
-                    .args(["--level", "Error"]);
+                    .args(["--level", "Error"])
+                    .args(&self.flags);
+                Ok(c)
+            }
+            Kind::CloudHypervisor => {
+                if g.protocol == Protocol::Linux64 {
+                    return Err("Cloud Hypervisor enters ELF kernels only through the PVH \
+                                note (no 64-bit entry)"
+                        .into());
+                }
+                let mut c = Command::new(&self.bin);
+                c.arg("--kernel")
+                    .arg(&g.kernel)
+                    .arg("--cmdline")
+                    .arg(&g.cmdline)
+                    .arg("--memory")
+                    .arg(format!("size={}M", g.mem_mib))
+                    .arg("--cpus")
+                    .arg(format!("boot={}", g.vcpus))
+                    .args(["--serial", "tty", "--console", "off"])
+                    .args(&self.flags);
                 Ok(c)
             }
         }
@@ -198,6 +223,82 @@ pub fn version(bin: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The peers' command lines for real: the null guest booted by Firecracker (`FIRECRACKER`
+    /// or `EMBER_FIRECRACKER`) from the generated config file, through both entries, and by
+    /// Cloud Hypervisor (`CLOUD_HYPERVISOR`), each to its `NULL` line. Skipped, with a line on
+    /// stderr, where neither binary is given (they are built outside the repository).
+    #[test]
+    fn the_generated_commands_boot_the_null_guest_under_the_peers() {
+        use super::super::measure;
+        use super::super::null_elf::{self, Entries, NullMode};
+        let env = |names: &[&str]| names.iter().find_map(std::env::var_os).map(PathBuf::from);
+        let fc = env(&["FIRECRACKER", "EMBER_FIRECRACKER"]);
+        let ch = env(&["CLOUD_HYPERVISOR", "EMBER_CLOUD_HYPERVISOR"]);
+        if fc.is_none() && ch.is_none() {
+            eprintln!(
+                "SKIPPED the_generated_commands_boot_the_null_guest_under_the_peers: \
+                 neither FIRECRACKER nor CLOUD_HYPERVISOR is set"
+            );
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("xtask-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pvh = dir.join("null-pvh.elf");
+        let nopvh = dir.join("null-linux64.elf");
+        std::fs::write(
+            &pvh,
+            null_elf::build(NullMode::Exit, Entries::PvhAndLinux64),
+        )
+        .unwrap();
+        std::fs::write(
+            &nopvh,
+            null_elf::build(NullMode::Exit, Entries::Linux64Only),
+        )
+        .unwrap();
+        let peers = [(Kind::Firecracker, fc), (Kind::CloudHypervisor, ch)];
+        for (kind, bin) in peers {
+            let Some(bin) = bin else { continue };
+            let peer = Peer {
+                kind,
+                name: format!("{kind:?}"),
+                bin,
+                scratch: dir.clone(),
+                flags: Vec::new(),
+            };
+            for protocol in [Protocol::Pvh, Protocol::Linux64] {
+                let g = Guest {
+                    kernel: pvh.clone(),
+                    kernel_no_pvh: Some(nopvh.clone()),
+                    cmdline: "console=ttyS0".into(),
+                    mem_mib: 128,
+                    vcpus: 2,
+                    protocol,
+                };
+                let Ok(mut cmd) = peer.command(&g) else {
+                    assert_eq!(kind, Kind::CloudHypervisor, "{protocol:?}");
+                    continue;
+                };
+                let opts = measure::Options {
+                    line: Some(null_elf::LINE.into()),
+                    timeout: std::time::Duration::from_secs(20),
+                    sample_memory: None,
+                    stop_after_line: kind == Kind::CloudHypervisor,
+                    guest_bytes: 128 << 20,
+                };
+                let run = measure::run(&mut cmd, &opts).unwrap();
+                assert!(
+                    run.first_line.is_some(),
+                    "{kind:?} {protocol:?}: no NULL line: {}",
+                    run.failure()
+                );
+                if kind == Kind::Firecracker {
+                    assert!(run.ok(), "{protocol:?}: {}", run.failure());
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn firecracker_config_is_json_shaped() {

@@ -38,7 +38,7 @@ const OTHERS: &[RGBColor] = &[
 ];
 
 fn colour(cell: &BootCell, others: &mut Vec<String>) -> RGBColor {
-    if cell.is_qemu {
+    if cell.peer.starts_with("QEMU") {
         QEMU
     } else if cell.is_ember && cell.peer == "Ember" {
         EMBER
