@@ -147,6 +147,8 @@ fn a_jailed_vm_runs_unprivileged_in_its_chroot_with_its_devices() {
     if !root_or_skip(test) {
         return;
     }
+    // Built first (a minute on a fresh checkout), before the net peer starts its wait.
+    let _ = static_ember_and_jailer();
     let Some(ns) = Netns::create_for(test, Some(UID)) else {
         return;
     };

@@ -13,7 +13,8 @@
 //!   stacks (`/proc/<pid>/task/*/stack`) from outside: CPU, or which kernel wait.
 //! - `memory`: RSS beyond guest memory (from smaps, guest RAM mappings excluded) after boot
 //!   and at peak, 128 MiB and 2 GiB.
-//! - `rate`: null microVMs booted to exit per second, 1, 2, 4 and 8 started concurrently.
+//! - `rate`: null microVMs booted to exit per second, 1, 2, 4 and 8 started concurrently, one
+//!   process each, then in one process (`cargo bench --bench boot_rate`).
 //! - `exits`: the probe's exit loop (ring 0 and ring 3), ns per exit.
 //! - `devices`: the probe's virtio-net (UDP guest→host and echoed host→guest, on a TAP in a
 //!   network namespace), virtio-blk (4 KiB IOPS, Ember with interrupts, QEMU polled) and
@@ -376,6 +377,7 @@ pub fn run(args: &Args) -> Result<(), String> {
         let per_level = if opts.quick { 8 } else { 32 };
         let g = null(&null_pvh, &null_nopvh, Protocol::Pvh, 128, 1);
         report.rate = rate_section(&peers, &g, per_level)?;
+        report.rate_in_process = Some(library_bench(&root, "boot_rate", opts.quick)?);
     }
     if wants(&opts, "exits") {
         let runs = if opts.quick { 2 } else { 5 };
@@ -437,11 +439,16 @@ pub fn run(args: &Args) -> Result<(), String> {
 /// Runs `cargo bench --bench fork` (in-process forks need the library, which this xtask does
 /// not link) and returns its markdown.
 fn fork_section(root: &Path, quick: bool) -> Result<String, String> {
-    eprintln!("xtask bench: forks (cargo bench --bench fork)");
+    library_bench(root, "fork", quick)
+}
+
+/// Runs `cargo bench --bench <name> -- --markdown` and returns its markdown.
+fn library_bench(root: &Path, name: &str, quick: bool) -> Result<String, String> {
+    eprintln!("xtask bench: cargo bench --bench {name}");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
-        .args(["bench", "--quiet", "--bench", "fork", "--", "--markdown"])
+        .args(["bench", "--quiet", "--bench", name, "--", "--markdown"])
         .env("EMBER_PROBE", root.join("target/probe/probe.elf"));
     if quick {
         cmd.arg("--quick");
@@ -451,7 +458,7 @@ fn fork_section(root: &Path, quick: bool) -> Result<String, String> {
         .map_err(|e| format!("cannot run cargo bench: {e}"))?;
     if !out.status.success() {
         return Err(format!(
-            "cargo bench --bench fork failed: {}",
+            "cargo bench --bench {name} failed: {}",
             String::from_utf8_lossy(&out.stderr)
         ));
     }
@@ -1107,6 +1114,8 @@ struct Report {
     api: Vec<api::Cell>,
     snapshot: Vec<snapshot::Cell>,
     fork: Option<String>,
+    /// The in-process creation rate (`cargo bench --bench boot_rate`), markdown.
+    rate_in_process: Option<String>,
     kvm: Vec<kvm::SequenceResult>,
 }
 
@@ -1150,6 +1159,9 @@ impl Report {
         self.waits_md(&mut s);
         self.memory_md(&mut s);
         self.rate_md(&mut s);
+        if let Some(r) = &self.rate_in_process {
+            s.push_str(r);
+        }
         self.exits_md(&mut s);
         if let Some(d) = &self.devices {
             d.markdown(&mut s);

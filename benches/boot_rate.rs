@@ -1,0 +1,116 @@
+//! In-process creation rate (`cargo bench --bench boot_rate [-- --quick] [--markdown]`): how
+//! many microVMs one process boots to their end per second, with 1, 2, 4 and 8 booting at
+//! once.
+//!
+//! Each VM is the probe guest with no checks (`probe=`: it prints its start and done lines and
+//! resets), 128 MiB, 1 vCPU, no devices, its console to a sink: built with `VmBuilder::build`,
+//! run to its reset with `Vm::run`. `N` threads each boot VMs back to back for a fixed time;
+//! the rate is all the VMs that ended over the wall time (per core: over the machine's cores).
+//! Each level is measured with the KVM VM and vCPU made per VM, and taken from a
+//! [`ember_vmm::VmPool`] whose own thread prepares them. The KVM VMs' last close happens on
+//! Ember's teardown thread, off each booting thread; `wait_for_teardown` is awaited after each
+//! level, so that a level's teardowns are not left to the next one.
+//!
+//! The same figure by process (one `ember` process per VM) is the `rate` section of
+//! `cargo xtask bench`.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ember_vmm::{Vm, VmConfig, VmPool};
+
+fn probe() -> Option<PathBuf> {
+    let p = std::env::var_os("EMBER_PROBE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/probe/probe.elf")
+        });
+    p.exists().then_some(p)
+}
+
+/// Boots VMs on `threads` threads for `time`; returns (VMs ended cleanly, failures, wall).
+fn level(
+    kernel: &PathBuf,
+    threads: usize,
+    time: Duration,
+    pool: Option<&VmPool>,
+) -> (u64, u64, Duration) {
+    let mut config = VmConfig::new(kernel);
+    config.memory_mib = 128;
+    config.cmdline = "probe=".into();
+    let done = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let t0 = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                while t0.elapsed() < time {
+                    let mut b =
+                        Vm::builder(config.clone()).serial_output(Box::new(std::io::sink()));
+                    if let Some(p) = pool {
+                        match p.take() {
+                            Ok(vm) => b = b.prepared(vm),
+                            Err(_) => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
+                        }
+                    }
+                    match b.build().and_then(Vm::run) {
+                        Ok(o) if o.exit.is_clean() => done.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            });
+        }
+    });
+    let wall = t0.elapsed();
+    ember_vmm::wait_for_teardown(Duration::from_secs(30));
+    (done.into_inner(), failed.into_inner(), wall)
+}
+
+fn main() {
+    let _ = ember_vmm::process_start();
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let markdown = args.iter().any(|a| a == "--markdown");
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("boot_rate bench: SKIPPED: no /dev/kvm");
+        return;
+    }
+    let Some(kernel) = probe() else {
+        eprintln!(
+            "boot_rate bench: SKIPPED: target/probe/probe.elf is missing (cargo xtask probe)"
+        );
+        return;
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let time = Duration::from_millis(if quick { 500 } else { 2000 });
+    if markdown {
+        println!("### Creation rate in process (probe guest with no checks, 128 MiB, 1 vCPU, no devices, booted to its reset)\n");
+    }
+    println!("| booting at once | KVM VM and vCPU | VMs | failed | VMs/s | VMs/s/core |");
+    println!("|---|---|---|---|---|---|");
+    for pooled in [false, true] {
+        let pool = pooled.then(|| VmPool::new("/dev/kvm", 1, false, 8).expect("a VM pool"));
+        for threads in [1usize, 2, 4, 8] {
+            let (n, failed, wall) = level(&kernel, threads, time, pool.as_ref());
+            let rate = n as f64 / wall.as_secs_f64();
+            println!(
+                "| {threads} | {} | {n} | {failed} | {rate:.0} | {:.0} |",
+                if pooled {
+                    "from a VmPool"
+                } else {
+                    "created per VM"
+                },
+                rate / cores
+            );
+        }
+    }
+    println!(
+        "\n{} s per level on {cores} cores. Command: `cargo bench --bench boot_rate -- --markdown{}`.\n",
+        time.as_secs_f64(),
+        if quick { " --quick" } else { "" }
+    );
+}
