@@ -377,7 +377,12 @@ pub fn run(args: &Args) -> Result<(), String> {
         let per_level = if opts.quick { 8 } else { 32 };
         let g = null(&null_pvh, &null_nopvh, Protocol::Pvh, 128, 1);
         report.rate = rate_section(&peers, &g, per_level)?;
-        report.rate_in_process = Some(library_bench(&root, "boot_rate", opts.quick)?);
+        report.rate_in_process = Some(library_bench(
+            &root,
+            "boot_rate",
+            opts.quick,
+            &[("EMBER_NULL_GUEST", &null_pvh)],
+        )?);
     }
     if wants(&opts, "exits") {
         let runs = if opts.quick { 2 } else { 5 };
@@ -439,17 +444,23 @@ pub fn run(args: &Args) -> Result<(), String> {
 /// Runs `cargo bench --bench fork` (in-process forks need the library, which this xtask does
 /// not link) and returns its markdown.
 fn fork_section(root: &Path, quick: bool) -> Result<String, String> {
-    library_bench(root, "fork", quick)
+    library_bench(root, "fork", quick, &[])
 }
 
-/// Runs `cargo bench --bench <name> -- --markdown` and returns its markdown.
-fn library_bench(root: &Path, name: &str, quick: bool) -> Result<String, String> {
+/// Runs `cargo bench --bench <name> -- --markdown` (with `env` set) and returns its markdown.
+fn library_bench(
+    root: &Path,
+    name: &str,
+    quick: bool,
+    env: &[(&str, &Path)],
+) -> Result<String, String> {
     eprintln!("xtask bench: cargo bench --bench {name}");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
         .args(["bench", "--quiet", "--bench", name, "--", "--markdown"])
-        .env("EMBER_PROBE", root.join("target/probe/probe.elf"));
+        .env("EMBER_PROBE", root.join("target/probe/probe.elf"))
+        .envs(env.iter().copied());
     if quick {
         cmd.arg("--quick");
     }
