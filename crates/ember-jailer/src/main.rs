@@ -19,7 +19,7 @@
 //! `no_new_privs`; then it execs the VMM with the arguments after `--` and an empty
 //! environment. The VMM must be statically linked (the chroot has no dynamic loader).
 
-use std::ffi::{CStr, CString};
+use std::ffi::CString;
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -476,11 +476,6 @@ pub fn c_path(path: &Path, what: &str) -> Result<CString, JailError> {
         .map_err(|_| JailError::Usage(format!("{what} {}: contains a NUL byte", path.display())))
 }
 
-/// A C string's text, for messages.
-pub fn text(s: &CStr) -> String {
-    s.to_string_lossy().into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -514,35 +509,26 @@ mod tests {
 
     #[test]
     fn firecracker_mode_gets_the_id() {
-        let args = Args::parse_from([
-            "j",
-            "--id",
-            "a",
-            "--exec-file",
-            "/e",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--",
-            "--api-sock",
-            "/s",
-        ]);
-        assert_eq!(vmm_argv(&args, "e"), ["e", "--id", "a", "--api-sock", "/s"]);
-        let args = Args::parse_from([
-            "j",
-            "--id",
-            "a",
-            "--exec-file",
-            "/e",
-            "--uid",
-            "1",
-            "--gid",
-            "1",
-            "--",
-            "--kernel",
-            "/k",
-        ]);
-        assert_eq!(vmm_argv(&args, "e"), ["e", "--kernel", "/k"]);
+        let argv = |vmm: [&str; 2]| {
+            let mut all = vec![
+                "j",
+                "--id",
+                "a",
+                "--exec-file",
+                "/e",
+                "--uid",
+                "1",
+                "--gid",
+                "1",
+            ];
+            all.push("--");
+            all.extend(vmm);
+            vmm_argv(&Args::parse_from(all), "e")
+        };
+        assert_eq!(
+            argv(["--api-sock", "/s"]),
+            ["e", "--id", "a", "--api-sock", "/s"]
+        );
+        assert_eq!(argv(["--kernel", "/k"]), ["e", "--kernel", "/k"]);
     }
 }

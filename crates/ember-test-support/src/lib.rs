@@ -92,6 +92,20 @@ pub fn probe_elf() -> PathBuf {
     elf
 }
 
+/// The profile directory the calling test runs from (`target/<profile>`, from
+/// `target/<profile>/deps/<test>-<hash>`) and the target directory above it.
+fn test_dirs() -> (PathBuf, PathBuf) {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
+    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    (profile_dir, target_dir)
+}
+
+/// Whether `profile_dir` is the release profile's.
+fn is_release(profile_dir: &Path) -> bool {
+    profile_dir.file_name().and_then(|n| n.to_str()) == Some("release")
+}
+
 /// The `ember` binary (and the root package's `minimal` and `virtio_blk` examples), built once per test process
 /// into the profile directory the calling test runs from (`cargo test --all-targets` builds
 /// examples only as test harnesses and other packages' binaries not at all).
@@ -102,9 +116,7 @@ pub fn probe_elf() -> PathBuf {
 pub fn ember_binary() -> PathBuf {
     static BUILT: std::sync::Once = std::sync::Once::new();
     // target/<profile>/deps/cli-<hash> -> target/<profile>/ember
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    let (profile_dir, target_dir) = test_dirs();
     BUILT.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
@@ -120,7 +132,7 @@ pub fn ember_binary() -> PathBuf {
                 "virtio_blk",
             ])
             .env("CARGO_TARGET_DIR", &target_dir);
-        if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        if is_release(&profile_dir) {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("run cargo build");
@@ -628,9 +640,7 @@ pub fn write_blk_image(path: &Path, sectors: u64, seed: u8) -> std::io::Result<(
 /// [`ember_binary`].
 pub fn static_ember_and_jailer() -> (PathBuf, PathBuf) {
     static BUILT: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|p| p.parent()).unwrap().to_path_buf();
-    let target_dir = profile_dir.parent().unwrap().to_path_buf();
+    let (profile_dir, target_dir) = test_dirs();
     let static_dir = target_dir.join("static");
     const TARGET: &str = "x86_64-unknown-linux-gnu";
     BUILT.call_once(|| {
@@ -656,7 +666,7 @@ pub fn static_ember_and_jailer() -> (PathBuf, PathBuf) {
             } else {
                 cmd.env("RUSTFLAGS", flags);
             }
-            if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+            if is_release(&profile_dir) {
                 cmd.arg("--release");
             }
             let status = cmd.status().expect("run cargo build");
