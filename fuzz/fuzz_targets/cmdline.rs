@@ -6,8 +6,9 @@
 
 use std::sync::OnceLock;
 
+use ember_memory::GuestRam;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
 const HOST_COMPAT: [&str; 4] = [
     "noxsave",
@@ -16,8 +17,8 @@ const HOST_COMPAT: [&str; 4] = [
     "",
 ];
 
-fn memory() -> &'static GuestMemoryMmap {
-    static MEM: OnceLock<GuestMemoryMmap> = OnceLock::new();
+fn memory() -> &'static GuestRam {
+    static MEM: OnceLock<GuestRam> = OnceLock::new();
     MEM.get_or_init(|| {
         let layout = ember_memory::MemoryLayout::new(16 << 20).expect("layout");
         ember_memory::create_guest_memory(&layout).expect("guest memory")

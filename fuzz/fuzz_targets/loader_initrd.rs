@@ -7,13 +7,13 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use ember_memory::GuestRam;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::GuestMemoryMmap;
 
 const MIB: u64 = 1 << 20;
 
-fn memory() -> &'static (ember_memory::MemoryLayout, GuestMemoryMmap) {
-    static MEM: OnceLock<(ember_memory::MemoryLayout, GuestMemoryMmap)> = OnceLock::new();
+fn memory() -> &'static (ember_memory::MemoryLayout, GuestRam) {
+    static MEM: OnceLock<(ember_memory::MemoryLayout, GuestRam)> = OnceLock::new();
     MEM.get_or_init(|| {
         let layout = ember_memory::MemoryLayout::new(16 * MIB).expect("16 MiB layout");
         let mem = ember_memory::create_guest_memory(&layout).expect("guest memory");

@@ -5,11 +5,12 @@
 use std::io::Cursor;
 use std::sync::OnceLock;
 
+use ember_memory::GuestRam;
 use libfuzzer_sys::fuzz_target;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 
-fn memory() -> &'static GuestMemoryMmap {
-    static MEM: OnceLock<GuestMemoryMmap> = OnceLock::new();
+fn memory() -> &'static GuestRam {
+    static MEM: OnceLock<GuestRam> = OnceLock::new();
     MEM.get_or_init(|| {
         let layout = ember_memory::MemoryLayout::new(32 << 20).expect("32 MiB layout");
         ember_memory::create_guest_memory(&layout).expect("guest memory")

@@ -501,14 +501,15 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_memory::GuestRam;
     use ember_memory::{create_guest_memory, MemoryLayout, MIB};
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
-    fn mem() -> GuestMemoryMmap {
+    fn mem() -> GuestRam {
         create_guest_memory(&MemoryLayout::new(128 * MIB).unwrap()).unwrap()
     }
 
-    fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn read(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
         m.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
@@ -535,7 +536,7 @@ mod tests {
     }
 
     /// Reads a whole SDT at `addr`, checking signature, bounds and checksum.
-    fn table(m: &GuestMemoryMmap, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
+    fn table(m: &GuestRam, addr: u64, sig: &[u8; 4]) -> Vec<u8> {
         let hdr = read(m, addr, 36);
         assert_eq!(&hdr[0..4], sig);
         let len = u32_at(&hdr, 4) as usize;
@@ -554,7 +555,7 @@ mod tests {
     }
 
     /// Follows RSDP -> XSDT -> FADT/MADT, FADT -> DSDT, as Linux does.
-    fn parse(m: &GuestMemoryMmap, rsdp_addr: GuestAddress) -> Parsed {
+    fn parse(m: &GuestRam, rsdp_addr: GuestAddress) -> Parsed {
         assert_eq!(rsdp_addr.0, ACPI_TABLES_START);
         let rsdp = read(m, rsdp_addr.0, 36);
         assert_eq!(&rsdp[0..8], b"RSD PTR ");
@@ -860,7 +861,8 @@ mod tests {
 
     #[test]
     fn memory_without_the_region() {
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0xe0000)]).unwrap();
+        let m =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0xe0000)]).unwrap();
         let cfg = AcpiConfig {
             vcpus: 1,
             devices: &[],

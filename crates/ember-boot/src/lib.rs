@@ -508,14 +508,14 @@ pub mod paging {
 mod tests {
     use super::*;
     use ember_memory::addresses::*;
+    use ember_memory::GuestRam;
     use ember_memory::{create_guest_memory, E820Kind, MemoryLayout, GIB, MIB};
-    use vm_memory::GuestMemoryMmap;
 
-    fn mem(size: u64) -> GuestMemoryMmap {
+    fn mem(size: u64) -> GuestRam {
         create_guest_memory(&MemoryLayout::new(size).unwrap()).unwrap()
     }
 
-    fn rd<T: ByteValued>(mem: &GuestMemoryMmap, addr: u64) -> T {
+    fn rd<T: ByteValued>(mem: &GuestRam, addr: u64) -> T {
         mem.read_obj(GuestAddress(addr)).unwrap()
     }
 
@@ -925,7 +925,8 @@ mod tests {
     #[test]
     fn page_tables_outside_memory() {
         // Memory that does not cover the PD page.
-        let m = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0xb000)]).unwrap();
+        let m =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0xb000)]).unwrap();
         assert!(matches!(
             paging::write_identity_page_tables(&m),
             Err(Error::GuestWrite {

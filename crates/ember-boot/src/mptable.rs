@@ -220,10 +220,11 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, vcpus: u8) -> Result<(), Er
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ember_memory::GuestRam;
     use ember_memory::{create_guest_memory, MemoryLayout, EBDA_START, MIB};
-    use vm_memory::{Bytes, GuestMemoryMmap};
+    use vm_memory::Bytes;
 
-    fn read(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+    fn read(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
         m.read_slice(&mut buf, GuestAddress(addr)).unwrap();
         buf
@@ -242,7 +243,7 @@ mod tests {
     }
 
     /// Parses the table the way Linux's mpparse does and checks every entry.
-    fn check(m: &GuestMemoryMmap, vcpus: u8) {
+    fn check(m: &GuestRam, vcpus: u8) {
         let mpf = read(m, MPTABLE_START, 16);
         assert_eq!(&mpf[0..4], b"_MP_");
         assert_eq!((mpf[8], mpf[9]), (1, 4));
@@ -332,7 +333,8 @@ mod tests {
                 Err(Error::InvalidVcpuCount { max: 32, .. })
             ));
         }
-        let small = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x9fc00)]).unwrap();
+        let small =
+            vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x9fc00)]).unwrap();
         assert!(matches!(
             write_mptable(&small, 1),
             Err(Error::GuestWrite {

@@ -9,10 +9,10 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ember_devices::virtio::block::{Block, BlockConfig};
 use ember_devices::virtio::testing::{self, Buf, GuestQueue};
-use ember_devices::virtio::{MmioInterrupt, VirtioDevice};
+use ember_devices::virtio::{GuestRam, MmioInterrupt, VirtioDevice};
 use ember_devices::EventFdTrigger;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::tempfile::TempFile;
 
 /// Requests published per `process_queue` call (one notification).
@@ -27,7 +27,7 @@ fn bench_reads(c: &mut Criterion) {
     // Pull it into the page cache.
     let _ = std::fs::read(img.as_path()).unwrap();
 
-    let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap();
     let mut gq = GuestQueue::new(&mem, QSIZE, GuestAddress(0)).unwrap();
     let mut block: Block = Block::new(BlockConfig {
         path: img.as_path().to_path_buf(),

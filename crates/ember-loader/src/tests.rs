@@ -5,11 +5,11 @@
 
 use super::*;
 use ember_memory::addresses::CMDLINE_ADDR;
+use ember_memory::GuestRam;
 use ember_memory::{create_guest_memory, MIB};
 use std::io::Cursor;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use vm_memory::GuestMemoryMmap;
 
 const CMDLINE_MAX_SIZE: usize = ember_memory::addresses::CMDLINE_MAX_SIZE as usize;
 
@@ -40,7 +40,7 @@ impl Drop for TempPath {
     }
 }
 
-fn mem(size: u64) -> GuestMemoryMmap {
+fn mem(size: u64) -> GuestRam {
     create_guest_memory(&MemoryLayout::new(size).unwrap()).unwrap()
 }
 
@@ -171,7 +171,7 @@ fn build_bzimage(setup_sects: u8, payload: &[u8], version: u16, init_size: u32) 
     f
 }
 
-fn read_guest(m: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+fn read_guest(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     m.read_slice(&mut v, GuestAddress(addr)).unwrap();
     v

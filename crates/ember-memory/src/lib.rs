@@ -380,20 +380,35 @@ impl MemoryLayout {
 }
 
 /// Ember's guest memory type, as created by [`create_guest_memory`] and used by every Ember crate
-/// that does not take a generic `M: GuestMemoryBackend`. Giving it a dirty bitmap
-/// (`GuestMemoryMmap<Option<AtomicBitmap>>`) is a change of this line.
-pub type GuestRam = vm_memory::GuestMemoryMmap;
+/// that does not take a generic `M: GuestMemoryBackend`.
+///
+/// Each region carries a dirty bitmap ([`AtomicBitmap`], one bit per 4 KiB page: 4 KiB of
+/// bitmap per 128 MiB of guest memory) that every write of the VMM through vm-memory sets:
+/// device DMA, virtio rings, the loader. KVM's dirty log only sees the guest's own writes, so a
+/// diff snapshot needs both ([`take_dirty_pages`]).
+pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+pub use vm_memory::bitmap::AtomicBitmap;
+
+/// Takes and clears the VMM's dirty bitmap of `mem`'s region `index`: one bit per 4 KiB page
+/// the VMM wrote since the last call (or since the memory was made), in the `u64` words of
+/// `KVM_GET_DIRTY_LOG`'s bitmap (bit `i % 64` of word `i / 64` is page `i`). `None` if there is
+/// no such region.
+pub fn take_dirty_pages(mem: &GuestRam, index: usize) -> Option<Vec<u64>> {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter()
+        .nth(index)
+        .map(|region| region.bitmap().get_and_reset())
+}
 
 /// Maps the RAM ranges of `layout` as anonymous, private, `MAP_NORESERVE`
 /// memory (vm-memory's `GuestMemoryMmap::from_ranges`). The memory is not
 /// touched: host pages are only allocated when the guest (or the VMM) uses
 /// them.
 pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestRam, Error> {
-    let mem = vm_memory::GuestMemoryMmap::from_ranges(&layout.ram_ranges()).map_err(|source| {
-        Error::Mmap {
-            size: layout.mem_size,
-            source,
-        }
+    let mem = GuestRam::from_ranges(&layout.ram_ranges()).map_err(|source| Error::Mmap {
+        size: layout.mem_size,
+        source,
     })?;
     dont_dump(&mem)?;
     Ok(mem)
@@ -474,6 +489,7 @@ pub fn map_guest_memory(
     file: &std::fs::File,
     sharing: Sharing,
 ) -> Result<GuestRam, Error> {
+    use vm_memory::bitmap::NewBitmap;
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
     let io_err = |what| move |e: std::io::Error| Error::File { what, source: e };
@@ -493,7 +509,7 @@ pub fn map_guest_memory(
     let mut regions = Vec::new();
     for (addr, size) in layout.ram_ranges() {
         let f = file.try_clone().map_err(io_err("memory file"))?;
-        let mapping = MmapRegionBuilder::new(size)
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::new(f, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -505,8 +521,7 @@ pub fn map_guest_memory(
         );
         offset += size as u64;
     }
-    let mem =
-        vm_memory::GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Map(e.to_string()))?;
+    let mem = GuestRam::from_regions(regions).map_err(|e| Error::Map(e.to_string()))?;
     dont_dump(&mem)?;
     Ok(mem)
 }
@@ -902,6 +917,27 @@ mod tests {
         assert_eq!(u32::from(E820Kind::Ram), 1);
         assert_eq!(u32::from(E820Kind::Reserved), 2);
         assert_eq!(ram(0x1000, 0x1000).end(), 0x2000);
+    }
+
+    #[test]
+    fn the_vmms_writes_set_the_dirty_bitmap_until_taken() {
+        use vm_memory::{Bytes, GuestAddress};
+        for mem in [
+            create_guest_memory(&MemoryLayout::new(16 * MIB).unwrap()).unwrap(),
+            create_guest_memory_memfd(&MemoryLayout::new(16 * MIB).unwrap())
+                .unwrap()
+                .0,
+        ] {
+            assert_eq!(take_dirty_pages(&mem, 0).unwrap(), vec![0u64; 64]);
+            mem.write_slice(&[1; 5000], GuestAddress(3 * 4096 + 100))
+                .unwrap();
+            mem.write_obj(7u8, GuestAddress(MIB)).unwrap();
+            let bits = take_dirty_pages(&mem, 0).unwrap();
+            assert_eq!(bits[0], 0b11 << 3);
+            assert_eq!(bits[256 / 64], 1);
+            assert!(take_dirty_pages(&mem, 0).unwrap().iter().all(|&w| w == 0));
+            assert!(take_dirty_pages(&mem, 1).is_none());
+        }
     }
 
     #[test]

@@ -64,14 +64,16 @@ use std::os::unix::io::AsRawFd;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use virtio_queue::{Queue, QueueT};
 
 use super::block::{Block, BlockConfig, QUEUE_SIZE};
 use super::testing::{self, Buf, GuestQueue};
-use super::{regs, status, Error, MmioInterrupt, MmioTransport, VirtioDevice, MMIO_MAGIC};
+use super::{
+    regs, status, Error, GuestRam, MmioInterrupt, MmioTransport, VirtioDevice, MMIO_MAGIC,
+};
 use crate::{BusDevice, EventFdTrigger};
 
 /// Guest RAM regions of the harnesses.
@@ -102,8 +104,8 @@ pub struct FuzzStats {
 /// Why a harness could not set itself up (never the input's fault).
 pub type FixtureError = Box<dyn std::error::Error + Send + Sync>;
 
-fn memory() -> Result<GuestMemoryMmap, FixtureError> {
-    Ok(GuestMemoryMmap::from_ranges(&RAM)?)
+fn memory() -> Result<GuestRam, FixtureError> {
+    Ok(GuestRam::from_ranges(&RAM)?)
 }
 
 /// The image contents every run starts from.
@@ -227,7 +229,7 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, FixtureError> {
     let _ = mem.write_slice(rest, GuestAddress(DATA));
 
     let (path, img) = image()?;
-    let mut block: Block<GuestMemoryMmap> = Block::new(BlockConfig {
+    let mut block: Block<GuestRam> = Block::new(BlockConfig {
         path,
         read_only,
         serial: (flags & 2 != 0).then(|| "fuzz-serial".to_string()),
@@ -290,7 +292,7 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, FixtureError> {
 
 /// The `run_mmio` fixture: a transport over a [`Block`] on a temporary image.
 struct MmioFixture {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     dev: MmioTransport,
     img: File,
     queue: Option<GuestQueue>,
@@ -299,7 +301,7 @@ struct MmioFixture {
 fn mmio_fixture() -> Result<MmioFixture, FixtureError> {
     let mem = memory()?;
     let (path, img) = image()?;
-    let block: Block<GuestMemoryMmap> = Block::new(BlockConfig {
+    let block: Block<GuestRam> = Block::new(BlockConfig {
         path,
         read_only: false,
         serial: Some("mmio".into()),

@@ -37,7 +37,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempdir::TempDir;
 
 use super::balloon::{Balloon, BalloonConfig, Discard};
@@ -47,6 +47,7 @@ use super::rng::Rng;
 use super::testing::{self, Buf, GuestQueue};
 use super::vsock::packet::{Header, HDR_LEN, HOST_CID, TYPE_STREAM};
 use super::vsock::Vsock;
+use super::GuestRam;
 use super::{regs, MmioTransport, MMIO_MAGIC, QUEUE_NOTIFY_OFFSET};
 use crate::rate_limiter::{RateLimiter, TokenBucketConfig};
 use crate::EventFdTrigger;
@@ -85,8 +86,8 @@ enum Host {
 
 struct Fixture {
     kind: Kind,
-    mem: GuestMemoryMmap,
-    t: MmioTransport<GuestMemoryMmap>,
+    mem: GuestRam,
+    t: MmioTransport<GuestRam>,
     queues: Vec<GuestQueue>,
     host: Host,
     stats: FuzzStats,
@@ -140,9 +141,9 @@ fn queue_base(i: usize) -> GuestAddress {
 const REQ: u64 = 0x2_0000;
 
 fn fixture(kind: Kind) -> Result<Fixture, FixtureError> {
-    let mem = GuestMemoryMmap::from_ranges(&RAM)?;
+    let mem = GuestRam::from_ranges(&RAM)?;
     let irq = EventFdTrigger::new()?;
-    let (device, host): (Box<dyn super::VirtioDevice<GuestMemoryMmap>>, Host) = match kind {
+    let (device, host): (Box<dyn super::VirtioDevice<GuestRam>>, Host) = match kind {
         Kind::Net => {
             let (dev, peer) = datagram_pair()?;
             let limiter = RateLimiter::new(

@@ -39,9 +39,9 @@
 //! ```
 //! use ember_devices::virtio::block::{Block, BlockConfig};
 //! use ember_devices::virtio::testing::{self, Buf, GuestQueue};
-//! use ember_devices::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+//! use ember_devices::virtio::{GuestRam, MmioTransport, QUEUE_NOTIFY_OFFSET};
 //! use ember_devices::EventFdTrigger;
-//! use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+//! use vm_memory::{Bytes, GuestAddress};
 //! use vmm_sys_util::tempfile::TempFile;
 //!
 //! let image = TempFile::new().unwrap();
@@ -49,7 +49,7 @@
 //! data[512..1024].fill(0xab);
 //! std::fs::write(image.as_path(), &data).unwrap();
 //!
-//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
 //! let block = Block::new(BlockConfig {
 //!     path: image.as_path().to_path_buf(),
 //!     read_only: false,

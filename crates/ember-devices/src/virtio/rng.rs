@@ -305,17 +305,17 @@ mod tests {
     use crate::virtio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
     use crate::EventFdTrigger;
     use std::time::Duration;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use vm_memory::GuestAddress;
 
     fn setup(
         limiter: RateLimiter,
     ) -> (
-        GuestMemoryMmap,
-        MmioTransport<GuestMemoryMmap>,
+        GuestRam,
+        MmioTransport<GuestRam>,
         GuestQueue,
         RngCountersHandle,
     ) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
         let rng = Rng::new(limiter);
         let counters = rng.counters_handle();
         let mut t =
@@ -325,7 +325,7 @@ mod tests {
         (mem, t, q, counters)
     }
 
-    fn kick(t: &mut MmioTransport<GuestMemoryMmap>) {
+    fn kick(t: &mut MmioTransport<GuestRam>) {
         testing::write_reg(t, QUEUE_NOTIFY_OFFSET, 0);
         t.process_notification(0);
     }

@@ -8,9 +8,9 @@
     reason = "test driver: queue indices and sizes are small; 64-bit features and addresses are split into 32-bit halves on purpose"
 )]
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 
-use super::{regs, status, MmioTransport, MMIO_MAGIC, MMIO_VERSION, VIRTIO_F_VERSION_1};
+use super::{regs, status, GuestRam, MmioTransport, MMIO_MAGIC, MMIO_VERSION, VIRTIO_F_VERSION_1};
 use crate::BusDevice;
 
 /// Request type `IN` (read from the disk).
@@ -142,7 +142,7 @@ pub fn driver_init(
 
 /// Writes a virtio-blk request header (`type`, reserved 0, `sector`) at `addr`.
 pub fn write_blk_header(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     addr: GuestAddress,
     req_type: u32,
     sector: u64,
@@ -188,7 +188,7 @@ impl Buf {
 /// (driver area) and used ring (device area), laid out back to back from a base address.
 #[derive(Debug)]
 pub struct GuestQueue {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     size: u16,
     desc: u64,
     avail: u64,
@@ -213,11 +213,7 @@ impl GuestQueue {
     }
 
     /// A queue of `size` entries at `base` (16-byte aligned); zeroes its rings.
-    pub fn new(
-        mem: &GuestMemoryMmap,
-        size: u16,
-        base: GuestAddress,
-    ) -> Result<Self, GuestMemoryError> {
+    pub fn new(mem: &GuestRam, size: u16, base: GuestAddress) -> Result<Self, GuestMemoryError> {
         let (desc, avail, used) = Self::layout(base.0, size);
         let zeros = vec![0u8; Self::footprint(size) as usize];
         mem.write_slice(&zeros, base)?;
@@ -328,7 +324,7 @@ impl GuestQueue {
 /// Writes one split descriptor (16 bytes) at `at` (a descriptor table slot, or an indirect
 /// table entry).
 pub fn write_descriptor_at(
-    mem: &GuestMemoryMmap,
+    mem: &GuestRam,
     at: GuestAddress,
     addr: u64,
     len: u32,

@@ -6,7 +6,7 @@
     reason = "test inputs are small, known values; 64-bit addresses are split into 32-bit halves on purpose"
 )]
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::tempfile::TempFile;
 
 use super::block::{Block, BlockConfig, BlockCountersHandle, BlockError, DiskError, QUEUE_SIZE};
@@ -26,9 +26,8 @@ fn pattern(i: usize) -> u8 {
     ((i * 7 + i / 512) % 251) as u8
 }
 
-fn memory() -> GuestMemoryMmap {
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)])
-        .unwrap()
+fn memory() -> GuestRam {
+    GuestRam::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)]).unwrap()
 }
 
 fn image(len: usize) -> TempFile {
@@ -39,7 +38,7 @@ fn image(len: usize) -> TempFile {
 }
 
 struct Fx {
-    mem: GuestMemoryMmap,
+    mem: GuestRam,
     dev: MmioTransport,
     q: GuestQueue,
     img: TempFile,
@@ -212,6 +211,35 @@ fn read_scattered_across_regions_and_any_layout() {
     assert_eq!(last[512], BLK_S_OK);
 }
 
+/// The device's writes to guest memory (the data it read, the status byte, the used ring) set
+/// guest memory's dirty bitmap: what a diff snapshot adds to KVM's dirty log, which only sees
+/// the guest's own writes.
+#[test]
+fn the_devices_writes_set_guest_memorys_dirty_bitmap() {
+    let mut fx = ready_fx(false, None);
+    fx.header(BLK_T_IN, 0);
+    fx.q.add_chain(&[
+        Buf::readable(HDR, 16),
+        Buf::writable(DATA, 2 * 4096),
+        Buf::writable(STATUS, 1),
+    ])
+    .unwrap();
+    // What the "guest" wrote so far (header, descriptors, avail ring) is not the device's.
+    ember_memory::take_dirty_pages(&fx.mem, 0).unwrap();
+    fx.kick();
+    assert_eq!(fx.status(), BLK_S_OK);
+    let bits = ember_memory::take_dirty_pages(&fx.mem, 0).unwrap();
+    let dirty = |addr: u64| (bits[(addr / 4096 / 64) as usize] >> ((addr / 4096) % 64)) & 1 == 1;
+    // Page 0 holds the queue: the used ring.
+    for page in [0, DATA, DATA + 4096, STATUS] {
+        assert!(dirty(page), "page {page:#x} not dirty: {bits:x?}");
+    }
+    // The request header was only read.
+    assert!(!dirty(HDR), "{bits:x?}");
+    // Taken means cleared.
+    assert_eq!(ember_memory::take_dirty_pages(&fx.mem, 0).unwrap(), vec![0]);
+}
+
 #[test]
 fn write_reaches_the_file() {
     let mut fx = ready_fx(false, None);
@@ -288,7 +316,7 @@ fn get_id_without_serial_and_unknown_types_are_unsupported() {
 #[test]
 fn serial_longer_than_20_bytes_is_refused() {
     let img = image(4096);
-    let open = |cfg| Block::<GuestMemoryMmap>::new(cfg).unwrap_err();
+    let open = |cfg| Block::<GuestRam>::new(cfg).unwrap_err();
     let err = open(BlockConfig {
         path: img.as_path().to_path_buf(),
         read_only: false,
@@ -946,7 +974,7 @@ impl VirtioDevice for TwoQueues {
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
     fn activate(
         &mut self,
-        _mem: GuestMemoryMmap,
+        _mem: GuestRam,
         _acked: u64,
         queues: Vec<virtio_queue::Queue>,
         _interrupt: std::sync::Arc<dyn VirtioInterrupt>,
@@ -1023,7 +1051,7 @@ fn invalid_queue_max_sizes_are_refused() {
             }
             fn activate(
                 &mut self,
-                m: GuestMemoryMmap,
+                m: GuestRam,
                 a: u64,
                 q: Vec<virtio_queue::Queue>,
                 i: std::sync::Arc<dyn VirtioInterrupt>,

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::*;
 use crate::virtio::testing::{self, Buf, GuestQueue};
@@ -25,15 +25,15 @@ fn config(stats: bool, reporting: bool) -> BalloonConfig {
 }
 
 struct Fixture {
-    mem: GuestMemoryMmap,
-    t: MmioTransport<GuestMemoryMmap>,
+    mem: GuestRam,
+    t: MmioTransport<GuestRam>,
     queues: Vec<GuestQueue>,
     handle: BalloonHandle,
     irq: EventFdTrigger,
 }
 
 fn fixture(cfg: BalloonConfig, wanted: u64) -> Fixture {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
     let b = Balloon::new(cfg).unwrap();
     let handle = b.handle();
     let irq = EventFdTrigger::new().unwrap();
@@ -201,8 +201,8 @@ fn queues_are_numbered_by_the_features_the_driver_took() {
 
 #[test]
 fn a_new_target_raises_a_configuration_interrupt() {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
-    let mut b: Balloon<GuestMemoryMmap> = Balloon::new(config(false, false)).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mut b: Balloon<GuestRam> = Balloon::new(config(false, false)).unwrap();
     let irq = EventFdTrigger::new().unwrap();
     let interrupt = Arc::new(crate::virtio::MmioInterrupt::new(irq.try_clone().unwrap()));
     let q = || Queue::new(16).unwrap();

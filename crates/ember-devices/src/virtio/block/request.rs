@@ -206,19 +206,19 @@ pub fn for_each_segment(
 )]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
+    use crate::virtio::GuestRam;
 
     const W: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
-    fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+    fn mem() -> GuestRam {
+        GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
     }
 
     fn desc(addr: u64, len: u32, flags: u16) -> Descriptor {
         Descriptor::new(addr, len, flags, 0)
     }
 
-    fn header(m: &GuestMemoryMmap, kind: u32, sector: u64) {
+    fn header(m: &GuestRam, kind: u32, sector: u64) {
         m.write_obj(kind, GuestAddress(0x100)).unwrap();
         m.write_obj(sector, GuestAddress(0x108)).unwrap();
     }

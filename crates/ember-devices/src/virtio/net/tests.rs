@@ -6,7 +6,7 @@
 use std::os::unix::net::UnixDatagram;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
 use crate::rate_limiter::TokenBucketConfig;
@@ -20,8 +20,8 @@ const TXQ: u64 = 0x8000;
 const ALL_BUT_EVENT_IDX: u64 = !VIRTIO_F_EVENT_IDX;
 
 struct Fixture {
-    mem: GuestMemoryMmap,
-    t: MmioTransport<GuestMemoryMmap>,
+    mem: GuestRam,
+    t: MmioTransport<GuestRam>,
     rx: GuestQueue,
     tx: GuestQueue,
     peer: UnixDatagram,
@@ -35,7 +35,7 @@ fn fixture_with(
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
 ) -> Fixture {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let (dev_end, peer) = datagram_pair().unwrap();
     let net = Net::new(dev_end, config, rx_limiter, tx_limiter).unwrap();
     let counters = net.counters_handle();
@@ -400,7 +400,7 @@ fn rate_limits_change_at_run_time() {
     )
     .unwrap();
     let (dev_end, peer) = datagram_pair().unwrap();
-    let net: Net<UnixDatagram, GuestMemoryMmap> = Net::new(
+    let net: Net<UnixDatagram, GuestRam> = Net::new(
         dev_end,
         NetConfig {
             mac: MAC,
@@ -413,7 +413,7 @@ fn rate_limits_change_at_run_time() {
     .unwrap();
     let control = net.control();
     let counters = net.counters_handle();
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let mut t =
         MmioTransport::new(Box::new(net), mem.clone(), EventFdTrigger::new().unwrap()).unwrap();
     let rx = GuestQueue::new(&mem, 16, GuestAddress(RXQ)).unwrap();

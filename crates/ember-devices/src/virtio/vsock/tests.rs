@@ -9,7 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use super::packet::{op, shutdown, Header, HOST_CID, TYPE_STREAM};
 use super::*;
@@ -21,8 +21,8 @@ const CID: u64 = 3;
 const RX_BUF: u32 = 4096 + HDR_LEN as u32;
 
 struct Guest {
-    mem: GuestMemoryMmap,
-    t: MmioTransport<GuestMemoryMmap>,
+    mem: GuestRam,
+    t: MmioTransport<GuestRam>,
     rx: GuestQueue,
     tx: GuestQueue,
     evt: GuestQueue,
@@ -36,7 +36,7 @@ struct Guest {
 impl Guest {
     fn new() -> Self {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-vsock-").unwrap();
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
         let dev = Vsock::new(CID, &dir.as_path().join("v.sock")).unwrap();
         let counters = dev.counters_handle();
         let irq = EventFdTrigger::new().unwrap();
