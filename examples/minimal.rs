@@ -43,7 +43,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let kvm = kvm_ioctls::Kvm::new()?;
     let vm = kvm.create_vm()?;
     // SAFETY: `mem` lives until the end of `main`, after the VM's last use.
-    unsafe { ember::vcpu::vm::register_guest_memory(&vm, &mem)? };
+    unsafe { ember::vcpu::vm::register_guest_memory(&vm, &mem, false)? };
     vm.set_tss_address(usize::try_from(ember::memory::addresses::KVM_TSS_ADDRESS)?)?;
 
     // COM1 to stdout; the i8042's reset (0xfe to port 0x64) wakes the main thread (blocking).

@@ -40,7 +40,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let kvm = kvm_ioctls::Kvm::new()?;
     let vm = kvm.create_vm()?;
     // SAFETY: `mem` lives until the end of `main`, after the VM's last use.
-    unsafe { ember::vcpu::vm::register_guest_memory(&vm, &mem)? };
+    unsafe { ember::vcpu::vm::register_guest_memory(&vm, &mem, false)? };
     ember::vcpu::vm::create_irqchip(&vm, false)?;
 
     // The port bus: COM1 (IRQ 4) to stdout; the i8042's reset ends the VM.

@@ -694,7 +694,7 @@ fn a_snapshot_over_the_api_restores_in_a_new_process() {
         "PUT",
         "/snapshot/create",
         Some(&create.replace("Full", "Diff")),
-        "diff snapshots are not implemented",
+        "needs dirty page tracking",
     );
     fc.ok("PUT", "/snapshot/create", &create);
     assert_eq!(std::fs::metadata(&mem).unwrap().len(), 128 << 20);
@@ -769,9 +769,29 @@ fn a_snapshot_over_the_api_restores_in_a_new_process() {
     );
     let (_, b) = fc.call("GET", "/", None);
     assert!(b.contains(r#""state":"Not started""#), "{b}");
-    fc.ok("PUT", "/snapshot/load", &load(r#","resume_vm":false"#));
+    fc.ok(
+        "PUT",
+        "/snapshot/load",
+        &load(r#","resume_vm":false,"track_dirty_pages":true"#),
+    );
     let (_, b) = fc.call("GET", "/", None);
     assert!(b.contains(r#""state":"Paused""#), "{b}");
+    // Dirty pages are tracked from the load on: a diff snapshot of the paused clone, written
+    // over the memory file it was restored from, is a state and nothing else (no page dirtied).
+    let state2 = dir.join("vm2.state");
+    fc.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type":"Diff","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state2.display(),
+            mem.display()
+        ),
+    );
+    assert_eq!(ember_vmm::describe_snapshot(&state2).unwrap(), 1);
+    assert_eq!(std::fs::metadata(&mem).unwrap().len(), 128 << 20);
+    let (_, b) = fc.call("GET", "/machine-config", None);
+    assert!(b.contains(r#""track_dirty_pages":true"#), "{b}");
     let (_, b) = fc.call("GET", "/machine-config", None);
     assert!(b.contains(r#""mem_size_mib":128"#), "{b}");
     fc.fails("PUT", "/snapshot/load", Some(&load("")), "after starting");

@@ -8,7 +8,7 @@
 //! let vm = kvm.create_vm()?;
 //! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?)?;
 //! // SAFETY: `mem` outlives `vm` (both live to the end of this function).
-//! unsafe { ember_vcpu::vm::register_guest_memory(&vm, &mem)? };
+//! unsafe { ember_vcpu::vm::register_guest_memory(&vm, &mem, false)? };
 //! ember_vcpu::vm::create_irqchip(&vm, false)?;
 //! // ... then the vCPUs (after the irqchip, so that they get an in-kernel local APIC).
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -32,7 +32,9 @@ fn vm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::VmIoctl { ioctl, source }
 }
 
-/// Registers every region of `mem` with the VM as a memory slot (slot `i` = region `i`).
+/// Registers every region of `mem` with the VM as a memory slot (slot `i` = region `i`), with
+/// KVM's dirty log on (`KVM_MEM_LOG_DIRTY_PAGES`, read by [`dirty_pages`]) if `log_dirty`.
+/// Called again on the same VM and memory, it only changes that flag.
 ///
 /// Do this right after `KVM_CREATE_VM`: each slot change waits for an SRCU grace period, and
 /// right after creation nothing else is pending.
@@ -44,6 +46,7 @@ fn vm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
 pub unsafe fn register_guest_memory<M: GuestMemoryBackend>(
     vm: &VmFd,
     mem: &M,
+    log_dirty: bool,
 ) -> Result<(), Error> {
     for (slot, region) in mem.iter().enumerate() {
         let host = mem
@@ -57,13 +60,26 @@ pub unsafe fn register_guest_memory<M: GuestMemoryBackend>(
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
         };
         // SAFETY: the caller guarantees the mapping outlives the VM; the regions of one
         // `GuestMemoryBackend` do not overlap.
         unsafe { vm.set_user_memory_region(r) }.map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
     Ok(())
+}
+
+/// Takes and clears KVM's dirty log of memory slot `slot` (`memory_size` bytes): one bit per
+/// 4 KiB page the guest wrote since the last call (or since the log was turned on), bit
+/// `i % 64` of word `i / 64` for page `i`. The slot must have been registered with
+/// `log_dirty` ([`register_guest_memory`]). Writes of the VMM itself are not in it.
+pub fn dirty_pages(vm: &VmFd, slot: u32, memory_size: usize) -> Result<Vec<u64>, Error> {
+    vm.get_dirty_log(slot, memory_size)
+        .map_err(vm_err("KVM_GET_DIRTY_LOG"))
 }
 
 /// Sets the TSS address ([`KVM_TSS_ADDRESS`]), creates the in-kernel irqchip (PIC, IOAPIC and,

@@ -94,6 +94,11 @@ pub struct VmConfig {
     /// Force a boot protocol; by default PVH is used when the kernel offers it.
     #[serde(default)]
     pub boot_protocol: Option<BootProtocolChoice>,
+    /// Turn on KVM's dirty log of guest memory, so that diff snapshots can be taken
+    /// ([`crate::SnapshotKind::Diff`]; Firecracker's `track_dirty_pages`). Off by default: each
+    /// first guest write to a page after a snapshot then costs a write-protection fault.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 fn default_cmdline() -> String {
@@ -186,6 +191,7 @@ impl VmConfig {
             balloon: None,
             pit: false,
             acpi: true,
+            track_dirty_pages: false,
             boot_protocol: None,
         }
     }

@@ -43,6 +43,47 @@ pub(crate) struct VmShared {
     pub memory_file: Mutex<Option<std::fs::File>>,
 }
 
+impl VmShared {
+    /// Takes and clears the pages written since the last call, one bitmap per memory region
+    /// (= KVM memory slot): KVM's dirty log (the guest's writes) or'ed with guest memory's
+    /// own bitmap (the VMM's writes). Needs `config.track_dirty_pages`.
+    pub(crate) fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, Error> {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(i, region)| {
+                let slot = u32::try_from(i).map_err(|_| ember_vcpu::Error::TooManyMemorySlots)?;
+                let size = usize::try_from(region.len())
+                    .map_err(|_| ember_vcpu::Error::TooManyMemorySlots)?;
+                let mut bits = ember_vcpu::vm::dirty_pages(&self.vm_fd, slot, size)?;
+                let vmm = ember_memory::take_dirty_pages(&self.memory, i).unwrap_or_default();
+                for (b, v) in bits.iter_mut().zip(vmm) {
+                    *b |= v;
+                }
+                Ok(bits)
+            })
+            .collect()
+    }
+
+    /// Marks the pages of `dirty` ([`VmShared::take_dirty_pages`]) dirty again in guest
+    /// memory's bitmap, so that the next diff snapshot holds them (this one failed).
+    pub(crate) fn give_back_dirty_pages(&self, dirty: &[Vec<u64>]) {
+        use vm_memory::bitmap::Bitmap;
+        use vm_memory::GuestMemoryBackend;
+        for (region, bits) in self.memory.iter().zip(dirty) {
+            for (w, &word) in bits.iter().enumerate() {
+                let mut word = word;
+                while word != 0 {
+                    let page = w * 64 + word.trailing_zeros() as usize;
+                    word &= word - 1;
+                    region.bitmap().mark_dirty(page * 4096, 4096);
+                }
+            }
+        }
+    }
+}
+
 /// The vCPUs' exit counters, summed.
 pub(crate) fn sum_exits(counters: &[Arc<ember_vcpu::ExitCounters>]) -> crate::ExitCounts {
     use std::sync::atomic::Ordering::Relaxed;
@@ -192,29 +233,72 @@ impl VmHandle {
     /// checksummed) and its guest memory to `memory_path` (sparse). Taken on the event loop
     /// thread, so no device request is half done: every request a device took from a queue
     /// is complete, and what the guest queued after is still in its queue. Returns the bytes
-    /// of memory written.
+    /// of memory written. With dirty page tracking on, the next [`VmHandle::diff_snapshot`]
+    /// holds the pages dirtied after this one.
     pub fn snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<u64, Error> {
+        self.write_snapshot(state_path, memory_path, false)
+    }
+
+    /// Writes a diff snapshot of the paused VM: its whole state to `state_path`, as
+    /// [`VmHandle::snapshot`] does, and to `memory_path` only the pages written since the last
+    /// snapshot (or since the VM was built or restored), by the guest (KVM's dirty log) or by
+    /// the VMM (guest memory's dirty bitmap: device DMA, virtio rings). The memory file is never
+    /// truncated: written over the last snapshot's memory file it brings that file up to date
+    /// (the state and that file then restore as a full snapshot); written into a new file it is
+    /// a sparse diff for [`crate::merge_memory_diff`]. Needs
+    /// [`crate::VmConfig::track_dirty_pages`]. Returns the bytes of memory written.
+    pub fn diff_snapshot(&self, state_path: &Path, memory_path: &Path) -> Result<u64, Error> {
+        self.write_snapshot(state_path, memory_path, true)
+    }
+
+    fn write_snapshot(
+        &self,
+        state_path: &Path,
+        memory_path: &Path,
+        diff: bool,
+    ) -> Result<u64, Error> {
         if !self.is_paused() {
             return Err(Error::VcpuRequest("pause the VM before a snapshot".into()));
         }
         let (state_path, memory_path) = (state_path.to_path_buf(), memory_path.to_path_buf());
         self.on_event_loop(move |shared| -> Result<u64, Error> {
+            if diff && !shared.config.track_dirty_pages {
+                return Err(crate::snapshot::SnapshotError::NoDirtyLog.into());
+            }
             let machine = shared.save()?;
-            let written = crate::snapshot::write_memory(&shared.memory, &memory_path)?;
+            // Taken before memory is read: what is dirtied from here on belongs to the next
+            // snapshot. Given back if this one fails, so that the next diff still holds it.
+            let dirty = if shared.config.track_dirty_pages {
+                Some(shared.take_dirty_pages()?)
+            } else {
+                None
+            };
+            let written = match &dirty {
+                Some(d) if diff => {
+                    crate::snapshot::write_dirty_memory(&shared.memory, d, &memory_path)
+                }
+                _ => crate::snapshot::write_memory(&shared.memory, &memory_path),
+            };
             let memory_bytes = vm_memory::GuestMemoryBackend::iter(&shared.memory)
                 .map(vm_memory::GuestMemoryRegion::len)
                 .sum();
-            crate::snapshot::write_state(
-                &state_path,
-                &crate::snapshot::SnapshotState {
-                    ember_version: env!("CARGO_PKG_VERSION").into(),
-                    config: shared.config.clone(),
-                    memory_bytes,
-                    devices: shared.placements.clone(),
-                    machine,
-                },
-            )?;
-            Ok(written)
+            let r = written.and_then(|written| {
+                crate::snapshot::write_state(
+                    &state_path,
+                    &crate::snapshot::SnapshotState {
+                        ember_version: env!("CARGO_PKG_VERSION").into(),
+                        config: shared.config.clone(),
+                        memory_bytes,
+                        devices: shared.placements.clone(),
+                        machine,
+                    },
+                )
+                .map(|()| written)
+            });
+            if let (Err(_), Some(d)) = (&r, &dirty) {
+                shared.give_back_dirty_pages(d);
+            }
+            Ok(r?)
         })?
     }
 

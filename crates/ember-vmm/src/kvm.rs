@@ -48,6 +48,7 @@ pub(crate) fn create_vm(
     kvm: &Kvm,
     memory: &GuestRam,
     pit: bool,
+    log_dirty: bool,
     timings: &mut dyn FnMut(&'static str),
 ) -> Result<VmFd, Error> {
     let vm_fd = kvm
@@ -56,7 +57,7 @@ pub(crate) fn create_vm(
     timings("vm create");
     // SAFETY: the `Vm` keeps `memory` alive for as long as `vm_fd` (it drops the fd first in
     // `run` and in its field order), and nothing remaps it.
-    unsafe { ember_vcpu::vm::register_guest_memory(&vm_fd, memory)? };
+    unsafe { ember_vcpu::vm::register_guest_memory(&vm_fd, memory, log_dirty)? };
     timings("memory mapping");
     ember_vcpu::vm::create_irqchip(&vm_fd, pit)?;
     timings("irqchip");

@@ -61,9 +61,9 @@ pub use handle::VmHandle;
 pub use outcome::{DeviceCounters, DeviceReport, ExitCounts, StartupTimings, VmExit, VmOutcome};
 pub use pool::{PreparedVm, VmPool};
 pub use snapshot::{
-    describe as describe_snapshot, frame_state as frame_snapshot, parse_state as parse_snapshot,
-    read_state as read_snapshot, DevicePlacement, SnapshotError, SnapshotState,
-    SNAPSHOT_FORMAT_VERSION,
+    describe as describe_snapshot, frame_state as frame_snapshot, merge_diff as merge_memory_diff,
+    parse_state as parse_snapshot, read_state as read_snapshot, DevicePlacement, SnapshotError,
+    SnapshotState, SNAPSHOT_FORMAT_VERSION,
 };
 pub use state::{DevicesState, MachineState, VirtioDeviceState};
 pub use vm::{wait_for_teardown, ThreadHook, ThreadKind, Vm, VmBuilder};

@@ -92,7 +92,7 @@ impl PreparedVm {
         if let Some(m) = &memory {
             // SAFETY: the PreparedVm (and then the Vm built on it) keeps `memory` alive for as
             // long as `vm_fd`, dropping the fd first, and nothing remaps it.
-            unsafe { ember_vcpu::vm::register_guest_memory(&vm_fd, m)? };
+            unsafe { ember_vcpu::vm::register_guest_memory(&vm_fd, m, false)? };
         }
         ember_vcpu::vm::create_irqchip(&vm_fd, pit)?;
         let vcpus = (0..vcpus)

@@ -135,6 +135,24 @@ pub enum SnapshotError {
     /// A fork would share a host resource with its template.
     #[error("a fork would share {0} with its template")]
     SharedResource(String),
+    /// A diff snapshot of a VM that does not track dirty pages.
+    #[error(
+        "a diff snapshot needs dirty page tracking, turned on when the VM is built or \
+         restored (track_dirty_pages)"
+    )]
+    NoDirtyLog,
+    /// A diff memory file that does not fit its base.
+    #[error("{}: {size} bytes; its base {} has {base_size}", diff.display(), base.display())]
+    DiffSize {
+        /// The diff memory file.
+        diff: PathBuf,
+        /// Its size.
+        size: u64,
+        /// The base memory file.
+        base: PathBuf,
+        /// The base's size.
+        base_size: u64,
+    },
     /// A restore override names a device the snapshot does not have.
     #[error("the snapshot has no {kind} device {id:?} to override")]
     NoSuchDevice {
@@ -378,40 +396,208 @@ fn resident(host: *mut u8, len: usize) -> bool {
     r != 0 || vec.iter().any(|b| b & 1 != 0)
 }
 
-/// Writes guest memory to `path`, the RAM regions back to back in address order. Chunks no page
-/// of which is resident (never touched: zeroes) stay holes in a sparse file. Returns the bytes
-/// written.
+/// Whether `file` has data (not a hole) in `[offset, offset + len)`. `true` when the file system
+/// cannot tell (no `SEEK_DATA`): a larger snapshot, never a wrong one.
+fn file_has_data(file: &std::fs::File, offset: u64, len: u64) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return true;
+    };
+    // SAFETY: lseek on an fd this process owns; it only moves that fd's offset, which
+    // nothing here uses (all reads and writes are positioned).
+    let data = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if data < 0 {
+        // ENXIO: no data at or after `offset`.
+        return std::io::Error::last_os_error().raw_os_error() != Some(libc::ENXIO);
+    }
+    data.cast_unsigned() < offset.saturating_add(len)
+}
+
+/// Whether a chunk of guest memory may hold something other than zeroes: a page of it is
+/// resident, or (memory mapped from a file: a restored VM, a fork) the file has data under it.
+/// A page of a restored VM the guest never touched is neither resident nor private, but its
+/// contents are the memory file's.
+fn may_hold_data(host: *mut u8, len: usize, backing: Option<(&std::fs::File, u64)>) -> bool {
+    resident(host, len)
+        || backing.is_some_and(|(file, offset)| file_has_data(file, offset, len as u64))
+}
+
+fn mem_err(path: &Path) -> impl Fn(vm_memory::GuestMemoryError) -> SnapshotError + '_ {
+    move |e| io(path)(std::io::Error::other(e.to_string()))
+}
+
+/// Writes guest memory to `path`, the RAM regions back to back in address order, through a
+/// temporary file renamed into place (the VM's own memory may be mapped from the old file: a
+/// restored VM snapshotted over the snapshot it came from). Chunks that hold only zeroes for
+/// certain (no page resident, no data in the file they are mapped from) stay holes in a sparse
+/// file. Returns the bytes written.
 pub fn write_memory(mem: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
     use std::os::unix::fs::FileExt;
-    let f = std::fs::File::create(path).map_err(io(path))?;
+    let tmp = path.with_extension("tmp-ember");
+    let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
-    f.set_len(total).map_err(io(path))?;
+    f.set_len(total).map_err(io(&tmp))?;
     let mut offset = 0u64;
     let mut written = 0u64;
     let mut buf = vec![0u8; CHUNK];
     for region in mem.iter() {
         let start = region.start_addr().0;
         let len = region.len();
+        let backing = region.file_offset().map(|f| (f.file(), f.start()));
         let mut at = 0u64;
         while at < len {
             // at < len, and CHUNK fits u64.
             let n = usize::try_from((len - at).min(CHUNK as u64)).unwrap_or(CHUNK);
             let gpa = GuestAddress(start + at);
-            let host = mem
-                .get_host_address(gpa)
-                .map_err(|e| io(path)(std::io::Error::other(e.to_string())))?;
-            if resident(host, n) {
-                mem.read_slice(&mut buf[..n], gpa)
-                    .map_err(|e| io(path)(std::io::Error::other(e.to_string())))?;
-                f.write_all_at(&buf[..n], offset + at).map_err(io(path))?;
+            let host = mem.get_host_address(gpa).map_err(mem_err(&tmp))?;
+            if may_hold_data(host, n, backing.map(|(file, off)| (file, off + at))) {
+                mem.read_slice(&mut buf[..n], gpa).map_err(mem_err(&tmp))?;
+                f.write_all_at(&buf[..n], offset + at).map_err(io(&tmp))?;
                 written += n as u64;
             }
             at += n as u64;
         }
         offset += len;
     }
+    f.sync_data().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    Ok(written)
+}
+
+/// Bytes of a page in a dirty bitmap.
+const PAGE: u64 = 4096;
+
+/// The runs of set bits in `bitmap` (bit `i % 64` of word `i / 64` is page `i`), as
+/// `(first page, pages)`, at most `pages` pages.
+fn dirty_runs(bitmap: &[u64], pages: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (w, &word) in bitmap.iter().enumerate() {
+        let mut bits = word;
+        while bits != 0 {
+            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            if page >= pages {
+                break;
+            }
+            match runs.last_mut() {
+                Some((first, n)) if *first + *n == page => *n += 1,
+                _ => runs.push((page, 1)),
+            }
+        }
+    }
+    runs
+}
+
+/// Writes the pages `dirty` marks (one bitmap per region of `mem`, in its order) into the memory
+/// file at `path`, at the offsets a full memory file has them, and nothing else: the file is
+/// created sparse if it does not exist and is not truncated if it has the memory's size (a
+/// file of another size is emptied first). Written into the base snapshot's
+/// own memory file it brings that file up to date; written into a new file it is a diff that
+/// [`merge_diff`] lays over its base. Returns the bytes written.
+///
+/// Safe to write into the file the VM's memory is mapped from (`MAP_PRIVATE`, a restored VM):
+/// every page written is one the VM dirtied, which is therefore a private copy by now, so
+/// the VM's view does not change.
+pub fn write_dirty_memory(
+    mem: &GuestRam,
+    dirty: &[Vec<u64>],
+    path: &Path,
+) -> Result<u64, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io(path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    if f.metadata().map_err(io(path))?.len() != total {
+        // Not this VM's memory file (another size): nothing of it may stay, as Firecracker
+        // does.
+        f.set_len(0).map_err(io(path))?;
+        f.set_len(total).map_err(io(path))?;
+    }
+    let mut offset = 0u64;
+    let mut written = 0u64;
+    let mut buf = vec![0u8; CHUNK];
+    for (region, bitmap) in mem.iter().zip(dirty) {
+        let start = region.start_addr().0;
+        for (first, pages) in dirty_runs(bitmap, region.len() / PAGE) {
+            let (mut at, end) = (first * PAGE, (first + pages) * PAGE);
+            while at < end {
+                let n = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
+                mem.read_slice(&mut buf[..n], GuestAddress(start + at))
+                    .map_err(mem_err(path))?;
+                f.write_all_at(&buf[..n], offset + at).map_err(io(path))?;
+                written += n as u64;
+                at += n as u64;
+            }
+        }
+        offset += region.len();
+    }
     f.sync_data().map_err(io(path))?;
     Ok(written)
+}
+
+/// Lays the diff memory file `diff` ([`write_dirty_memory`] into a new file) over its base
+/// memory file `base`: every data extent of the diff (`SEEK_DATA`/`SEEK_HOLE`) is copied to the
+/// same offset of `base`, which then is the memory of the diff snapshot (Firecracker's
+/// `snapshot-editor edit-memory rebase`). Apply the diffs of a chain in the order they were
+/// taken. The diff must be on a file system that keeps holes (ext4, xfs, btrfs, tmpfs).
+/// Returns the bytes copied.
+pub fn merge_diff(base: &Path, diff: &Path) -> Result<u64, SnapshotError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let d = ember_loader::open_regular_file(diff).map_err(io(diff))?;
+    let b = std::fs::OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(io(base))?;
+    let (size, base_size) = (
+        d.metadata().map_err(io(diff))?.len(),
+        b.metadata().map_err(io(base))?.len(),
+    );
+    if size != base_size {
+        return Err(SnapshotError::DiffSize {
+            diff: diff.into(),
+            size,
+            base: base.into(),
+            base_size,
+        });
+    }
+    let seek = |at: u64, whence| -> Result<Option<u64>, SnapshotError> {
+        let off = libc::off_t::try_from(at).map_err(|e| io(diff)(std::io::Error::other(e)))?;
+        // SAFETY: lseek on an fd this function owns; reads below are positioned.
+        let r = unsafe { libc::lseek(d.as_raw_fd(), off, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENXIO) => Ok(None),
+                _ => Err(io(diff)(e)),
+            };
+        }
+        Ok(Some(r.cast_unsigned()))
+    };
+    let mut buf = vec![0u8; CHUNK];
+    let mut copied = 0u64;
+    let mut at = 0u64;
+    while at < size {
+        let Some(data) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        let hole = seek(data, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        let mut pos = data;
+        while pos < hole {
+            let n = usize::try_from((hole - pos).min(CHUNK as u64)).unwrap_or(CHUNK);
+            d.read_exact_at(&mut buf[..n], pos).map_err(io(diff))?;
+            b.write_all_at(&buf[..n], pos).map_err(io(base))?;
+            copied += n as u64;
+            pos += n as u64;
+        }
+        at = hole;
+    }
+    b.sync_data().map_err(io(base))?;
+    Ok(copied)
 }
 
 #[cfg(test)]
@@ -439,6 +625,46 @@ mod tests {
             body(&bytes, p),
             Err(SnapshotError::Truncated { .. })
         ));
+    }
+
+    #[test]
+    fn dirty_runs_coalesce_adjacent_pages() {
+        assert_eq!(dirty_runs(&[0], 64), vec![]);
+        assert_eq!(dirty_runs(&[0b1110_0101], 64), vec![(0, 1), (2, 1), (5, 3)]);
+        // A run across a word boundary; bits past the region's end are ignored.
+        assert_eq!(dirty_runs(&[1 << 63, 0b11], 66), vec![(63, 3)]);
+        assert_eq!(dirty_runs(&[1 << 63, 0b11], 64), vec![(63, 1)]);
+    }
+
+    /// A full snapshot of memory mapped from a file (a restored VM) writes the pages the VM
+    /// never touched from the file, even when none of them is in the page cache.
+    #[test]
+    fn a_full_snapshot_of_file_backed_memory_keeps_pages_that_are_not_resident() {
+        use std::os::fd::AsRawFd;
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-snap-").unwrap();
+        let (base, out) = (
+            dir.as_path().join("base.mem"),
+            dir.as_path().join("out.mem"),
+        );
+        let layout = ember_memory::MemoryLayout::new(16 << 20).unwrap();
+        let f = std::fs::File::create(&base).unwrap();
+        f.set_len(16 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, &[0xab; 4096], 9 << 20).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: advice on a file this test owns; its pages are clean (synced).
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        let f = std::fs::File::open(&base).unwrap();
+        let mem =
+            ember_memory::map_guest_memory(&layout, &f, ember_memory::Sharing::Private).unwrap();
+        let written = write_memory(&mem, &out).unwrap();
+        assert!(written >= 4096, "{written}");
+        let bytes = std::fs::read(&out).unwrap();
+        assert_eq!(bytes.len(), 16 << 20);
+        assert!(bytes[9 << 20..(9 << 20) + 4096].iter().all(|&b| b == 0xab));
+        // The diff of nothing dirtied writes nothing and keeps the file.
+        let none = vec![vec![0u64; 64]; 1];
+        assert_eq!(write_dirty_memory(&mem, &none, &out).unwrap(), 0);
+        assert_eq!(std::fs::read(&out).unwrap(), bytes);
     }
 
     #[test]

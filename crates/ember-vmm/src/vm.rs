@@ -347,10 +347,17 @@ impl Vm {
                         if config.pit { "a PIT" } else { "none" }
                     )));
                 }
-                if !premapped {
+                if !premapped || config.track_dirty_pages {
                     // SAFETY: the `Vm` keeps `memory` alive for as long as `vm_fd` (it drops
-                    // the fd first), and nothing remaps it.
-                    unsafe { ember_vcpu::vm::register_guest_memory(&p.vm_fd, &memory)? };
+                    // the fd first), and nothing remaps it. On premapped memory this only
+                    // turns the dirty log on.
+                    unsafe {
+                        ember_vcpu::vm::register_guest_memory(
+                            &p.vm_fd,
+                            &memory,
+                            config.track_dirty_pages,
+                        )?
+                    };
                     timings.record("memory mapping", &mut t);
                 }
                 (p.kvm, p.vm_fd, Some(p.vcpus))
@@ -358,13 +365,16 @@ impl Vm {
             None => {
                 let kvm = crate::kvm::open(&b.kvm_path)?;
                 timings.record("kvm open", &mut t);
-                let vm_fd = crate::kvm::create_vm(&kvm, &memory, config.pit, &mut |phase| {
-                    timings.record(phase, &mut t)
-                })?;
+                let vm_fd = crate::kvm::create_vm(
+                    &kvm,
+                    &memory,
+                    config.pit,
+                    config.track_dirty_pages,
+                    &mut |phase| timings.record(phase, &mut t),
+                )?;
                 (kvm, vm_fd, None)
             }
         };
-
         let buffer = OutputBuffer::new(OUTPUT_BUFFER_CAPACITY)?;
         let sink = match b.output {
             OutputChoice::Stdout => Sink::for_fd(libc::STDOUT_FILENO).map_err(Error::Console)?,

@@ -279,25 +279,27 @@ impl Controller {
         Ok(())
     }
 
-    /// `PUT /snapshot/create`: a full snapshot of the paused microVM.
+    /// `PUT /snapshot/create`: a full or (`snapshot_type` `Diff`) diff snapshot of the paused
+    /// microVM.
     fn create_snapshot(&mut self, p: &SnapshotCreateParams) -> Result<(), String> {
         let r = self.running()?;
-        if p.snapshot_type == Some(SnapshotType::Diff) {
-            return Err("Create snapshot error: Ember writes full snapshots only \
-                        (diff snapshots are not implemented)"
-                .into());
-        }
+        let diff = p.snapshot_type == Some(SnapshotType::Diff);
         if !r.paused {
             return Err("Create snapshot error: Cannot save the microVM state: \
                         Operation not allowed: the microVM is not paused"
                 .into());
         }
         let t = Instant::now();
-        r.handle
-            .snapshot(Path::new(&p.snapshot_path), Path::new(&p.mem_file_path))
-            .map_err(|e| format!("Create snapshot error: {e}"))?;
+        let (state, memory) = (Path::new(&p.snapshot_path), Path::new(&p.mem_file_path));
+        if diff {
+            r.handle.diff_snapshot(state, memory)
+        } else {
+            r.handle.snapshot(state, memory)
+        }
+        .map_err(|e| format!("Create snapshot error: {e}"))?;
         log::info!(
-            "'create full snapshot' VMM action took {} us.",
+            "'create {} snapshot' VMM action took {} us.",
+            if diff { "diff" } else { "full" },
             t.elapsed().as_micros()
         );
         Ok(())
@@ -330,13 +332,11 @@ impl Controller {
                     .into())
             }
         };
-        if p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true) {
-            return Err(fail(
-                "dirty page tracking is not implemented (diff snapshots)".into(),
-            ));
-        }
         let mut state = ember_vmm::read_snapshot(Path::new(&p.snapshot_path))
             .map_err(|e| fail(e.to_string()))?;
+        // Dirty pages are tracked from the restore on (for diff snapshots of the clone).
+        state.config.track_dirty_pages =
+            p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true);
         for o in &p.network_overrides {
             state
                 .override_tap(&o.iface_id, &o.host_dev_name)

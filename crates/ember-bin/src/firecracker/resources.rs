@@ -59,6 +59,7 @@ impl VmResources {
     pub fn adopt(&mut self, c: &VmConfig) {
         self.machine.vcpu_count = c.vcpus;
         self.machine.mem_size_mib = c.memory_mib;
+        self.machine.track_dirty_pages = c.track_dirty_pages;
         self.nets = c
             .nets
             .iter()
@@ -342,6 +343,7 @@ impl VmResources {
         cfg.cmdline = cmdline;
         cfg.memory_mib = self.machine.mem_size_mib;
         cfg.vcpus = self.machine.vcpu_count;
+        cfg.track_dirty_pages = self.machine.track_dirty_pages;
         for d in self.ordered_drives() {
             cfg.disks.push(DiskConfig {
                 path: PathBuf::from(d.path_on_host.clone().unwrap_or_default()),
