@@ -404,6 +404,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             &[(128, 1), (2048, 1), (128, 4), (2048, 4)]
         };
         report.snapshot = snapshot::run(&peers, &probe, &opts.out, runs, sizes);
+        report.snapshot_diff = snapshot::run_diff(&peers, &probe, &opts.out, runs.min(10));
     }
     if wants(&opts, "fork") {
         report.fork = Some(fork_section(&root, opts.quick)?);
@@ -1124,6 +1125,7 @@ struct Report {
     devices: Option<devices::Report>,
     api: Vec<api::Cell>,
     snapshot: Vec<snapshot::Cell>,
+    snapshot_diff: Vec<snapshot::DiffCell>,
     fork: Option<String>,
     /// The in-process creation rate (`cargo bench --bench boot_rate`), markdown.
     rate_in_process: Option<String>,
@@ -1179,6 +1181,7 @@ impl Report {
         }
         api::markdown(&self.api, &mut s);
         snapshot::markdown(&self.snapshot, &mut s);
+        snapshot::diff_markdown(&self.snapshot_diff, &mut s);
         if let Some(f) = &self.fork {
             s.push_str(f);
         }

@@ -421,3 +421,186 @@ pub fn markdown(cells: &[Cell], s: &mut String) {
     }
     let _ = writeln!(s);
 }
+
+/// Diff snapshots: one VMM's figures.
+pub struct DiffCell {
+    /// The VMM.
+    pub peer: String,
+    /// `PUT /snapshot/create` Full of the tracked VM, ms.
+    pub full_ms: Option<Summary>,
+    /// `PUT /snapshot/create` Diff after the guest dirtied 1 MiB, ms.
+    pub diff_ms: Option<Summary>,
+    /// Bytes the diff memory file holds (allocated), KiB, median.
+    pub diff_kib: Option<f64>,
+    /// Why a cell is empty.
+    pub error: Option<String>,
+}
+
+/// The probe fills 1 MiB before each of its two waits (and marks it after the first).
+const DIFF_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 probe=snapshot,snapshot probe.snapshot_ms=30000";
+
+/// Boots the probe with dirty pages tracked over the Firecracker API (Ember in its Firecracker
+/// mode, or Firecracker), takes a full snapshot at its first wait and a diff at its second;
+/// (full ms, diff ms, diff file KiB).
+fn api_diff(peer: &Peer, probe: &Path, dir: &Path) -> Result<(f64, f64, f64), String> {
+    use std::os::unix::fs::MetadataExt;
+    let sock = dir.join("diff.sock");
+    let mut child = fc_spawn(peer, &sock)?;
+    let create = |kind: &str, state: &str, mem: &str| -> Result<f64, String> {
+        let t = Instant::now();
+        ok(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            &format!(
+                r#"{{"snapshot_type":"{kind}","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+                dir.join(state).display(),
+                dir.join(mem).display()
+            ),
+        )?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    };
+    let result = (|| {
+        wait_socket(&sock)?;
+        let rx = lines(&mut child)?;
+        ok(
+            &sock,
+            "PUT",
+            "/boot-source",
+            &format!(
+                r#"{{"kernel_image_path":"{}","boot_args":"{DIFF_CMDLINE}"}}"#,
+                probe.display()
+            ),
+        )?;
+        ok(
+            &sock,
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count":1,"mem_size_mib":128,"track_dirty_pages":true}"#,
+        )?;
+        ok(
+            &sock,
+            "PUT",
+            "/actions",
+            r#"{"action_type":"InstanceStart"}"#,
+        )?;
+        wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
+        ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+        let full = create("Full", "full.state", "full.mem")?;
+        ok(&sock, "PATCH", "/vm", r#"{"state":"Resumed"}"#)?;
+        release_guest(&mut child)?;
+        wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
+        ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+        let diff = create("Diff", "diff.state", "diff.mem")?;
+        let blocks = std::fs::metadata(dir.join("diff.mem"))
+            .map_err(|e| e.to_string())?
+            .blocks();
+        #[allow(clippy::cast_precision_loss, reason = "a file's size in KiB")]
+        Ok((full, diff, (blocks * 512) as f64 / 1024.0))
+    })();
+    kill(child);
+    for f in [
+        "full.state",
+        "full.mem",
+        "diff.state",
+        "diff.mem",
+        "diff.sock",
+    ] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    result
+}
+
+/// Runs the diff-snapshot part: `runs` boots per VMM, Ember and Firecracker.
+pub fn run_diff(peers: &[Peer], probe: &Path, scratch: &Path, runs: usize) -> Vec<DiffCell> {
+    let mut cells = Vec::new();
+    for p in peers
+        .iter()
+        .filter(|p| matches!(p.kind, Kind::Ember | Kind::Firecracker) && p.flags.is_empty())
+    {
+        eprintln!("xtask bench: diff snapshot, {} ({runs} boots)", p.name);
+        let dir = scratch.join(format!("diff-{:?}", p.kind));
+        let mut cell = DiffCell {
+            peer: p.name.clone(),
+            full_ms: None,
+            diff_ms: None,
+            diff_kib: None,
+            error: None,
+        };
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            cell.error = Some(e.to_string());
+            cells.push(cell);
+            continue;
+        }
+        let (mut full, mut diff, mut kib) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            match api_diff(p, probe, &dir) {
+                Ok((f, d, k)) => {
+                    full.push(f);
+                    diff.push(d);
+                    kib.push(k);
+                }
+                Err(e) => {
+                    cell.error = Some(e);
+                    break;
+                }
+            }
+        }
+        cell.full_ms = Summary::of(&full);
+        cell.diff_ms = Summary::of(&diff);
+        cell.diff_kib = Summary::of(&kib).map(|s| s.median);
+        let _ = std::fs::remove_dir_all(&dir);
+        cells.push(cell);
+    }
+    cells
+}
+
+/// The diff-snapshot table.
+pub fn diff_markdown(cells: &[DiffCell], s: &mut String) {
+    use std::fmt::Write as _;
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "### Diff snapshot (probe guest, 128 MiB, 1 vCPU, dirty pages tracked, 1 MiB dirtied)\n\n\
+         Over the Firecracker API for both VMMs: a full snapshot at the probe's first wait, then \
+         the guest marks and refills its 1 MiB region and waits again, and a diff snapshot is \
+         written into a new file. Times are the `PUT /snapshot/create` requests, answer \
+         included; the diff's size is what its file allocates.\n"
+    );
+    let _ = writeln!(
+        s,
+        "| VMM | full snapshot, ms (median, min–max) | diff snapshot, ms | diff file, KiB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|");
+    let f = |v: &Option<Summary>| v.map_or("–".to_string(), |x| x.fmt(2));
+    for c in cells {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} |{}",
+            c.peer,
+            f(&c.full_ms),
+            f(&c.diff_ms),
+            c.diff_kib.map_or("–".into(), |v| format!("{v:.0}")),
+            c.error
+                .as_ref()
+                .map_or(String::new(), |e| format!(" ({e})"))
+        );
+    }
+    if let (Some(e), Some(fc)) = (
+        cells.iter().find(|c| c.peer.starts_with("Ember")),
+        cells.iter().find(|c| c.peer.starts_with("Firecracker")),
+    ) {
+        if let (Some(a), Some(b)) = (e.diff_ms, fc.diff_ms) {
+            let _ = writeln!(
+                s,
+                "\nEmber ÷ {}: diff snapshot {:.2}× (medians)",
+                fc.peer,
+                a.median / b.median
+            );
+        }
+    }
+    let _ = writeln!(s);
+}
