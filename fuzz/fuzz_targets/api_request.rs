@@ -5,7 +5,13 @@
 
 use libfuzzer_sys::fuzz_target;
 
+// Each input on a thread under the `api` filter, the API thread's.
 fuzz_target!(|data: &[u8]| {
+    let data = data.to_vec();
+    ember_fuzz::filtered("api").run(move || parse(&data));
+});
+
+fn parse(data: &[u8]) {
     let Some((&m, rest)) = data.split_first() else {
         return;
     };
@@ -37,4 +43,4 @@ fuzz_target!(|data: &[u8]| {
             serde_json::from_str(&text).expect("round-trips");
         assert_eq!(again, cfg);
     }
-});
+}

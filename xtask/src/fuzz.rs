@@ -28,6 +28,19 @@ pub const TARGETS: &[&str] = &[
     "snapshot_state",
 ];
 
+/// The targets that run each input under one of the `ember` binary's seccomp filters
+/// (`fuzz/src/lib.rs`), and which filter.
+pub const FILTERED: &[(&str, &str)] = &[
+    ("pio_bus", "vcpu"),
+    ("virtio_blk", "vmm"),
+    ("virtio_mmio", "vmm"),
+    ("virtio_net", "vmm"),
+    ("virtio_vsock", "vmm"),
+    ("virtio_balloon", "vmm"),
+    ("virtio_rng", "vmm"),
+    ("api_request", "api"),
+];
+
 /// `cargo xtask fuzz`.
 #[derive(clap::Args)]
 pub struct Args {
@@ -106,6 +119,7 @@ pub fn run(args: &Args) -> Result<(), String> {
             .current_dir(&fuzz_dir)
             .args(["+nightly", "fuzz", "build"]),
     )?;
+    check_filters(&fuzz_dir, &targets)?;
     let mut reports = Vec::new();
     for t in &targets {
         let corpus = fuzz_dir.join("corpus").join(t);
@@ -172,6 +186,47 @@ pub fn run(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+/// Shows that the filtered targets really run under their filter: with
+/// `EMBER_FUZZ_SECCOMP_SELFTEST=1` each makes a `socket(AF_INET)` call (number 41, allowed by
+/// no filter) before its first input and must fail naming it.
+fn check_filters(fuzz_dir: &std::path::Path, targets: &[String]) -> Result<(), String> {
+    let scratch = std::env::temp_dir().join(format!("ember-fuzz-selftest-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    let mut checked = 0;
+    for &(t, filter) in FILTERED
+        .iter()
+        .filter(|(t, _)| targets.iter().any(|x| x == t))
+    {
+        let out = Command::new("cargo")
+            .current_dir(fuzz_dir)
+            .args(["+nightly", "fuzz", "run", t])
+            .arg(fuzz_dir.join("seeds").join(t))
+            .arg("--")
+            .arg("-runs=1")
+            .arg(format!("-artifact_prefix={}/", scratch.display()))
+            .env("EMBER_FUZZ_SECCOMP_SELFTEST", "1")
+            .output()
+            .map_err(|e| format!("cannot run the {t} fuzz target: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stderr);
+        let want = format!("under the {filter} filter this input made system call 41");
+        if out.status.success() || !text.contains(&want) {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(format!(
+                "fuzz target {t}: a blocked system call on its {filter}-filtered thread did not \
+                 fail it as it must ({}):\n{text}",
+                out.status
+            ));
+        }
+        checked += 1;
+    }
+    let _ = std::fs::remove_dir_all(&scratch);
+    eprintln!(
+        "xtask fuzz: {checked} targets run their input under the ember binary's seccomp \
+         filters; each failed on a blocked call, as it must"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +253,19 @@ mod tests {
                 corpus: Some(35),
             }
         );
+    }
+
+    #[test]
+    fn the_filtered_targets_use_their_filter() {
+        let fuzz = workspace_root().join("fuzz");
+        for (t, filter) in FILTERED {
+            assert!(TARGETS.contains(t), "{t}");
+            let src = std::fs::read_to_string(fuzz.join(format!("fuzz_targets/{t}.rs"))).unwrap();
+            assert!(
+                src.contains(&format!("ember_fuzz::filtered(\"{filter}\")")),
+                "{t} does not run under the {filter} filter"
+            );
+        }
     }
 
     #[test]

@@ -185,6 +185,36 @@ impl Cursor<'_> {
 
 /// Runs one `virtio_blk` fuzz input (format in the module docs).
 pub fn run_blk(input: &[u8]) -> Result<FuzzStats, FixtureError> {
+    let mut fx = blk_fixture(input)?;
+    Ok(drive_blk(&mut fx))
+}
+
+/// A `run_blk` input laid out in guest memory and an activated [`Block`] on the harness's
+/// image: [`blk_fixture`] does the set-up (the guest's writes, the image, activation) and
+/// [`drive_blk`] the device's work, so that the two can run on different threads (the fuzz
+/// target drives under the seccomp filter of the thread that runs devices).
+pub struct BlkFixture {
+    mem: GuestRam,
+    block: Block<GuestRam>,
+    counters: super::block::BlockCountersHandle,
+    img: File,
+    size: u16,
+    avail_idx: u16,
+    read_only: bool,
+}
+
+impl std::fmt::Debug for BlkFixture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlkFixture")
+            .field("size", &self.size)
+            .field("avail_idx", &self.avail_idx)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Lays out one `run_blk` input (format in the module docs) and activates the device on it.
+pub fn blk_fixture(input: &[u8]) -> Result<BlkFixture, FixtureError> {
     let mut c = Cursor(input);
     let flags = c.u8();
     let read_only = flags & 1 != 0;
@@ -248,7 +278,29 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, FixtureError> {
         vec![queue],
         std::sync::Arc::new(MmioInterrupt::new(irq)),
     )?;
+    Ok(BlkFixture {
+        mem,
+        block,
+        counters,
+        img,
+        size,
+        avail_idx,
+        read_only,
+    })
+}
 
+/// Has the device process the queue [`blk_fixture`] laid out (twice) and checks what it did.
+pub fn drive_blk(fx: &mut BlkFixture) -> FuzzStats {
+    let BlkFixture {
+        mem,
+        block,
+        counters,
+        img,
+        size,
+        avail_idx,
+        read_only,
+    } = fx;
+    let (mem, size, avail_idx, read_only) = (&*mem, *size, *avail_idx, *read_only);
     let mut stats = FuzzStats::default();
     for _ in 0..2 {
         match block.process_queue(0) {
@@ -278,27 +330,35 @@ pub fn run_blk(input: &[u8]) -> Result<FuzzStats, FixtureError> {
     }
     let c = counters.snapshot();
     stats.ok_requests = c.reads + c.writes + c.flushes + c.get_id;
-    if !image_intact(&img, read_only) {
+    if !image_intact(img, read_only) {
         stats.violations += 1;
     }
     if read_only && (c.writes != 0 || c.write_bytes != 0) {
         stats.violations += 1;
     }
     if c.writes != 0 || stats.violations != 0 {
-        restore_image(&img);
+        restore_image(img);
     }
-    Ok(stats)
+    stats
 }
 
-/// The `run_mmio` fixture: a transport over a [`Block`] on a temporary image.
-struct MmioFixture {
+/// The `run_mmio` fixture: a transport over a [`Block`] on the harness's image, made by
+/// [`mmio_fixture`] and driven by [`drive_mmio`] (on another thread if need be).
+pub struct MmioFixture {
     mem: GuestRam,
     dev: MmioTransport,
     img: File,
     queue: Option<GuestQueue>,
 }
 
-fn mmio_fixture() -> Result<MmioFixture, FixtureError> {
+impl std::fmt::Debug for MmioFixture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MmioFixture").finish_non_exhaustive()
+    }
+}
+
+/// Sets up an [`MmioFixture`].
+pub fn mmio_fixture() -> Result<MmioFixture, FixtureError> {
     let mem = memory()?;
     let (path, img) = image()?;
     let block: Block<GuestRam> = Block::new(BlockConfig {
@@ -318,6 +378,11 @@ fn mmio_fixture() -> Result<MmioFixture, FixtureError> {
 /// Runs one `virtio_mmio` fuzz input (format in the module docs).
 pub fn run_mmio(input: &[u8]) -> Result<FuzzStats, FixtureError> {
     let mut fx = mmio_fixture()?;
+    Ok(drive_mmio(&mut fx, input))
+}
+
+/// Runs one `virtio_mmio` input (format in the module docs) against `fx`.
+pub fn drive_mmio(fx: &mut MmioFixture, input: &[u8]) -> FuzzStats {
     let mut stats = FuzzStats::default();
     let mut c = Cursor(input);
     while !c.0.is_empty() {
@@ -386,16 +451,16 @@ pub fn run_mmio(input: &[u8]) -> Result<FuzzStats, FixtureError> {
                 let _ = fx.mem.write_slice(&data, GuestAddress(addr));
             }
         }
-        if !invariants_hold(&mut fx) {
+        if !invariants_hold(fx) {
             stats.violations += 1;
         }
     }
-    if let Some(c) = block_ok_requests(&fx) {
+    if let Some(c) = block_ok_requests(fx) {
         stats.ok_requests = c;
     }
     // Requests may have written to the image.
     restore_image(&fx.img);
-    Ok(stats)
+    stats
 }
 
 fn block_ok_requests(fx: &MmioFixture) -> Option<u64> {

@@ -84,7 +84,12 @@ enum Host {
     None,
 }
 
-struct Fixture {
+/// A device of one [`Kind`] behind its MMIO transport, handshaken, with the harness's host
+/// side (a datagram peer, vsock listeners): what [`drive`] runs inputs against. Made by
+/// [`fixture`], so that the set-up (sockets, a temporary directory: the host's work, not the
+/// device's) can happen on one thread and the input run on another, under the seccomp filter
+/// of the thread that runs devices, as the fuzz targets do.
+pub struct Fixture {
     kind: Kind,
     mem: GuestRam,
     t: MmioTransport<GuestRam>,
@@ -140,7 +145,16 @@ fn queue_base(i: usize) -> GuestAddress {
 /// Where op 6 builds its requests (second region).
 const REQ: u64 = 0x2_0000;
 
-fn fixture(kind: Kind) -> Result<Fixture, FixtureError> {
+impl std::fmt::Debug for Fixture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fixture")
+            .field("kind", &self.kind)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Sets up a [`Fixture`] of `kind`.
+pub fn fixture(kind: Kind) -> Result<Fixture, FixtureError> {
     let mem = GuestRam::from_ranges(&RAM)?;
     let irq = EventFdTrigger::new()?;
     let (device, host): (Box<dyn super::VirtioDevice<GuestRam>>, Host) = match kind {
@@ -419,6 +433,12 @@ impl Fixture {
 /// Runs one input against a device of `kind` (format in the module docs).
 pub fn run(kind: Kind, input: &[u8]) -> Result<FuzzStats, FixtureError> {
     let mut fx = fixture(kind)?;
+    drive(&mut fx, input)
+}
+
+/// Runs one input (format in the module docs) against `fx`; its counts of this input.
+pub fn drive(fx: &mut Fixture, input: &[u8]) -> Result<FuzzStats, FixtureError> {
+    fx.stats = FuzzStats::default();
     let mut c = Cursor(input);
     while !c.0.is_empty() {
         let ctl = c.u8();
