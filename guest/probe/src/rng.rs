@@ -96,6 +96,8 @@ impl Ctx<'_> {
             seen[usize::from(b)] = true;
         }
         let distinct = seen.iter().filter(|&&s| s).count() as u64;
+        // The last entry may have been taken before its interrupt came (up to 100 ms).
+        dev.await_first_interrupt(self.tsc_khz_or_guess() * 100);
         let irq = dev.irq.map(|_| (dev.irqs, dev.event_idx));
         Ok((distinct, requests, irq))
     }

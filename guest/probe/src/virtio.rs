@@ -630,6 +630,22 @@ impl Dev {
         }
     }
 
+    /// With an interrupt slot and no interrupt counted yet: waits up to `cycles` for the one
+    /// still on its way. A device writes the used ring before it signals, so the driver may
+    /// take the entry first; the count then includes the interrupt that follows.
+    pub fn await_first_interrupt(&mut self, cycles: u64) {
+        let Some(s) = self.irq else { return };
+        let t0 = rdtsc();
+        while self.irqs == 0 {
+            let Some(c) = self.ack_if_interrupted() else { return };
+            let left = cycles.saturating_sub(rdtsc().wrapping_sub(t0));
+            if self.irqs != 0 || left == 0 {
+                return;
+            }
+            crate::irq::wait_change(s, c, left);
+        }
+    }
+
     /// With an interrupt slot: notes the interrupts that came since the last call (the
     /// handler acknowledged them to the device). Returns the interrupt count to wait past
     /// (`None` without a slot).
