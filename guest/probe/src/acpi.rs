@@ -516,6 +516,40 @@ pub fn s5_slp_typ(aml: &[u8]) -> Option<u64> {
     None
 }
 
+/// The `ADDR` of the DSDT's VM generation ID device (the `Device` whose `_HID` is
+/// `VMGENCTR`): `Name (ADDR, Package (2) {low 32 bits, high 32 bits})`.
+pub fn vmgenid_addr(aml: &[u8]) -> Option<u64> {
+    let mut i = 0;
+    while i + 2 < aml.len() {
+        if aml[i] == 0x5b && aml[i + 1] == 0x82 {
+            if let Some((len, used)) = pkg_length(&aml[i + 2..]) {
+                let start = i + 2;
+                let end = (start + len).min(aml.len());
+                let body = &aml[(start + used).min(end)..end];
+                let mut ours = false;
+                for_each_hid(body, |h, _| ours |= h.as_bytes() == b"VMGENCTR");
+                if ours {
+                    return package_addr(body);
+                }
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+/// `Name (ADDR, Package (2) {lo, hi})` in a device body, as `hi << 32 | lo`.
+fn package_addr(body: &[u8]) -> Option<u64> {
+    let at = body.windows(6).position(|w| w[0] == 0x08 && &w[1..5] == b"ADDR" && w[5] == 0x12)?;
+    let rest = body.get(at + 6..)?;
+    let (_, used) = pkg_length(rest)?;
+    // PkgLength, NumElements, then the two integers.
+    let elems = rest.get(used + 1..)?;
+    let (lo, n) = aml_integer(elems)?;
+    let (hi, _) = aml_integer(elems.get(n..)?)?;
+    Some((hi << 32) | (lo & 0xffff_ffff))
+}
+
 /// A virtio-mmio window found in the DSDT.
 #[derive(Clone, Copy, Default)]
 pub struct MmioDev {

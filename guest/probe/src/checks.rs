@@ -197,6 +197,7 @@ pub fn run() -> ! {
             b"balloon" => ctx.balloon(),
             b"ctrlaltdel" => ctx.ctrlaltdel(),
             b"snapshot" => ctx.snapshot(),
+            b"vmgenid" => ctx.vmgenid(),
             _ => {
                 Line::new_bytes(name).s("skip unknown check").end();
                 false

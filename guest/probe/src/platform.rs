@@ -98,6 +98,44 @@ impl Ctx<'_> {
         false
     }
 
+    /// `vmgenid`: the VM generation ID: the DSDT's `VMGENCTR` device, its `ADDR`, the 16
+    /// bytes there (printed as 32 hex digits, byte by byte), and how many Generic Event
+    /// Devices (`ACPI0013`, through which the VMM announces a new ID) the DSDT has.
+    pub(crate) fn vmgenid(&mut self) -> bool {
+        let a = match Acpi::load(self.entry, self.info) {
+            Ok(a) => a,
+            Err(e) => {
+                fail_acpi("vmgenid", &e);
+                return true;
+            }
+        };
+        let aml = a.dsdt_aml();
+        let Some(addr) = acpi::vmgenid_addr(aml) else {
+            Line::new("vmgenid")
+                .s("FAIL no VMGENCTR device with an ADDR package in the DSDT")
+                .end();
+            return true;
+        };
+        if !phys::mapped(addr, 16) {
+            Line::new("vmgenid").s("FAIL addr=").hex(addr).s(" not mapped").end();
+            return true;
+        }
+        let mut id = [0u8; 16];
+        for (k, b) in id.iter_mut().enumerate() {
+            *b = phys::rd8(addr + k as u64);
+        }
+        let mut l = Line::new("vmgenid");
+        l.s(if id == [0; 16] { "FAIL zero " } else { "ok " })
+            .s("addr=")
+            .hex(addr)
+            .s(" id=");
+        for b in id {
+            l.hex2(b);
+        }
+        l.s(" ged=").dec(count_hid(aml, b"ACPI0013")).end();
+        id == [0; 16]
+    }
+
     /// `cpuid`: what the guest sees (executed in ring 0, i.e. the VMM's CPUID table).
     pub(crate) fn cpuid(&mut self) -> bool {
         let (max, vb, vc, vd) = arch::cpuid(0, 0);
