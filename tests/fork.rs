@@ -55,7 +55,30 @@ fn template(config: VmConfig) -> (Template, ember_memory::GuestRam, GuestAddress
     let outcome = join.join().unwrap().unwrap();
     assert_eq!(outcome.exit, VmExit::Reset, "{}", console.text());
     assert!(console.text().contains("mark=255"), "{}", console.text());
-    (t, memory, region(&console.text()))
+    // A template that runs on keeps its generation ID (only forks and restores get new ones).
+    let text = console.text();
+    if text.contains("PROBE vmgenid ok") {
+        let first = text
+            .lines()
+            .find(|l| l.starts_with("PROBE vmgenid ok"))
+            .unwrap();
+        assert_eq!(generation_id(first), generation_id(&text), "{text}");
+    }
+    (t, memory, region(&text))
+}
+
+/// The ID of the last `PROBE vmgenid ok ... id=<32 hex digits>` line.
+fn generation_id(console: &str) -> Option<[u8; 16]> {
+    let line = console
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("PROBE vmgenid ok"))?;
+    let hex = line.split("id=").nth(1)?.split_whitespace().next()?;
+    let mut id = [0u8; 16];
+    for (k, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * k..2 * k + 2)?, 16).ok()?;
+    }
+    Some(id)
 }
 
 fn probe_config(checks: &str) -> VmConfig {
@@ -72,7 +95,7 @@ fn forks_run_side_by_side_and_never_see_each_others_writes() {
         return;
     }
     const FORKS: u8 = 100;
-    let (template, template_mem, at) = template(probe_config("snapshot,rng"));
+    let (template, template_mem, at) = template(probe_config("vmgenid,snapshot,rng,vmgenid"));
     // All forks built and running (each in its wait) before any is released.
     let mut forks = Vec::new();
     for _ in 0..FORKS {
@@ -87,7 +110,11 @@ fn forks_run_side_by_side_and_never_see_each_others_writes() {
         let (h, join) = spawn(vm);
         forks.push((h, join, console, memory));
     }
+    let mut ids = std::collections::HashSet::new();
     for (i, (h, ..)) in forks.iter().enumerate() {
+        // Each fork has its own VM generation ID, written before its vCPUs ran.
+        let id = h.generation_id().expect("a generation ID");
+        assert!(ids.insert(id), "fork {i} has another fork's generation ID");
         h.send_serial(&[u8::try_from(i).unwrap() + 1]);
     }
     for (i, (_, join, console, memory)) in forks.into_iter().enumerate() {
@@ -102,6 +129,12 @@ fn forks_run_side_by_side_and_never_see_each_others_writes() {
         assert!(out.contains(&format!("mark={mark}\n")), "fork {i}: {out}");
         assert!(out.contains("PROBE rng ok"), "fork {i}: {out}");
         assert!(!out.contains("PROBE start"), "fork {i}: {out}");
+        // The guest reads its own generation ID, one no other fork has.
+        let id = generation_id(&out).unwrap_or_else(|| panic!("fork {i}: {out}"));
+        assert!(
+            ids.contains(&id),
+            "fork {i} reads an ID it was not given: {out}"
+        );
         // Its memory holds its own mark, not another fork's.
         let mut b = [0u8; 256];
         memory.read_slice(&mut b, at).unwrap();

@@ -42,6 +42,48 @@ fn a_restored_probe_finds_its_memory_and_its_devices() {
     assert_eq!(outcome.exit, VmExit::Reset, "{}", console.text());
 }
 
+/// The ID of the last `PROBE vmgenid ok ... id=<hex>` line.
+fn generation_id(console: &str) -> Option<String> {
+    let line = console
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("PROBE vmgenid ok"))?;
+    Some(
+        line.split("id=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_string(),
+    )
+}
+
+/// Every restore of a snapshot is a new generation: the guest reads a new VM generation ID
+/// (ACPI `VGEN`), the same one the VMM reports, and never the snapshotted VM's.
+#[test]
+fn each_restore_gets_a_new_vm_generation_id() {
+    if !kvm_or_skip("each_restore_gets_a_new_vm_generation_id") {
+        return;
+    }
+    let f = files();
+    let before = take_snapshot(&f, "vmgenid,snapshot,vmgenid");
+    let original = generation_id(&before).expect("the booted VM's ID");
+    let mut seen = vec![original];
+    for _ in 0..2 {
+        let (h, console, join) = restore(&f);
+        let given = h.generation_id().expect("an ID");
+        h.send_serial(b"g");
+        let outcome = join.join().unwrap().unwrap();
+        let out = console.text();
+        assert_eq!(outcome.exit, VmExit::Reset, "{out}");
+        let id = generation_id(&out).unwrap_or_else(|| panic!("{out}"));
+        let hex: String = given.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(id, hex, "the guest reads the ID the VMM wrote");
+        assert!(!seen.contains(&id), "{id} again: {seen:?}");
+        seen.push(id);
+        assert!(out.contains("PROBE done checks=3 failed=0"), "{out}");
+    }
+}
+
 #[test]
 fn bad_snapshots_are_clear_errors() {
     if !kvm_or_skip("bad_snapshots_are_clear_errors") {

@@ -11,7 +11,7 @@
 //! | XSDT  | entries: FADT, MADT |
 //! | FADT  | revision 6, `HW_REDUCED_ACPI`, no FACS, `X_DSDT`; sleep control/status registers at I/O ports [`SLEEP_CONTROL_PORT`] / [`SLEEP_STATUS_PORT`]; reset register at [`RESET_PORT`] with [`RESET_VALUE`] (`RESET_REG_SUP`) |
 //! | MADT  | local APIC address `0xfee00000`; one enabled Processor Local APIC per vCPU (ACPI UID = APIC id = vCPU index); the IOAPIC (id = number of vCPUs, `0xfec00000`, GSI base 0); Interrupt Source Override ISA IRQ 0 -> GSI [`TIMER_GSI`] (edge, active high); Local APIC NMI on LINT1 for all processors |
-//! | DSDT  | `\_SB_` scope with one device per [`AcpiDevice`] (UART: `PNP0501`; virtio-mmio: `LNRO0005`) and `\_S5_` = `Package {5, 0, 0, 0}` |
+//! | DSDT  | `\_SB_` scope with one device per [`AcpiDevice`] (UART: `PNP0501`; virtio-mmio: `LNRO0005`; VM generation ID: `VMGENCTR` and its Generic Event Device `ACPI0013`) and `\_S5_` = `Package {5, 0, 0, 0}` |
 //!
 //! With these, Linux powers off by writing `SLP_TYP = 5 | SLP_EN` to the
 //! sleep control register and reboots by writing [`RESET_VALUE`] to the reset
@@ -50,8 +50,8 @@
 //! ```
 
 use acpi_tables::aml::{
-    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path, ResourceTemplate, Scope,
-    IO,
+    self, Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed, Method, Name, Notify,
+    Package, Path, ResourceTemplate, Scope, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -119,6 +119,18 @@ pub const UART_HID: &str = "PNP0501";
 pub const VIRTIO_MMIO_HID: &str = "LNRO0005";
 /// Number of I/O ports of a UART.
 pub const UART_PORTS: u16 = 8;
+/// `_HID` of the VM generation ID device (an id Linux's `vmgenid` driver matches).
+pub const VMGENID_HID: &str = "VMGENCTR";
+/// `_CID` and `_DDN` of the VM generation ID device (Microsoft's name, which Linux, Windows
+/// and Firecracker's and QEMU's devices use).
+pub const VMGENID_CID: &str = "VM_GEN_COUNTER";
+/// `_HID` of the ACPI Generic Event Device, through which the VMM tells the guest that the
+/// generation ID changed.
+pub const GED_HID: &str = "ACPI0013";
+/// The `Notify` value of a VM generation ID change.
+pub const VMGENID_NOTIFY: u8 = 0x80;
+/// Bytes of the generation ID (a 128-bit GUID).
+pub const VMGENID_LEN: u64 = 16;
 
 /// FADT IA-PC boot architecture flags written by Ember: no VGA, no MSI, no
 /// PCIe ASPM control, no CMOS RTC. The 8042 flag is clear, so Linux does
@@ -161,6 +173,18 @@ pub enum AcpiDevice {
         /// Length of the MMIO window.
         len: u64,
         /// GSI (below [`IOAPIC_PINS`]).
+        gsi: u32,
+    },
+    /// A VM generation ID device (`VGEN`: `_HID` [`VMGENID_HID`], `_CID` [`VMGENID_CID`],
+    /// `ADDR` = `Package {low 32 bits, high 32 bits}` of `addr`, where the VMM keeps the 16-byte
+    /// ID, in memory the e820 map reserves) and a Generic Event Device (`GED0`, `ACPI0013`) on
+    /// `gsi` (edge, active high) whose `_EVT` notifies `VGEN` ([`VMGENID_NOTIFY`]): an edge
+    /// on `gsi` after the VMM wrote a new ID makes Linux's `vmgenid` driver read it and reseed
+    /// its random number generator.
+    VmGenId {
+        /// Guest physical address of the ID (8-byte aligned, below 4 GiB).
+        addr: u64,
+        /// GSI of the notification (below [`IOAPIC_PINS`]).
         gsi: u32,
     },
 }
@@ -293,11 +317,51 @@ fn virtio_mmio_aml(
     )))
 }
 
+/// AML of the VM generation ID device and the Generic Event Device that notifies it.
+fn vmgenid_aml(index: usize, addr: u64, gsi: u32) -> Result<Vec<u8>, Error> {
+    if !addr.is_multiple_of(8) || addr.saturating_add(VMGENID_LEN) > 1 << 32 {
+        return Err(device_error(
+            index,
+            format!("VM generation ID at {addr:#x}: not 8-byte aligned below 4 GiB"),
+        ));
+    }
+    if gsi >= IOAPIC_PINS {
+        return Err(device_error(
+            index,
+            format!("generic event device GSI {gsi} is not an IOAPIC pin (0..{IOAPIC_PINS})"),
+        ));
+    }
+    #[allow(
+        clippy::cast_possible_truncation,
+        reason = "the two halves of a 64-bit address"
+    )]
+    let (lo, hi) = (addr as u32, (addr >> 32) as u32);
+    let hid = Name::new("_HID".into(), &VMGENID_HID);
+    let cid = Name::new("_CID".into(), &VMGENID_CID);
+    let ddn = Name::new("_DDN".into(), &VMGENID_CID);
+    let at = Name::new("ADDR".into(), &Package::new(vec![&lo, &hi]));
+    let mut out = aml_bytes(&Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &at]));
+    let ged_hid = Name::new("_HID".into(), &GED_HID);
+    let uid = Name::new("_UID".into(), &aml::ZERO);
+    let int = Interrupt::new(true, true, false, false, gsi);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&int]));
+    let target = Path::new("\\_SB_.VGEN");
+    let notify = Notify::new(&target, &VMGENID_NOTIFY);
+    let is_ours = Equal::new(&Arg(0), &gsi);
+    let when = If::new(&is_ours, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, true, vec![&when]);
+    out.extend(aml_bytes(&Device::new(
+        "GED0".into(),
+        vec![&ged_hid, &uid, &crs, &evt],
+    )));
+    Ok(out)
+}
+
 /// Builds the DSDT (revision 2): `Scope (\_SB_)` with the devices of `cfg`
 /// and `Name (_S5_, Package {5, 0, 0, 0})` at the root.
 pub fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, Error> {
     let mut devices = Vec::new();
-    let (mut uarts, mut virtio) = (0usize, 0usize);
+    let (mut uarts, mut virtio, mut vmgenids) = (0usize, 0usize, 0usize);
     for (index, dev) in cfg.devices.iter().enumerate() {
         let bytes = match *dev {
             AcpiDevice::Uart { port, irq } => {
@@ -307,6 +371,13 @@ pub fn build_dsdt(cfg: &AcpiConfig) -> Result<Vec<u8>, Error> {
             AcpiDevice::VirtioMmio { base, len, gsi } => {
                 virtio += 1;
                 virtio_mmio_aml(index, virtio - 1, base, len, gsi)?
+            }
+            AcpiDevice::VmGenId { addr, gsi } => {
+                vmgenids += 1;
+                if vmgenids > 1 {
+                    return Err(device_error(index, "a second VM generation ID".into()));
+                }
+                vmgenid_aml(index, addr, gsi)?
             }
         };
         devices.push(RawAml(bytes));
@@ -733,6 +804,74 @@ mod tests {
             assert!(end <= ACPI_TABLES_END);
             assert_eq!(tables[3].bytes.len(), 44 + 8 * vcpus as usize + 12 + 10 + 6);
         }
+    }
+
+    #[test]
+    fn dsdt_with_a_vm_generation_id() {
+        let vgen = AcpiDevice::VmGenId {
+            addr: 0xd_f000,
+            gsi: 3,
+        };
+        let d = build_dsdt(&AcpiConfig {
+            vcpus: 1,
+            devices: &[vgen],
+        })
+        .unwrap();
+        assert_eq!(sum(&d), 0);
+        for needle in [
+            &b"VGEN"[..],
+            b"VMGENCTR\0",
+            b"VM_GEN_COUNTER\0",
+            b"ADDR",
+            b"GED0",
+            b"ACPI0013\0",
+            b"_EVT",
+        ] {
+            assert!(
+                contains(&d, needle),
+                "{:?}",
+                String::from_utf8_lossy(needle)
+            );
+        }
+        // ADDR: Package (2) { DWord 0xdf000, 0 }.
+        let at = d.windows(4).position(|w| w == b"ADDR").unwrap();
+        assert_eq!(d[at + 4], 0x12, "a package");
+        assert_eq!(d[at + 6], 2, "of two elements");
+        assert_eq!(&d[at + 7..at + 12], &[0x0c, 0x00, 0xf0, 0x0d, 0x00]);
+        // The event method notifies \_SB_.VGEN with 0x80.
+        let notify = d.windows(1).position(|w| w == [0x86]).unwrap();
+        assert_eq!(&d[notify + 1..notify + 11], b"\\._SB_VGEN");
+        assert_eq!(&d[notify + 11..notify + 13], &[0x0a, 0x80]);
+        // Bad ones.
+        for (dev, why) in [
+            (
+                AcpiDevice::VmGenId {
+                    addr: 0xd_f004,
+                    gsi: 3,
+                },
+                "aligned",
+            ),
+            (
+                AcpiDevice::VmGenId {
+                    addr: 0xd_f000,
+                    gsi: 24,
+                },
+                "IOAPIC pin",
+            ),
+        ] {
+            let e = build_dsdt(&AcpiConfig {
+                vcpus: 1,
+                devices: &[dev],
+            })
+            .unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
+        }
+        let e = build_dsdt(&AcpiConfig {
+            vcpus: 1,
+            devices: &[vgen, vgen],
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("second"), "{e}");
     }
 
     #[test]

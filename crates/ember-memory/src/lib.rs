@@ -109,6 +109,10 @@ pub mod addresses {
     pub const CMDLINE_MAX_SIZE: u64 = 2048;
     /// Where a bzImage's protected-mode kernel is loaded (= `HIMEM_START`).
     pub const KERNEL_LOAD_ADDR: u64 = super::HIMEM_START;
+    /// The VM generation ID (16 bytes, the ACPI `VGEN` device's `ADDR`): in the reserved
+    /// range between the EBDA and 1 MiB, below the ACPI tables, where the guest never puts
+    /// anything of its own.
+    pub const VMGENID_ADDR: u64 = 0xd_f000;
     /// The three pages KVM needs for its TSS on Intel hosts (`KVM_SET_TSS_ADDR`): just below
     /// the BIOS area at the top of the 32-bit space, inside the MMIO gap, never RAM.
     pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;

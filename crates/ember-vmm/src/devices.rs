@@ -194,6 +194,10 @@ impl DeviceManager {
             port,
             irq: COM1_IRQ,
         });
+        self.acpi_devices.push(AcpiDevice::VmGenId {
+            addr: ember_memory::addresses::VMGENID_ADDR,
+            gsi: crate::vmgenid::GED_GSI,
+        });
         Ok(LegacyDevices {
             serial,
             serial_drained,

@@ -124,4 +124,7 @@ pub enum Error {
     /// The VMM's [`crate::ThreadHook`] failed on the event-loop thread.
     #[error("the event-loop thread's hook failed: {0}")]
     ThreadHook(String),
+    /// The VM generation ID could not be made or written.
+    #[error("VM generation ID: {0}")]
+    VmGenId(String),
 }

@@ -345,6 +345,16 @@ impl VmHandle {
         })?
     }
 
+    /// The VM generation ID the guest sees now (ACPI `VGEN`: new at every boot, restore and
+    /// fork), or `None` once the VM ended or without ACPI.
+    pub fn generation_id(&self) -> Option<[u8; 16]> {
+        let s = self.shared.upgrade()?;
+        if !s.config.acpi {
+            return None;
+        }
+        crate::vmgenid::read(&s.memory)
+    }
+
     /// Time from VMM process start to the guest's first boot-timer write, once it wrote.
     pub fn boot_time(&self) -> Option<std::time::Duration> {
         self.shared.upgrade()?.legacy.boot_time.get().copied()

@@ -41,6 +41,7 @@ mod pool;
 mod snapshot;
 mod state;
 mod vm;
+mod vmgenid;
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -67,6 +68,7 @@ pub use snapshot::{
 };
 pub use state::{DevicesState, MachineState, VirtioDeviceState};
 pub use vm::{wait_for_teardown, ThreadHook, ThreadKind, Vm, VmBuilder};
+pub use vmgenid::GED_GSI;
 
 /// Re-exports for callers that want the layout or loader types without naming those crates.
 pub use ember_loader::BootProtocol;

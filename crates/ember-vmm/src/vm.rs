@@ -308,6 +308,11 @@ impl Vm {
                         ember_memory::Sharing::Private,
                     )?,
                 };
+                // A restored VM or a fork is a new generation: a new ID before anything runs
+                // (the guest is told in `Vm::run`, once its interrupt controllers are back).
+                if config.acpi {
+                    crate::vmgenid::write_new(&memory)?;
+                }
                 timings.record("guest memory", &mut t);
                 (memory, None, None, None, Some(state))
             }
@@ -525,13 +530,15 @@ impl Vm {
             // Firmware tables: ACPI (preferred by x86_64 kernels; Debian's has no MP-table
             // parser) and an MP table for kernels built without ACPI.
             let rsdp = if config.acpi {
-                Some(ember_boot::acpi::write_acpi_tables(
+                let rsdp = ember_boot::acpi::write_acpi_tables(
                     &memory,
                     &AcpiConfig {
                         vcpus: config.vcpus,
                         devices: devices.acpi_devices(),
                     },
-                )?)
+                )?;
+                crate::vmgenid::write_new(&memory)?;
+                Some(rsdp)
             } else {
                 None
             };
@@ -732,7 +739,15 @@ impl Vm {
             Some(state) => control
                 .wait_parked(shared.vcpu_count)
                 .map_err(Error::VcpuRequest)
-                .and_then(|()| shared.restore(&state)),
+                .and_then(|()| shared.restore(&state))
+                .and_then(|()| {
+                    // The new generation ID (written at build) announced, now that the
+                    // interrupt controllers' state is back.
+                    if shared.config.acpi {
+                        crate::vmgenid::notify(&shared.vm_fd)?;
+                    }
+                    Ok(())
+                }),
             None => Ok(()),
         }
         .and_then(|()| match &self.thread_hook {
