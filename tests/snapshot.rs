@@ -84,6 +84,53 @@ fn each_restore_gets_a_new_vm_generation_id() {
     }
 }
 
+/// `SnapshotState::advance_clock_to_now` (Firecracker's `clock_realtime`): the restored
+/// guest's kvmclock is moved on by the host time since the snapshot; without it the clock goes
+/// on from the snapshot's moment.
+#[test]
+fn a_restore_can_move_the_guest_clock_on_by_the_time_since_the_snapshot() {
+    if !kvm_or_skip("a_restore_can_move_the_guest_clock_on_by_the_time_since_the_snapshot") {
+        return;
+    }
+    const SLEEP_NS: u64 = 1_500_000_000;
+    let f = files();
+    take_snapshot(&f, "snapshot");
+    let saved = ember_vmm::read_snapshot(&f.state).unwrap();
+    let at_snapshot = saved.machine.vm.clock.clock;
+    std::thread::sleep(Duration::from_nanos(SLEEP_NS));
+    // kvmclock of a restore of `state`, read once its guest runs (polling in its wait).
+    let clock_of = |state: ember_vmm::SnapshotState| {
+        let vm = VmBuilder::restore(state, std::fs::File::open(&f.memory).unwrap(), &f.memory)
+            .serial_output(Box::new(snapshot_common::Console::default()))
+            .build()
+            .unwrap();
+        let (h, join) = snapshot_common::spawn(vm);
+        let end = Instant::now() + Duration::from_secs(30);
+        while h.exits().io_in == 0 {
+            assert!(Instant::now() < end, "the restored guest never ran");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert!(h.pause());
+        let clock = h.save_state().unwrap().vm.clock.clock;
+        h.stop();
+        join.join().unwrap().unwrap();
+        i128::from(clock) - i128::from(at_snapshot)
+    };
+    let plain = clock_of(saved.clone());
+    let mut moved_state = saved.clone();
+    let added = moved_state.advance_clock_to_now();
+    assert!(added >= SLEEP_NS, "{added}");
+    let moved = clock_of(moved_state);
+    assert!(
+        (0..i128::from(SLEEP_NS) / 2).contains(&plain),
+        "without the adjustment the clock went on {plain} ns from the snapshot"
+    );
+    assert!(
+        moved >= i128::from(SLEEP_NS),
+        "with it only {moved} ns (added {added})"
+    );
+}
+
 #[test]
 fn bad_snapshots_are_clear_errors() {
     if !kvm_or_skip("bad_snapshots_are_clear_errors") {

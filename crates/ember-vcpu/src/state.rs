@@ -207,6 +207,33 @@ pub struct VmState {
     pub pit: Option<kvm_pit_state2>,
     /// `KVM_GET_CLOCK`.
     pub clock: kvm_clock_data,
+    /// The host's `CLOCK_REALTIME` when the state was taken, in nanoseconds since the epoch
+    /// (0: not known, a state from an older Ember): what [`advance_clock`] measures from.
+    #[serde(default)]
+    pub taken_at_realtime_ns: u64,
+}
+
+/// The host's `CLOCK_REALTIME` in nanoseconds since the epoch (0 before the epoch).
+fn realtime_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Moves `state`'s kvmclock on by the host realtime that passed since the state was taken
+/// (Firecracker's `clock_realtime` at snapshot load): a guest restored an hour later then
+/// reads an hour later on its kvmclock, instead of going on from the moment of the snapshot.
+/// Returns the nanoseconds added (0 if the state does not say when it was taken, or the host
+/// clock went back).
+pub fn advance_clock(state: &mut VmState) -> u64 {
+    if state.taken_at_realtime_ns == 0 {
+        return 0;
+    }
+    let elapsed = realtime_ns().saturating_sub(state.taken_at_realtime_ns);
+    state.clock.clock = state.clock.clock.saturating_add(elapsed);
+    // Counted once: a second call adds only what passed since this one.
+    state.taken_at_realtime_ns = state.taken_at_realtime_ns.saturating_add(elapsed);
+    elapsed
 }
 
 fn vm_err(ioctl: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
@@ -244,6 +271,7 @@ pub fn save_vm_state(vm: &VmFd, pit: bool) -> Result<VmState, Error> {
         irqchips,
         pit,
         clock,
+        taken_at_realtime_ns: realtime_ns(),
     })
 }
 
@@ -256,4 +284,32 @@ pub fn restore_vm_state(vm: &VmFd, state: &VmState) -> Result<(), Error> {
         vm.set_pit2(pit).map_err(vm_err("KVM_SET_PIT2"))?;
     }
     vm.set_clock(&state.clock).map_err(vm_err("KVM_SET_CLOCK"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advance_clock_adds_the_realtime_since_the_state_was_taken_once() {
+        let mut s = VmState {
+            irqchips: Vec::new(),
+            pit: None,
+            clock: kvm_clock_data {
+                clock: 5_000,
+                ..Default::default()
+            },
+            taken_at_realtime_ns: realtime_ns() - 2_000_000_000,
+        };
+        let added = advance_clock(&mut s);
+        assert!((2_000_000_000..3_000_000_000).contains(&added), "{added}");
+        assert_eq!(s.clock.clock, 5_000 + added);
+        // A second call adds only what passed since the first.
+        assert!(advance_clock(&mut s) < 1_000_000_000);
+        // A state that does not say when it was taken is left alone.
+        s.taken_at_realtime_ns = 0;
+        let before = s.clock.clock;
+        assert_eq!(advance_clock(&mut s), 0);
+        assert_eq!(s.clock.clock, before);
+    }
 }

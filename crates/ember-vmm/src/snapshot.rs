@@ -182,6 +182,13 @@ impl SnapshotState {
         Ok(())
     }
 
+    /// Moves the guest's kvmclock on by the host realtime that passed since the snapshot
+    /// (Firecracker's `clock_realtime`): without it the restored guest's clock goes on from the
+    /// snapshot's moment. Returns the nanoseconds added.
+    pub fn advance_clock_to_now(&mut self) -> u64 {
+        ember_vcpu::state::advance_clock(&mut self.machine.vm)
+    }
+
     /// Gives disk `id` another image (a fork's own copy of a writable disk). The image must
     /// have the same size: the guest's driver already knows the capacity.
     pub fn override_disk(&mut self, id: &str, path: &Path) -> Result<(), SnapshotError> {

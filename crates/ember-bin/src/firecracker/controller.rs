@@ -334,6 +334,9 @@ impl Controller {
         };
         let mut state = ember_vmm::read_snapshot(Path::new(&p.snapshot_path))
             .map_err(|e| fail(e.to_string()))?;
+        if p.clock_realtime == Some(true) {
+            state.advance_clock_to_now();
+        }
         // Dirty pages are tracked from the restore on (for diff snapshots of the clone).
         state.config.track_dirty_pages =
             p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true);
