@@ -261,9 +261,17 @@ pub fn frame_state(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The temporary file a file is written to before it is renamed to `path`: `path` with
+/// `.tmp-ember` appended (distinct for a state and a memory file of the same stem).
+fn temporary(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp-ember");
+    PathBuf::from(name)
+}
+
 fn write_body(path: &Path, body: &[u8]) -> Result<(), SnapshotError> {
     let out = frame_state(body);
-    let tmp = path.with_extension("tmp-ember");
+    let tmp = temporary(path);
     let mut f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     f.write_all(&out).map_err(io(&tmp))?;
     f.sync_data().map_err(io(&tmp))?;
@@ -433,20 +441,34 @@ fn mem_err(path: &Path) -> impl Fn(vm_memory::GuestMemoryError) -> SnapshotError
     move |e| io(path)(std::io::Error::other(e.to_string()))
 }
 
+/// Writes `len` bytes of guest memory at `gpa` to `file` at `offset`, straight from the
+/// mapping (no copy through a buffer: the kernel reads the guest pages).
+fn write_guest_at(
+    mem: &GuestRam,
+    gpa: GuestAddress,
+    len: usize,
+    mut file: &std::fs::File,
+    offset: u64,
+    path: &Path,
+) -> Result<(), SnapshotError> {
+    use std::io::{Seek, SeekFrom};
+    file.seek(SeekFrom::Start(offset)).map_err(io(path))?;
+    mem.write_all_volatile_to(gpa, &mut file, len)
+        .map_err(mem_err(path))
+}
+
 /// Writes guest memory to `path`, the RAM regions back to back in address order, through a
 /// temporary file renamed into place (the VM's own memory may be mapped from the old file: a
 /// restored VM snapshotted over the snapshot it came from). Chunks that hold only zeroes for
 /// certain (no page resident, no data in the file they are mapped from) stay holes in a sparse
 /// file. Returns the bytes written.
 pub fn write_memory(mem: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
-    use std::os::unix::fs::FileExt;
-    let tmp = path.with_extension("tmp-ember");
+    let tmp = temporary(path);
     let f = std::fs::File::create(&tmp).map_err(io(&tmp))?;
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     f.set_len(total).map_err(io(&tmp))?;
     let mut offset = 0u64;
     let mut written = 0u64;
-    let mut buf = vec![0u8; CHUNK];
     for region in mem.iter() {
         let start = region.start_addr().0;
         let len = region.len();
@@ -458,8 +480,7 @@ pub fn write_memory(mem: &GuestRam, path: &Path) -> Result<u64, SnapshotError> {
             let gpa = GuestAddress(start + at);
             let host = mem.get_host_address(gpa).map_err(mem_err(&tmp))?;
             if may_hold_data(host, n, backing.map(|(file, off)| (file, off + at))) {
-                mem.read_slice(&mut buf[..n], gpa).map_err(mem_err(&tmp))?;
-                f.write_all_at(&buf[..n], offset + at).map_err(io(&tmp))?;
+                write_guest_at(mem, gpa, n, &f, offset + at, &tmp)?;
                 written += n as u64;
             }
             at += n as u64;
@@ -510,7 +531,6 @@ pub fn write_dirty_memory(
     dirty: &[Vec<u64>],
     path: &Path,
 ) -> Result<u64, SnapshotError> {
-    use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -526,19 +546,13 @@ pub fn write_dirty_memory(
     }
     let mut offset = 0u64;
     let mut written = 0u64;
-    let mut buf = vec![0u8; CHUNK];
     for (region, bitmap) in mem.iter().zip(dirty) {
         let start = region.start_addr().0;
         for (first, pages) in dirty_runs(bitmap, region.len() / PAGE) {
-            let (mut at, end) = (first * PAGE, (first + pages) * PAGE);
-            while at < end {
-                let n = usize::try_from((end - at).min(CHUNK as u64)).unwrap_or(CHUNK);
-                mem.read_slice(&mut buf[..n], GuestAddress(start + at))
-                    .map_err(mem_err(path))?;
-                f.write_all_at(&buf[..n], offset + at).map_err(io(path))?;
-                written += n as u64;
-                at += n as u64;
-            }
+            let (at, len) = (first * PAGE, pages * PAGE);
+            let n = usize::try_from(len).map_err(|e| io(path)(std::io::Error::other(e)))?;
+            write_guest_at(mem, GuestAddress(start + at), n, &f, offset + at, path)?;
+            written += len;
         }
         offset += region.len();
     }
