@@ -149,3 +149,20 @@ pub fn filtered(name: &'static str) -> &'static Filtered {
     };
     cell.get_or_init(|| Filtered::new(name))
 }
+
+/// Runs one input against a virtio device of `kind` behind its transport
+/// (`ember_devices::virtio::fuzz_devices`): the fixture is set up here, the input driven on
+/// the thread under the `vmm` filter (the event loop's, which runs the devices in the VMM).
+/// Panics if the device broke one of its invariants.
+pub fn run_virtio_device(kind: ember_devices::virtio::fuzz_devices::Kind, data: &[u8]) {
+    use ember_devices::virtio::fuzz_devices::{drive, fixture};
+    let mut fx = fixture(kind).expect("fixture");
+    let input = data.to_vec();
+    let (fx, stats) = filtered("vmm").run(move || {
+        let stats = drive(&mut fx, &input);
+        (fx, stats)
+    });
+    drop(fx);
+    let stats = stats.expect("fixture");
+    assert_eq!(stats.violations, 0, "{kind:?} invariant violated: {stats:?}");
+}
