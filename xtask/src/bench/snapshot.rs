@@ -218,6 +218,27 @@ fn fc_spawn(peer: &Peer, sock: &Path) -> Result<Child, String> {
         .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))
 }
 
+/// Boots `probe` with `cmdline` over the Firecracker API at `sock`: boot source, the
+/// machine configuration `machine` (JSON), `InstanceStart`.
+fn boot_over_api(sock: &Path, probe: &Path, cmdline: &str, machine: &str) -> Result<(), String> {
+    ok(
+        sock,
+        "PUT",
+        "/boot-source",
+        &format!(
+            r#"{{"kernel_image_path":"{}","boot_args":"{cmdline}"}}"#,
+            probe.display()
+        ),
+    )?;
+    ok(sock, "PUT", "/machine-config", machine)?;
+    ok(
+        sock,
+        "PUT",
+        "/actions",
+        r#"{"action_type":"InstanceStart"}"#,
+    )
+}
+
 /// Firecracker: boots to the wait, snapshots into `dir`; `PUT /snapshot/create`, ms.
 fn fc_create(peer: &Peer, probe: &Path, dir: &Path, mib: u64, vcpus: u8) -> Result<f64, String> {
     let sock = dir.join("fc.sock");
@@ -225,26 +246,11 @@ fn fc_create(peer: &Peer, probe: &Path, dir: &Path, mib: u64, vcpus: u8) -> Resu
     let result = (|| {
         wait_socket(&sock)?;
         let rx = lines(&mut child)?;
-        ok(
+        boot_over_api(
             &sock,
-            "PUT",
-            "/boot-source",
-            &format!(
-                r#"{{"kernel_image_path":"{}","boot_args":"{CMDLINE}"}}"#,
-                probe.display()
-            ),
-        )?;
-        ok(
-            &sock,
-            "PUT",
-            "/machine-config",
+            probe,
+            CMDLINE,
             &format!(r#"{{"vcpu_count":{vcpus},"mem_size_mib":{mib}}}"#),
-        )?;
-        ok(
-            &sock,
-            "PUT",
-            "/actions",
-            r#"{"action_type":"InstanceStart"}"#,
         )?;
         wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
         ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
@@ -464,26 +470,11 @@ fn api_diff(peer: &Peer, probe: &Path, dir: &Path) -> Result<(f64, f64, f64), St
     let result = (|| {
         wait_socket(&sock)?;
         let rx = lines(&mut child)?;
-        ok(
+        boot_over_api(
             &sock,
-            "PUT",
-            "/boot-source",
-            &format!(
-                r#"{{"kernel_image_path":"{}","boot_args":"{DIFF_CMDLINE}"}}"#,
-                probe.display()
-            ),
-        )?;
-        ok(
-            &sock,
-            "PUT",
-            "/machine-config",
+            probe,
+            DIFF_CMDLINE,
             r#"{"vcpu_count":1,"mem_size_mib":128,"track_dirty_pages":true}"#,
-        )?;
-        ok(
-            &sock,
-            "PUT",
-            "/actions",
-            r#"{"action_type":"InstanceStart"}"#,
         )?;
         wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
         ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
