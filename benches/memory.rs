@@ -9,7 +9,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
-use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 
 fn bench_memory(c: &mut Criterion) {
     let mut g = c.benchmark_group("guest_memory");
@@ -26,7 +26,7 @@ fn bench_memory(c: &mut Criterion) {
             |b, &mib| {
                 b.iter_with_large_drop(|| {
                     let layout = MemoryLayout::new(black_box(mib * MIB)).expect("layout");
-                    create_guest_memory(&layout).expect("guest memory")
+                    create_guest_memory(&layout, DirtyBitmap::Off).expect("guest memory")
                 })
             },
         );

@@ -14,7 +14,7 @@ use ember::boot::{write_boot_params, BootConfig, BootEntry};
 use ember::devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use ember::devices::serial::{SerialDevice, COM1_BASE, COM1_LEN};
 use ember::devices::{Buses, EventFdTrigger};
-use ember::memory::{create_guest_memory, MemoryLayout, MIB};
+use ember::memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 use ember::vcpu::{kick, template::CpuTemplate, Vcpu};
 use vmm_sys_util::eventfd::{EventFd, EFD_CLOEXEC};
 
@@ -26,7 +26,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         .unwrap_or_else(|| "probe=memmap,cmdline,serial".into());
 
     let layout = MemoryLayout::new(128 * MIB)?;
-    let mem = create_guest_memory(&layout)?;
+    let mem = create_guest_memory(&layout, DirtyBitmap::Off)?;
     let loaded = ember::loader::load_kernel(&mem, kernel.as_ref())?;
     let boot = BootConfig {
         entry: BootEntry::Linux64 {

@@ -19,7 +19,7 @@ use ember::devices::serial::{SerialDevice, COM1_BASE, COM1_IRQ, COM1_LEN};
 use ember::devices::virtio::block::{Block, BlockConfig};
 use ember::devices::virtio::{MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use ember::devices::{lock, Buses, EventFdTrigger};
-use ember::memory::{create_guest_memory, MemoryLayout, MIB};
+use ember::memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 use ember::vcpu::{kick, template::CpuTemplate, Vcpu, VcpuStop};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         _ => return Err("usage: virtio_blk <kernel> <disk image>".into()),
     };
     let layout = MemoryLayout::new(128 * MIB)?;
-    let mem = create_guest_memory(&layout)?;
+    let mem = create_guest_memory(&layout, DirtyBitmap::Off)?;
     let loaded = ember::loader::load_kernel(&mem, kernel.as_ref())?;
 
     let kvm = kvm_ioctls::Kvm::new()?;

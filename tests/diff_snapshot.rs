@@ -41,6 +41,7 @@ fn restore(
         .serial_output(Box::new(console.clone()))
         .build()
         .unwrap();
+    assert!(ember_memory::has_dirty_bitmap(vm.memory()));
     let (h, join) = spawn(vm);
     (h, console, join)
 }
@@ -65,6 +66,7 @@ fn a_chain_of_diff_snapshots_restores_the_last_one() {
         .serial_output(Box::new(console.clone()))
         .build()
         .unwrap();
+    assert!(ember_memory::has_dirty_bitmap(vm.memory()));
     let (h, join) = spawn(vm);
     wait_for_waits(&console, 1);
     assert!(h.pause());
@@ -135,6 +137,8 @@ fn a_diff_snapshot_needs_dirty_page_tracking_and_a_matching_base() {
         .serial_output(Box::new(console.clone()))
         .build()
         .unwrap();
+    // Without tracking, the VMM's writes set no bitmap either.
+    assert!(!ember_memory::has_dirty_bitmap(vm.memory()));
     let (h, join) = spawn(vm);
     wait_for_waits(&console, 1);
     assert!(h.pause());

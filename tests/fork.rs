@@ -246,6 +246,18 @@ fn forks_and_boots_run_on_prepared_vms_and_refuse_ones_that_do_not_fit() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("maps another file"), "{e}");
+    // A fork that tracks dirty pages needs memory with the VMM's dirty bitmap, and this
+    // (untracked) template's pool maps it without one.
+    let mut tracked = template.state().clone();
+    tracked.config.track_dirty_pages = true;
+    let e = template
+        .fork_with(tracked)
+        .unwrap()
+        .prepared(pool.take().unwrap())
+        .build()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no dirty bitmap"), "{e}");
     // A boot on a prepared VM without memory; one with the wrong vCPU count is refused.
     let plain = ember_vmm::VmPool::new("/dev/kvm", 1, false, 1).unwrap();
     let console = Console::default();

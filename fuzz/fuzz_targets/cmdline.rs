@@ -21,7 +21,8 @@ fn memory() -> &'static GuestRam {
     static MEM: OnceLock<GuestRam> = OnceLock::new();
     MEM.get_or_init(|| {
         let layout = ember_memory::MemoryLayout::new(16 << 20).expect("layout");
-        ember_memory::create_guest_memory(&layout).expect("guest memory")
+        ember_memory::create_guest_memory(&layout, ember_memory::DirtyBitmap::Off)
+            .expect("guest memory")
     })
 }
 

@@ -16,7 +16,8 @@ fn memory() -> &'static (ember_memory::MemoryLayout, GuestRam) {
     static MEM: OnceLock<(ember_memory::MemoryLayout, GuestRam)> = OnceLock::new();
     MEM.get_or_init(|| {
         let layout = ember_memory::MemoryLayout::new(16 * MIB).expect("16 MiB layout");
-        let mem = ember_memory::create_guest_memory(&layout).expect("guest memory");
+        let mem = ember_memory::create_guest_memory(&layout, ember_memory::DirtyBitmap::Off)
+            .expect("guest memory");
         (layout, mem)
     })
 }

@@ -13,7 +13,8 @@ fn memory() -> &'static GuestRam {
     static MEM: OnceLock<GuestRam> = OnceLock::new();
     MEM.get_or_init(|| {
         let layout = ember_memory::MemoryLayout::new(32 << 20).expect("32 MiB layout");
-        ember_memory::create_guest_memory(&layout).expect("guest memory")
+        ember_memory::create_guest_memory(&layout, ember_memory::DirtyBitmap::Off)
+            .expect("guest memory")
     })
 }
 

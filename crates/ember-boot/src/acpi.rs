@@ -31,10 +31,10 @@
 //!
 //! ```
 //! use ember_boot::acpi::{write_acpi_tables, AcpiConfig, AcpiDevice, ACPI_TABLES_START};
-//! use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+//! use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
-//! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?)?;
+//! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?, DirtyBitmap::Off)?;
 //! let devices = [
 //!     AcpiDevice::Uart { port: 0x3f8, irq: 4 },
 //!     AcpiDevice::VirtioMmio { base: 0xd000_0000, len: 0x1000, gsi: 5 },
@@ -573,11 +573,11 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
 mod tests {
     use super::*;
     use ember_memory::GuestRam;
-    use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+    use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
     use vm_memory::Bytes;
 
     fn mem() -> GuestRam {
-        create_guest_memory(&MemoryLayout::new(128 * MIB).unwrap()).unwrap()
+        create_guest_memory(&MemoryLayout::new(128 * MIB).unwrap(), DirtyBitmap::Off).unwrap()
     }
 
     fn read(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {

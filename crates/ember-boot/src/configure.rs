@@ -88,11 +88,11 @@ pub struct BootConfig<'a> {
 ///
 /// ```
 /// use ember_boot::{write_boot_params, BootConfig, BootEntry, EntryMode};
-/// use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+/// use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 /// use vm_memory::GuestAddress;
 ///
 /// let layout = MemoryLayout::new(64 * MIB)?;
-/// let mem = create_guest_memory(&layout)?;
+/// let mem = create_guest_memory(&layout, DirtyBitmap::Off)?;
 /// let regs = write_boot_params(
 ///     &mem,
 ///     &BootConfig {
@@ -205,12 +205,12 @@ fn write_cmdline<M: GuestMemoryBackend>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+    use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 
     #[test]
     fn both_protocols_write_their_structures() {
         let layout = MemoryLayout::new(64 * MIB).unwrap();
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, DirtyBitmap::Off).unwrap();
         let e820 = layout.e820();
         let cfg = |entry| BootConfig {
             entry,

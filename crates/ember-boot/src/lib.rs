@@ -21,11 +21,11 @@
 //! use ember_boot::{gdt, paging, write_pvh_start_info, write_zero_page};
 //! use ember_boot::{LinuxBootParams, PvhBootParams};
 //! use ember_memory::addresses::*;
-//! use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+//! use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
 //! let layout = MemoryLayout::new(64 * MIB)?;
-//! let mem = create_guest_memory(&layout)?;
+//! let mem = create_guest_memory(&layout, DirtyBitmap::Off)?;
 //! let e820 = layout.e820();
 //!
 //! // 64-bit Linux boot protocol.
@@ -509,10 +509,10 @@ mod tests {
     use super::*;
     use ember_memory::addresses::*;
     use ember_memory::GuestRam;
-    use ember_memory::{create_guest_memory, E820Kind, MemoryLayout, GIB, MIB};
+    use ember_memory::{create_guest_memory, DirtyBitmap, E820Kind, MemoryLayout, GIB, MIB};
 
     fn mem(size: u64) -> GuestRam {
-        create_guest_memory(&MemoryLayout::new(size).unwrap()).unwrap()
+        create_guest_memory(&MemoryLayout::new(size).unwrap(), DirtyBitmap::Off).unwrap()
     }
 
     fn rd<T: ByteValued>(mem: &GuestRam, addr: u64) -> T {

@@ -24,10 +24,10 @@
 //!
 //! ```
 //! use ember_boot::mptable::{write_mptable, MPTABLE_START};
-//! use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+//! use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
-//! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?)?;
+//! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?, DirtyBitmap::Off)?;
 //! write_mptable(&mem, 4)?;
 //! let mut sig = [0u8; 4];
 //! mem.read_slice(&mut sig, GuestAddress(MPTABLE_START))?;
@@ -221,7 +221,7 @@ pub fn write_mptable<M: GuestMemoryBackend>(mem: &M, vcpus: u8) -> Result<(), Er
 mod tests {
     use super::*;
     use ember_memory::GuestRam;
-    use ember_memory::{create_guest_memory, MemoryLayout, EBDA_START, MIB};
+    use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, EBDA_START, MIB};
     use vm_memory::Bytes;
 
     fn read(m: &GuestRam, addr: u64, len: usize) -> Vec<u8> {
@@ -314,7 +314,8 @@ mod tests {
     #[test]
     fn mptable_parses_back() {
         for vcpus in [1u8, 2, 4, 32] {
-            let m = create_guest_memory(&MemoryLayout::new(128 * MIB).unwrap()).unwrap();
+            let m = create_guest_memory(&MemoryLayout::new(128 * MIB).unwrap(), DirtyBitmap::Off)
+                .unwrap();
             write_mptable(&m, vcpus).unwrap();
             check(&m, vcpus);
         }
@@ -326,7 +327,8 @@ mod tests {
 
     #[test]
     fn mptable_errors() {
-        let m = create_guest_memory(&MemoryLayout::new(16 * MIB).unwrap()).unwrap();
+        let m =
+            create_guest_memory(&MemoryLayout::new(16 * MIB).unwrap(), DirtyBitmap::Off).unwrap();
         for vcpus in [0u8, 33] {
             assert!(matches!(
                 write_mptable(&m, vcpus),

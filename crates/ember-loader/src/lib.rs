@@ -20,10 +20,10 @@
 //! use std::io::Cursor;
 //! use ember_loader::{load_cmdline, load_kernel_from, BootProtocol, Error, KernelFormat};
 //! use ember_memory::addresses::{CMDLINE_ADDR, CMDLINE_MAX_SIZE};
-//! use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+//! use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
-//! let mem = create_guest_memory(&MemoryLayout::new(32 * MIB)?)?;
+//! let mem = create_guest_memory(&MemoryLayout::new(32 * MIB)?, DirtyBitmap::Off)?;
 //!
 //! // A minimal ELF64 kernel: one PT_LOAD segment of 4 bytes at 2 MiB.
 //! let image = tiny_elf(0x20_0000, &[0xf4, 0xeb, 0xfd, 0x90]);

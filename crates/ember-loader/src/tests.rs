@@ -6,7 +6,7 @@
 use super::*;
 use ember_memory::addresses::CMDLINE_ADDR;
 use ember_memory::GuestRam;
-use ember_memory::{create_guest_memory, MIB};
+use ember_memory::{create_guest_memory, DirtyBitmap, MIB};
 use std::io::Cursor;
 use std::io::Write;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -41,7 +41,7 @@ impl Drop for TempPath {
 }
 
 fn mem(size: u64) -> GuestRam {
-    create_guest_memory(&MemoryLayout::new(size).unwrap()).unwrap()
+    create_guest_memory(&MemoryLayout::new(size).unwrap(), DirtyBitmap::Off).unwrap()
 }
 
 /// A deterministic xorshift byte stream.

@@ -21,7 +21,7 @@
 //! # Example
 //!
 //! ```
-//! use ember_memory::{create_guest_memory, E820Kind, MemoryLayout, EBDA_START, HIMEM_START, MIB};
+//! use ember_memory::{create_guest_memory, DirtyBitmap, E820Kind, MemoryLayout, EBDA_START, HIMEM_START, MIB};
 //! use vm_memory::{Bytes, GuestAddress};
 //!
 //! let layout = MemoryLayout::new(128 * MIB)?;
@@ -38,7 +38,7 @@
 //! let initrd = layout.initrd_addr(MIB, 20 * MIB)?;
 //! assert_eq!(initrd, GuestAddress(127 * MIB));
 //!
-//! let mem = create_guest_memory(&layout)?;
+//! let mem = create_guest_memory(&layout, DirtyBitmap::Off)?;
 //! mem.write_obj(0x1234_5678u32, GuestAddress(0x1000)).unwrap();
 //! assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0x1234_5678);
 //! # Ok::<(), ember_memory::Error>(())
@@ -386,31 +386,93 @@ impl MemoryLayout {
 /// Ember's guest memory type, as created by [`create_guest_memory`] and used by every Ember crate
 /// that does not take a generic `M: GuestMemoryBackend`.
 ///
-/// Each region carries a dirty bitmap ([`AtomicBitmap`], one bit per 4 KiB page: 4 KiB of
+/// A region may carry a dirty bitmap ([`AtomicBitmap`], one bit per 4 KiB page: 4 KiB of
 /// bitmap per 128 MiB of guest memory) that every write of the VMM through vm-memory sets:
 /// device DMA, virtio rings, the loader. KVM's dirty log only sees the guest's own writes, so a
-/// diff snapshot needs both ([`take_dirty_pages`]).
-pub type GuestRam = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+/// diff snapshot needs both ([`take_dirty_pages`]). Whether it does is chosen when the memory
+/// is made ([`DirtyBitmap`]); without one, the VMM's writes cost nothing extra.
+pub type GuestRam = vm_memory::GuestMemoryMmap<Option<AtomicBitmap>>;
 
 pub use vm_memory::bitmap::AtomicBitmap;
+
+/// Whether the regions of a new [`GuestRam`] carry a dirty bitmap of the VMM's own writes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyBitmap {
+    /// No bitmap (the default): the VMM's writes set nothing, and [`take_dirty_pages`] has
+    /// nothing to give, so no diff snapshot can be taken of this memory.
+    #[default]
+    Off,
+    /// One bit per 4 KiB page, set by every write of the VMM (what a VM that takes diff
+    /// snapshots needs). It costs each VMM write an atomic update of the bitmap.
+    On,
+}
+
+impl DirtyBitmap {
+    /// [`DirtyBitmap::On`] if `track`, else [`DirtyBitmap::Off`].
+    pub fn tracked_if(track: bool) -> Self {
+        if track {
+            Self::On
+        } else {
+            Self::Off
+        }
+    }
+
+    fn for_region(self, len: usize) -> Option<AtomicBitmap> {
+        use vm_memory::bitmap::NewBitmap;
+        match self {
+            Self::Off => None,
+            Self::On => Some(AtomicBitmap::with_len(len)),
+        }
+    }
+}
 
 /// Takes and clears the VMM's dirty bitmap of `mem`'s region `index`: one bit per 4 KiB page
 /// the VMM wrote since the last call (or since the memory was made), in the `u64` words of
 /// `KVM_GET_DIRTY_LOG`'s bitmap (bit `i % 64` of word `i / 64` is page `i`). `None` if there is
-/// no such region.
+/// no such region or the region has no bitmap ([`DirtyBitmap::Off`]).
 pub fn take_dirty_pages(mem: &GuestRam, index: usize) -> Option<Vec<u64>> {
     use vm_memory::GuestMemoryBackend;
     mem.iter()
         .nth(index)
-        .map(|region| region.bitmap().get_and_reset())
+        .and_then(|region| region.bitmap().as_ref())
+        .map(AtomicBitmap::get_and_reset)
+}
+
+/// Whether `mem`'s regions carry a dirty bitmap of the VMM's writes ([`DirtyBitmap::On`]).
+pub fn has_dirty_bitmap(mem: &GuestRam) -> bool {
+    use vm_memory::GuestMemoryBackend;
+    mem.iter().all(|region| region.bitmap().is_some())
+}
+
+/// Anonymous, private, `MAP_NORESERVE` guest memory of the given `(address, size)` ranges,
+/// sorted by address, with or without a dirty bitmap: vm-memory's
+/// `GuestMemoryMmap::from_ranges` for [`GuestRam`]. Nothing is touched. For a VM's RAM, use
+/// [`create_guest_memory`], which also keeps it out of core dumps.
+pub fn ram_from_ranges(
+    ranges: &[(GuestAddress, usize)],
+    dirty: DirtyBitmap,
+) -> Result<GuestRam, vm_memory::mmap::FromRangesError> {
+    use vm_memory::mmap::{FromRangesError, MmapRegionBuilder};
+    let regions = ranges
+        .iter()
+        .map(|&(addr, size)| {
+            let mapping = MmapRegionBuilder::new_with_bitmap(size, dirty.for_region(size))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+                .build()?;
+            vm_memory::GuestRegionMmap::new(mapping, addr)
+                .ok_or(FromRangesError::InvalidGuestRegion)
+        })
+        .collect::<Result<Vec<_>, FromRangesError>>()?;
+    Ok(GuestRam::from_regions(regions)?)
 }
 
 /// Maps the RAM ranges of `layout` as anonymous, private, `MAP_NORESERVE`
-/// memory (vm-memory's `GuestMemoryMmap::from_ranges`). The memory is not
-/// touched: host pages are only allocated when the guest (or the VMM) uses
+/// memory ([`ram_from_ranges`]), with a dirty bitmap of the VMM's writes if `dirty` says so.
+/// The memory is not touched: host pages are only allocated when the guest (or the VMM) uses
 /// them.
-pub fn create_guest_memory(layout: &MemoryLayout) -> Result<GuestRam, Error> {
-    let mem = GuestRam::from_ranges(&layout.ram_ranges()).map_err(|source| Error::Mmap {
+pub fn create_guest_memory(layout: &MemoryLayout, dirty: DirtyBitmap) -> Result<GuestRam, Error> {
+    let mem = ram_from_ranges(&layout.ram_ranges(), dirty).map_err(|source| Error::Mmap {
         size: layout.mem_size,
         source,
     })?;
@@ -467,6 +529,7 @@ pub enum Sharing {
 /// The memfd is close-on-exec.
 pub fn create_guest_memory_memfd(
     layout: &MemoryLayout,
+    dirty: DirtyBitmap,
 ) -> Result<(GuestRam, std::fs::File), Error> {
     use std::os::fd::FromRawFd;
     let io_err = |e: std::io::Error| Error::File {
@@ -481,7 +544,7 @@ pub fn create_guest_memory_memfd(
     // SAFETY: memfd_create just returned this descriptor, owned by nobody else.
     let file = unsafe { std::fs::File::from_raw_fd(fd) };
     file.set_len(layout.mem_size).map_err(io_err)?;
-    let mem = map_guest_memory(layout, &file, Sharing::Shared)?;
+    let mem = map_guest_memory(layout, &file, Sharing::Shared, dirty)?;
     Ok((mem, file))
 }
 
@@ -492,8 +555,8 @@ pub fn map_guest_memory(
     layout: &MemoryLayout,
     file: &std::fs::File,
     sharing: Sharing,
+    dirty: DirtyBitmap,
 ) -> Result<GuestRam, Error> {
-    use vm_memory::bitmap::NewBitmap;
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
     let io_err = |what| move |e: std::io::Error| Error::File { what, source: e };
@@ -513,7 +576,7 @@ pub fn map_guest_memory(
     let mut regions = Vec::new();
     for (addr, size) in layout.ram_ranges() {
         let f = file.try_clone().map_err(io_err("memory file"))?;
-        let mapping = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
+        let mapping = MmapRegionBuilder::new_with_bitmap(size, dirty.for_region(size))
             .with_file_offset(FileOffset::new(f, offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(flags)
@@ -605,9 +668,9 @@ mod dump_tests {
     fn guest_memory_is_left_out_of_core_dumps_and_never_executable() {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
         let layout = MemoryLayout::new(64 * MIB).unwrap();
-        let anon = create_guest_memory(&layout).unwrap();
-        let (shared, file) = create_guest_memory_memfd(&layout).unwrap();
-        let private = map_guest_memory(&layout, &file, Sharing::Private).unwrap();
+        let anon = create_guest_memory(&layout, DirtyBitmap::Off).unwrap();
+        let (shared, file) = create_guest_memory_memfd(&layout, DirtyBitmap::Off).unwrap();
+        let private = map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::Off).unwrap();
         remap_private(&shared, &file).unwrap();
         for mem in [&anon, &shared, &private] {
             for region in mem.iter() {
@@ -859,7 +922,7 @@ mod tests {
     #[test]
     fn create_4_5g_noreserve_untouched() {
         let layout = MemoryLayout::new(4 * GIB + 512 * MIB).unwrap();
-        let mem = create_guest_memory(&layout).unwrap();
+        let mem = create_guest_memory(&layout, DirtyBitmap::Off).unwrap();
         assert_eq!(mem.num_regions(), 2);
         let regions: Vec<_> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
         assert_eq!(
@@ -906,7 +969,7 @@ mod tests {
     #[test]
     fn create_128m() {
         let layout = MemoryLayout::new(128 * MIB).unwrap();
-        let mem: GuestRam = create_guest_memory(&layout).unwrap();
+        let mem: GuestRam = create_guest_memory(&layout, DirtyBitmap::Off).unwrap();
         assert_eq!(mem.num_regions(), 1);
         assert_eq!(mem.last_addr(), GuestAddress(128 * MIB - 1));
     }
@@ -926,12 +989,14 @@ mod tests {
     #[test]
     fn the_vmms_writes_set_the_dirty_bitmap_until_taken() {
         use vm_memory::{Bytes, GuestAddress};
+        let layout = MemoryLayout::new(16 * MIB).unwrap();
         for mem in [
-            create_guest_memory(&MemoryLayout::new(16 * MIB).unwrap()).unwrap(),
-            create_guest_memory_memfd(&MemoryLayout::new(16 * MIB).unwrap())
+            create_guest_memory(&layout, DirtyBitmap::On).unwrap(),
+            create_guest_memory_memfd(&layout, DirtyBitmap::On)
                 .unwrap()
                 .0,
         ] {
+            assert!(has_dirty_bitmap(&mem));
             assert_eq!(take_dirty_pages(&mem, 0).unwrap(), vec![0u64; 64]);
             mem.write_slice(&[1; 5000], GuestAddress(3 * 4096 + 100))
                 .unwrap();
@@ -945,11 +1010,35 @@ mod tests {
     }
 
     #[test]
+    fn memory_without_a_dirty_bitmap_has_none_to_take() {
+        use vm_memory::{Bytes, GuestAddress};
+        let layout = MemoryLayout::new(16 * MIB).unwrap();
+        let (memfd, file) = create_guest_memory_memfd(&layout, DirtyBitmap::Off).unwrap();
+        for mem in [
+            create_guest_memory(&layout, DirtyBitmap::Off).unwrap(),
+            map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::Off).unwrap(),
+            memfd,
+        ] {
+            assert!(!has_dirty_bitmap(&mem));
+            mem.write_slice(&[1; 5000], GuestAddress(3 * 4096 + 100))
+                .unwrap();
+            assert_eq!(mem.read_obj::<u8>(GuestAddress(3 * 4096 + 100)).unwrap(), 1);
+            assert!(take_dirty_pages(&mem, 0).is_none());
+        }
+        // A private map of the same file can still have one.
+        let tracked = map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::On).unwrap();
+        tracked.write_obj(7u8, GuestAddress(0)).unwrap();
+        assert_eq!(take_dirty_pages(&tracked, 0).unwrap()[0], 1);
+        assert_eq!(DirtyBitmap::tracked_if(true), DirtyBitmap::On);
+        assert_eq!(DirtyBitmap::tracked_if(false), DirtyBitmap::default());
+    }
+
+    #[test]
     fn memfd_memory_is_shared_with_its_file_and_private_maps_copy_on_write() {
         use std::os::unix::fs::FileExt;
         // Both sides of the MMIO gap, so two regions at consecutive file offsets.
         let layout = MemoryLayout::new(3328 * MIB + 16 * MIB).unwrap();
-        let (mem, file) = create_guest_memory_memfd(&layout).unwrap();
+        let (mem, file) = create_guest_memory_memfd(&layout, DirtyBitmap::Off).unwrap();
         assert_eq!(file.metadata().unwrap().len(), layout.mem_size());
         mem.write_obj(0x1122_3344u32, GuestAddress(0x1000)).unwrap();
         mem.write_obj(0x5566_7788u32, GuestAddress(HIGH_RAM_START + 8))
@@ -960,7 +1049,7 @@ mod tests {
         file.read_exact_at(&mut b, MMIO32_START + 8).unwrap();
         assert_eq!(u32::from_le_bytes(b), 0x5566_7788);
 
-        let fork = map_guest_memory(&layout, &file, Sharing::Private).unwrap();
+        let fork = map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::Off).unwrap();
         assert_eq!(
             fork.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0x1122_3344
@@ -977,7 +1066,7 @@ mod tests {
 
         file.set_len(MIB).unwrap();
         assert!(matches!(
-            map_guest_memory(&layout, &file, Sharing::Private),
+            map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::Off),
             Err(Error::FileTooSmall { .. })
         ));
     }

@@ -2,11 +2,11 @@
 //! the in-kernel irqchip (and optional PIT) with PC interrupt routing.
 //!
 //! ```no_run
-//! use ember_memory::{create_guest_memory, MemoryLayout, MIB};
+//! use ember_memory::{create_guest_memory, DirtyBitmap, MemoryLayout, MIB};
 //!
 //! let kvm = kvm_ioctls::Kvm::new()?;
 //! let vm = kvm.create_vm()?;
-//! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?)?;
+//! let mem = create_guest_memory(&MemoryLayout::new(128 * MIB)?, DirtyBitmap::Off)?;
 //! // SAFETY: `mem` outlives `vm` (both live to the end of this function).
 //! unsafe { ember_vcpu::vm::register_guest_memory(&vm, &mem, false)? };
 //! ember_vcpu::vm::create_irqchip(&vm, false)?;

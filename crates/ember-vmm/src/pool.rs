@@ -174,6 +174,7 @@ impl VmPool {
         let path: PathBuf = kvm_path.into();
         let config = &template.state().config;
         let (vcpus, pit) = (config.vcpus, config.pit);
+        let dirty = ember_memory::DirtyBitmap::tracked_if(config.track_dirty_pages);
         let layout =
             ember_memory::MemoryLayout::new(config.memory_mib.saturating_mul(ember_memory::MIB))?;
         let memfd = template.memory_file()?;
@@ -183,6 +184,7 @@ impl VmPool {
                     &layout,
                     &memfd,
                     ember_memory::Sharing::Private,
+                    dirty,
                 )?;
                 PreparedVm::with_memory(&path, vcpus, pit, memory, &memfd)
             }),

@@ -675,8 +675,13 @@ mod tests {
         // SAFETY: advice on a file this test owns; its pages are clean (synced).
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
         let f = std::fs::File::open(&base).unwrap();
-        let mem =
-            ember_memory::map_guest_memory(&layout, &f, ember_memory::Sharing::Private).unwrap();
+        let mem = ember_memory::map_guest_memory(
+            &layout,
+            &f,
+            ember_memory::Sharing::Private,
+            ember_memory::DirtyBitmap::Off,
+        )
+        .unwrap();
         let written = write_memory(&mem, &out).unwrap();
         assert!(written >= 4096, "{written}");
         let bytes = std::fs::read(&out).unwrap();

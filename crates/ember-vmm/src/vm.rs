@@ -279,6 +279,7 @@ impl Vm {
             ));
         }
         let mut memory_file = None;
+        let dirty = ember_memory::DirtyBitmap::tracked_if(config.track_dirty_pages);
         let (memory, kernel, initrd, protocol_entry, machine) = match restore {
             Some((state, file, path)) => {
                 let size = file.metadata().map(|m| m.len()).unwrap_or(0);
@@ -300,12 +301,22 @@ impl Vm {
                                 path.display()
                             )));
                         }
+                        if dirty == ember_memory::DirtyBitmap::On
+                            && !ember_memory::has_dirty_bitmap(&m)
+                        {
+                            return Err(Error::Prepared(
+                                "its memory has no dirty bitmap, and the configuration tracks \
+                                 dirty pages (make the pool from a template that tracks them)"
+                                    .into(),
+                            ));
+                        }
                         m
                     }
                     None => ember_memory::map_guest_memory(
                         &layout,
                         &file,
                         ember_memory::Sharing::Private,
+                        dirty,
                     )?,
                 };
                 // A restored VM or a fork is a new generation: a new ID before anything runs
@@ -318,11 +329,11 @@ impl Vm {
             }
             None => {
                 let memory = if b.fork_template {
-                    let (memory, file) = ember_memory::create_guest_memory_memfd(&layout)?;
+                    let (memory, file) = ember_memory::create_guest_memory_memfd(&layout, dirty)?;
                     memory_file = Some(file);
                     memory
                 } else {
-                    ember_memory::create_guest_memory(&layout)?
+                    ember_memory::create_guest_memory(&layout, dirty)?
                 };
                 timings.record("guest memory", &mut t);
                 let kernel = ember_loader::load_kernel(&memory, &config.kernel)?;

@@ -105,7 +105,10 @@ pub struct FuzzStats {
 pub type FixtureError = Box<dyn std::error::Error + Send + Sync>;
 
 fn memory() -> Result<GuestRam, FixtureError> {
-    Ok(GuestRam::from_ranges(&RAM)?)
+    Ok(ember_memory::ram_from_ranges(
+        &RAM,
+        ember_memory::DirtyBitmap::Off,
+    )?)
 }
 
 /// The image contents every run starts from.

@@ -155,7 +155,7 @@ impl std::fmt::Debug for Fixture {
 
 /// Sets up a [`Fixture`] of `kind`.
 pub fn fixture(kind: Kind) -> Result<Fixture, FixtureError> {
-    let mem = GuestRam::from_ranges(&RAM)?;
+    let mem = ember_memory::ram_from_ranges(&RAM, ember_memory::DirtyBitmap::Off)?;
     let irq = EventFdTrigger::new()?;
     let (device, host): (Box<dyn super::VirtioDevice<GuestRam>>, Host) = match kind {
         Kind::Net => {

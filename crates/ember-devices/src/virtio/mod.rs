@@ -41,6 +41,7 @@
 //! use ember_devices::virtio::testing::{self, Buf, GuestQueue};
 //! use ember_devices::virtio::{GuestRam, MmioTransport, QUEUE_NOTIFY_OFFSET};
 //! use ember_devices::EventFdTrigger;
+//! use ember_memory::DirtyBitmap;
 //! use vm_memory::{Bytes, GuestAddress};
 //! use vmm_sys_util::tempfile::TempFile;
 //!
@@ -49,7 +50,8 @@
 //! data[512..1024].fill(0xab);
 //! std::fs::write(image.as_path(), &data).unwrap();
 //!
-//! let mem = GuestRam::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let mem: GuestRam =
+//!     ember_memory::ram_from_ranges(&[(GuestAddress(0), 1 << 20)], DirtyBitmap::Off).unwrap();
 //! let block = Block::new(BlockConfig {
 //!     path: image.as_path().to_path_buf(),
 //!     read_only: false,

@@ -315,7 +315,11 @@ mod tests {
         GuestQueue,
         RngCountersHandle,
     ) {
-        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x40000)]).unwrap();
+        let mem = ember_memory::ram_from_ranges(
+            &[(GuestAddress(0), 0x40000)],
+            ember_memory::DirtyBitmap::Off,
+        )
+        .unwrap();
         let rng = Rng::new(limiter);
         let counters = rng.counters_handle();
         let mut t =

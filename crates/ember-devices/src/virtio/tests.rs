@@ -26,8 +26,14 @@ fn pattern(i: usize) -> u8 {
     ((i * 7 + i / 512) % 251) as u8
 }
 
+/// Two RAM regions with a hole between them, with the dirty bitmap of the VMM's writes (as a VM
+/// that takes diff snapshots has it).
 fn memory() -> GuestRam {
-    GuestRam::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)]).unwrap()
+    ember_memory::ram_from_ranges(
+        &[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)],
+        ember_memory::DirtyBitmap::On,
+    )
+    .unwrap()
 }
 
 fn image(len: usize) -> TempFile {

@@ -33,7 +33,11 @@ struct Fixture {
 }
 
 fn fixture(cfg: BalloonConfig, wanted: u64) -> Fixture {
-    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mem = ember_memory::ram_from_ranges(
+        &[(GuestAddress(0), 16 << 20)],
+        ember_memory::DirtyBitmap::Off,
+    )
+    .unwrap();
     let b = Balloon::new(cfg).unwrap();
     let handle = b.handle();
     let irq = EventFdTrigger::new().unwrap();
@@ -201,7 +205,11 @@ fn queues_are_numbered_by_the_features_the_driver_took() {
 
 #[test]
 fn a_new_target_raises_a_configuration_interrupt() {
-    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+    let mem = ember_memory::ram_from_ranges(
+        &[(GuestAddress(0), 16 << 20)],
+        ember_memory::DirtyBitmap::Off,
+    )
+    .unwrap();
     let mut b: Balloon<GuestRam> = Balloon::new(config(false, false)).unwrap();
     let irq = EventFdTrigger::new().unwrap();
     let interrupt = Arc::new(crate::virtio::MmioInterrupt::new(irq.try_clone().unwrap()));

@@ -211,7 +211,11 @@ mod tests {
     const W: u16 = virtio_bindings::bindings::virtio_ring::VRING_DESC_F_WRITE as u16;
 
     fn mem() -> GuestRam {
-        GuestRam::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap()
+        ember_memory::ram_from_ranges(
+            &[(GuestAddress(0), 0x10000)],
+            ember_memory::DirtyBitmap::Off,
+        )
+        .unwrap()
     }
 
     fn desc(addr: u64, len: u32, flags: u16) -> Descriptor {

@@ -35,7 +35,11 @@ fn fixture_with(
     rx_limiter: RateLimiter,
     tx_limiter: RateLimiter,
 ) -> Fixture {
-    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mem = ember_memory::ram_from_ranges(
+        &[(GuestAddress(0), 0x10_0000)],
+        ember_memory::DirtyBitmap::Off,
+    )
+    .unwrap();
     let (dev_end, peer) = datagram_pair().unwrap();
     let net = Net::new(dev_end, config, rx_limiter, tx_limiter).unwrap();
     let counters = net.counters_handle();
@@ -413,7 +417,11 @@ fn rate_limits_change_at_run_time() {
     .unwrap();
     let control = net.control();
     let counters = net.counters_handle();
-    let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+    let mem = ember_memory::ram_from_ranges(
+        &[(GuestAddress(0), 0x10_0000)],
+        ember_memory::DirtyBitmap::Off,
+    )
+    .unwrap();
     let mut t =
         MmioTransport::new(Box::new(net), mem.clone(), EventFdTrigger::new().unwrap()).unwrap();
     let rx = GuestQueue::new(&mem, 16, GuestAddress(RXQ)).unwrap();

@@ -36,7 +36,11 @@ struct Guest {
 impl Guest {
     fn new() -> Self {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-vsock-").unwrap();
-        let mem = GuestRam::from_ranges(&[(GuestAddress(0), 0x100_0000)]).unwrap();
+        let mem = ember_memory::ram_from_ranges(
+            &[(GuestAddress(0), 0x100_0000)],
+            ember_memory::DirtyBitmap::Off,
+        )
+        .unwrap();
         let dev = Vsock::new(CID, &dir.as_path().join("v.sock")).unwrap();
         let counters = dev.counters_handle();
         let irq = EventFdTrigger::new().unwrap();
