@@ -1347,13 +1347,15 @@ impl Report {
              is read and the VMM killed. *After boot*: Rss of every mapping except guest RAM \
              (anonymous or memfd mappings of the guest's size, as Firecracker's memory monitor \
              tells them apart). *Peak*: `VmHWM` minus the guest RAM resident at that moment. \
-             MiB, median (min–max).\n"
+             *Private*: the `Anonymous` pages of the mappings other than guest RAM, what each \
+             more VMM process costs (the rest is file pages of the binary and its libraries, \
+             shared by every process of that binary). MiB, median (min–max).\n"
         );
-        let _ = writeln!(s, "| guest | VMM | after boot, MiB | peak, MiB | guest RAM resident, MiB | total RSS, MiB | Ember/QEMU (after boot) |");
-        let _ = writeln!(s, "|---|---|---|---|---|---|---|");
+        let _ = writeln!(s, "| guest | VMM | after boot, MiB | peak, MiB | private, MiB | guest RAM resident, MiB | total RSS, MiB | Ember/QEMU (after boot) |");
+        let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for c in &self.memory {
             if let Some(e) = &c.error {
-                let _ = writeln!(s, "| {} | {} | {e} | | | | |", mib_label(c.mem_mib), c.peer);
+                let _ = writeln!(s, "| {} | {} | {e} | | | | | |", mib_label(c.mem_mib), c.peer);
                 continue;
             }
             let mib = |f: &dyn Fn(&MemorySample) -> u64| {
@@ -1364,9 +1366,10 @@ impl Report {
                         .collect::<Vec<_>>(),
                 )
             };
-            let (Some(a), Some(p), Some(g), Some(t)) = (
+            let (Some(a), Some(p), Some(v), Some(g), Some(t)) = (
                 mib(&|m| m.overhead_kib()),
                 mib(&|m| m.peak_overhead_kib()),
+                mib(&|m| m.private_kib),
                 mib(&|m| m.guest_rss_kib),
                 mib(&|m| m.total_rss_kib),
             ) else {
@@ -1391,11 +1394,12 @@ impl Report {
             }
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {r} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {r} |",
                 mib_label(c.mem_mib),
                 c.peer,
                 a.fmt(2),
                 p.fmt(2),
+                v.fmt(2),
                 g.fmt(2),
                 t.fmt(2)
             );

@@ -184,6 +184,10 @@ pub struct MemorySample {
     pub guest_mappings: usize,
     /// `VmHWM` (peak RSS so far), KiB.
     pub hwm_kib: u64,
+    /// `Anonymous` pages of every mapping except guest RAM, KiB: the memory the process has
+    /// to itself (heap, stacks, written data, relocated pages), as opposed to the file pages of
+    /// its binary and libraries, which every process running that binary shares.
+    pub private_kib: u64,
 }
 
 impl MemorySample {
@@ -209,6 +213,11 @@ pub fn sample_memory(pid: libc::pid_t, guest_bytes: u64) -> Result<MemorySample,
         .map_err(|e| format!("smaps of {pid}: {e}"))?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .map_err(|e| format!("status of {pid}: {e}"))?;
+    Ok(parse_memory(&smaps, &status, guest_bytes))
+}
+
+/// [`sample_memory`] from the texts of `/proc/<pid>/smaps` and `/proc/<pid>/status`.
+fn parse_memory(smaps: &str, status: &str, guest_bytes: u64) -> MemorySample {
     let mut s = MemorySample::default();
     let mut is_guest = false;
     for line in smaps.lines() {
@@ -231,6 +240,10 @@ pub fn sample_memory(pid: libc::pid_t, guest_bytes: u64) -> Result<MemorySample,
                 continue;
             }
         }
+        if first == "Anonymous:" && !is_guest {
+            s.private_kib += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+            continue;
+        }
         if first == "Rss:" {
             let kib: u64 = words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
             s.total_rss_kib += kib;
@@ -245,7 +258,37 @@ pub fn sample_memory(pid: libc::pid_t, guest_bytes: u64) -> Result<MemorySample,
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    Ok(s)
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guest_ram_shared_text_and_private_pages_are_told_apart() {
+        let smaps = "\
+00400000-00600000 r-xp 00000000 08:01 42 /usr/bin/vmm
+Rss:                1500 kB
+Anonymous:             0 kB
+00600000-00601000 rw-p 00200000 08:01 42 /usr/bin/vmm
+Rss:                   4 kB
+Anonymous:             4 kB
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0 
+Rss:                2048 kB
+Anonymous:          2048 kB
+7f1000000000-7f1000100000 rw-p 00000000 00:00 0 
+Rss:                 200 kB
+Anonymous:           200 kB
+";
+        let m = parse_memory(smaps, "Name:\tvmm\nVmHWM:\t    4000 kB\n", 128 << 20);
+        assert_eq!(m.guest_mappings, 1);
+        assert_eq!(m.guest_rss_kib, 2048);
+        assert_eq!(m.total_rss_kib, 1500 + 4 + 2048 + 200);
+        assert_eq!(m.overhead_kib(), 1704);
+        assert_eq!(m.private_kib, 204);
+        assert_eq!(m.peak_overhead_kib(), 4000 - 2048);
+    }
 }
 
 /// Where a process's threads spend their time, by sampling: for each thread, its state from
