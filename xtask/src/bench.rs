@@ -1355,7 +1355,12 @@ impl Report {
         let _ = writeln!(s, "|---|---|---|---|---|---|---|---|");
         for c in &self.memory {
             if let Some(e) = &c.error {
-                let _ = writeln!(s, "| {} | {} | {e} | | | | | |", mib_label(c.mem_mib), c.peer);
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {e} | | | | | |",
+                    mib_label(c.mem_mib),
+                    c.peer
+                );
                 continue;
             }
             let mib = |f: &dyn Fn(&MemorySample) -> u64| {
