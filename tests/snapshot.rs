@@ -376,3 +376,170 @@ fn a_restored_vm_reaches_the_host_on_its_overridden_vsock() {
     assert_eq!(outcome.exit, VmExit::Reset, "{out}");
     assert!(out.contains("PROBE vsock ok cid=42 port=5000"), "{out}");
 }
+
+/// What the peer of [`network_traffic_in_flight_completes_once_across_a_snapshot`] saw: the
+/// numbers of the guest's datagrams, in arrival order.
+fn flight_peer(
+    ns: &ember_test_support::net::Netns,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Vec<u64> {
+    use std::net::UdpSocket;
+    use std::sync::atomic::Ordering;
+    ns.enter();
+    let s = UdpSocket::bind("192.0.2.1:9000").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+    // Room for every datagram of a run (tens of thousands), so that none is dropped by this
+    // socket when the peer's thread is not scheduled for a while.
+    let size: libc::c_int = 64 << 20;
+    // SAFETY: setsockopt on a socket this function owns, with an int option value.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(&s),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
+    let tx = UdpSocket::bind("192.0.2.1:0").unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let mut n = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        // The peer's own numbered datagrams to the guest's port 9 (before the guest answers
+        // ARP these fail: not counted, not retried).
+        let mut msg = [0u8; 64];
+        msg[..8].copy_from_slice(&n.to_be_bytes());
+        if tx.send_to(&msg, "192.0.2.2:9").is_ok() {
+            n += 1;
+        }
+        // At most 32 before the next send, so that a busy guest does not starve the peer's
+        // sends.
+        for _ in 0..32 {
+            let Ok((len, _)) = s.recv_from(&mut buf) else {
+                break;
+            };
+            assert!(len >= 8, "a datagram of {len} bytes");
+            got.push(u64::from_be_bytes(buf[..8].try_into().unwrap()));
+        }
+    }
+    got
+}
+
+/// Builds a VM on a thread that entered `ns` (where its TAP is).
+fn build_in(
+    ns: &std::sync::Arc<ember_test_support::net::Netns>,
+    builder: impl FnOnce() -> ember_vmm::VmBuilder + Send + 'static,
+) -> ember_vmm::Vm {
+    let ns = ns.clone();
+    std::thread::spawn(move || {
+        ns.enter();
+        builder().build().unwrap()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Snapshots taken while the guest keeps 8 datagrams always in flight to a peer on its TAP,
+/// and the peer sends the guest datagrams of its own (the probe's `netflight` check): in the
+/// restored VM, on a TAP of the same name, every transmit request completes exactly once (the
+/// guest checks its used ring), the peer receives every datagram the guest sent exactly once,
+/// and the guest receives the peer's in order, never twice, and again after the restore.
+/// Three snapshots, each at a different moment.
+#[test]
+fn network_traffic_in_flight_completes_once_across_a_snapshot() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let test = "network_traffic_in_flight_completes_once_across_a_snapshot";
+    if !kvm_or_skip(test) {
+        return;
+    }
+    let Some(ns) = ember_test_support::net::Netns::create(test) else {
+        return;
+    };
+    let ns = Arc::new(ns);
+    for round in 0..3u64 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let peer = {
+            let (ns, stop) = (ns.clone(), stop.clone());
+            std::thread::spawn(move || flight_peer(&ns, &stop))
+        };
+        let f = files();
+        let mut cfg = snapshot_common::config(&f.disk, "netflight");
+        cfg.cmdline += " probe.net.ip=192.0.2.2/24 probe.net.peer=192.0.2.1:9000 \
+                        probe.net.size=256";
+        cfg.nets.push(ember_vmm::NetConfig {
+            tap: "tap0".into(),
+            ..Default::default()
+        });
+        let console = snapshot_common::Console::default();
+        let out = console.clone();
+        let vm = build_in(&ns, move || {
+            ember_vmm::Vm::builder(cfg).serial_output(Box::new(out))
+        });
+        let (h, join) = snapshot_common::spawn(vm);
+        assert!(
+            console.wait_for("PROBE netflight running", Duration::from_secs(30)),
+            "{}",
+            console.text()
+        );
+        std::thread::sleep(Duration::from_millis(20 + 13 * round));
+        assert!(h.pause());
+        h.snapshot(&f.state, &f.memory).unwrap();
+        h.stop();
+        join.join().unwrap().unwrap();
+        assert!(!console.text().contains("FAIL"), "{}", console.text());
+
+        let console = snapshot_common::Console::default();
+        let out = console.clone();
+        let (state, memory) = (f.state.clone(), f.memory.clone());
+        let vm = build_in(&ns, move || {
+            let s = ember_vmm::read_snapshot(&state).unwrap();
+            let file = std::fs::File::open(&memory).unwrap();
+            VmBuilder::restore(s, file, &memory).serial_output(Box::new(out))
+        });
+        let (h, join) = snapshot_common::spawn(vm);
+        h.send_serial(b"g");
+        let outcome = join.join().unwrap().unwrap();
+        // The last datagrams reach the peer's socket before the VM is reaped.
+        std::thread::sleep(Duration::from_millis(50));
+        stop.store(true, Ordering::SeqCst);
+        let mut got = peer.join().unwrap();
+        let out = console.text();
+        assert_eq!(outcome.exit, VmExit::Reset, "round {round}: {out}");
+        let line = out
+            .lines()
+            .find(|l| l.starts_with("PROBE netflight ok"))
+            .unwrap_or_else(|| panic!("round {round}: {out}"));
+        let sent: u64 = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("sent="))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{line}"));
+        assert!(sent > 8, "round {round}: {line}");
+        got.sort_unstable();
+        let dups: Vec<u64> = got
+            .windows(2)
+            .filter(|w| w[0] == w[1])
+            .map(|w| w[0])
+            .collect();
+        assert!(
+            dups.is_empty(),
+            "round {round}: {} datagrams received twice, the first {:?}; {line}",
+            dups.len(),
+            &dups[..dups.len().min(10)]
+        );
+        got.dedup();
+        let missing: Vec<u64> = (0..sent)
+            .filter(|n| got.binary_search(n).is_err())
+            .collect();
+        let extra = got.iter().filter(|&&n| n >= sent).count();
+        assert!(
+            missing.is_empty() && extra == 0,
+            "round {round}: {} of 0..{sent} never arrived (the first {:?}), {extra} above; {line}",
+            missing.len(),
+            &missing[..missing.len().min(10)]
+        );
+    }
+}

@@ -13,8 +13,9 @@
 //! share one with the template: a vsock Unix socket ([`SnapshotState::override_vsock`], with
 //! a CID of its own), a TAP ([`SnapshotState::override_tap`]), a writable disk
 //! ([`SnapshotState::override_disk`]: give each fork its own copy of the image; a read-only
-//! disk is shared). virtio-rng draws from the host's entropy in each fork. There is no VMGenID
-//! device yet: a guest is not told that it was forked beyond the vsock transport reset.
+//! disk is shared). virtio-rng draws from the host's entropy in each fork, and each fork writes a
+//! new VM generation ID (ACPI `VMGENCTR`, with a notification once it runs), so that the guest
+//! can tell it was forked and reseed its RNG.
 //!
 //! [`VmBuilder::fork_template`]: crate::VmBuilder::fork_template
 //! [`VmHandle::template`]: crate::VmHandle::template

@@ -189,6 +189,7 @@ pub fn run() -> ! {
             b"virtio" => ctx.virtio(),
             b"blk" => ctx.blk(),
             b"blkflight" => ctx.blkflight(),
+            b"netflight" => ctx.netflight(),
             b"hostile" => ctx.hostile(),
             b"irq" => ctx.irq(),
             b"net" => ctx.net(),

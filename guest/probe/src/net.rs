@@ -7,9 +7,9 @@
 //! per frame: the 12-byte virtio-net header and the frame), a scratch frame at `FRAME_OFF`
 //! where received frames that span several buffers (`MRG_RXBUF`) are put together.
 
-use crate::arch::rdtsc;
+use crate::arch::{inb, rdtsc};
 use crate::checks::{parse_u64, Ctx};
-use crate::console::Line;
+use crate::console::{Line, LSR, LSR_DR, RBR_THR};
 use crate::virtio::{self as vio, Dev, D_WRITE, F_EVENT_IDX};
 
 /// virtio-net device id.
@@ -58,6 +58,10 @@ const PROTO_ICMP: u8 = 1;
 const PROTO_UDP: u8 = 17;
 /// The UDP echo port and the source port of everything the probe sends.
 const ECHO_PORT: u16 = 7;
+/// The UDP port `netflight` receives the host's numbered datagrams on.
+const FLIGHT_PORT: u16 = 9;
+/// Transmit requests `netflight` keeps published at once.
+const FLIGHT_DEPTH: usize = 8;
 
 /// Parameters of the `net` check.
 struct NetParams {
@@ -82,6 +86,14 @@ struct Counters {
     udp_echo: u64,
     bad_csum: u64,
     dropped: u64,
+    /// Transmit used entries for a buffer that was not in flight (a request completed twice,
+    /// or an unknown id).
+    tx_twice: u64,
+    /// `netflight`: numbered datagrams received on `FLIGHT_PORT`, the last number, and how
+    /// many arrived out of order or again.
+    flight_rx: u64,
+    flight_last: u64,
+    flight_again: u64,
 }
 
 /// A virtio-net device in use.
@@ -98,6 +110,8 @@ struct Net {
     n_tx: u16,
     tx_free: [u16; MAX_BUFS as usize],
     n_free: usize,
+    /// Which transmit buffers the device has (published, not yet used).
+    tx_busy: [bool; MAX_BUFS as usize],
     khz: u64,
     c: Counters,
 }
@@ -213,6 +227,7 @@ impl Net {
             n_tx,
             tx_free: [0; MAX_BUFS as usize],
             n_free: 0,
+            tx_busy: [false; MAX_BUFS as usize],
             khz,
             c: Counters::default(),
             dev,
@@ -243,13 +258,25 @@ impl Net {
         self.dev.q[0].publish(i);
     }
 
+    /// A transmit used entry: its buffer is free again, if the device had it (else it is
+    /// counted as completed twice).
+    fn tx_done(&mut self, id: u32) {
+        let i = id as usize;
+        if id >= u32::from(self.n_tx) || !self.tx_busy[i] {
+            self.c.tx_twice += 1;
+            return;
+        }
+        self.tx_busy[i] = false;
+        if self.n_free < usize::from(self.n_tx) {
+            self.tx_free[self.n_free] = id as u16;
+            self.n_free += 1;
+        }
+    }
+
     /// Takes back completed transmit buffers.
     fn reclaim(&mut self) {
         while let Some((id, _)) = self.dev.q[1].take() {
-            if id < u32::from(self.n_tx) && self.n_free < usize::from(self.n_tx) {
-                self.tx_free[self.n_free] = id as u16;
-                self.n_free += 1;
-            }
+            self.tx_done(id);
         }
     }
 
@@ -259,10 +286,7 @@ impl Net {
         let t0 = rdtsc();
         while self.n_free == 0 {
             if let Some((id, _)) = self.dev.poll_q(1, self.khz * 100) {
-                if id < u32::from(self.n_tx) {
-                    self.tx_free[self.n_free] = id as u16;
-                    self.n_free += 1;
-                }
+                self.tx_done(id);
             }
             if rdtsc().wrapping_sub(t0) > self.khz * 1000 {
                 return Err("transmit buffers not returned within 1 s");
@@ -290,6 +314,7 @@ impl Net {
             b[8..10].copy_from_slice(&6u16.to_le_bytes());
         }
         self.dev.q[1].set_desc(slot, a, (HDR + len) as u32, 0, 0);
+        self.tx_busy[usize::from(slot)] = true;
         self.dev.q[1].publish(slot);
         if kick {
             self.dev.kick(1);
@@ -304,10 +329,7 @@ impl Net {
         match self.dev.poll_any(0b11, cycles) {
             None => Ok(false),
             Some((1, id, _)) => {
-                if id < u32::from(self.n_tx) && self.n_free < usize::from(self.n_tx) {
-                    self.tx_free[self.n_free] = id as u16;
-                    self.n_free += 1;
-                }
+                self.tx_done(id);
                 Ok(true)
             }
             Some((_, id, len)) => {
@@ -476,6 +498,15 @@ impl Net {
                 return Ok(());
             }
         }
+        if be16(u, 2) == FLIGHT_PORT && u.len() >= 16 {
+            let n = u64::from_be_bytes(u[8..16].try_into().unwrap());
+            if self.c.flight_rx > 0 && n <= self.c.flight_last {
+                self.c.flight_again += 1;
+            }
+            self.c.flight_rx += 1;
+            self.c.flight_last = n;
+            return Ok(());
+        }
         if be16(u, 2) != ECHO_PORT {
             return Ok(());
         }
@@ -519,6 +550,59 @@ impl Net {
             }
             self.poll_once((total - spent).min(self.khz * 50))?;
         }
+    }
+
+    /// `netflight`'s traffic: numbered datagrams (8-byte big-endian number, then `size - 8`
+    /// pattern bytes) to the peer, `FLIGHT_DEPTH` always published, while receiving the
+    /// peer's numbered datagrams on `FLIGHT_PORT`, until a byte arrives on COM1 or `ms` have
+    /// passed (an error). Then 500 ms more, and every transmit buffer must come back within
+    /// 1 s. Returns (datagrams sent, received before the byte).
+    fn flight(&mut self, ms: u64, size: usize, peer_mac: [u8; 6]) -> Result<(u64, u64), &'static str> {
+        let me = self.me;
+        let (peer, port) = (self.peer, self.peer_port);
+        let t0 = rdtsc();
+        let mut sent = 0u64;
+        let mut byte_at: Option<(u64, u64)> = None;
+        loop {
+            let now = rdtsc();
+            match byte_at {
+                None if inb(LSR) & LSR_DR != 0 => {
+                    let _ = inb(RBR_THR);
+                    byte_at = Some((now, self.c.flight_rx));
+                }
+                None if now.wrapping_sub(t0) > self.khz * ms => return Err("no byte from the host"),
+                Some((t, _)) if now.wrapping_sub(t) > self.khz * 500 => break,
+                _ => {}
+            }
+            let in_flight = usize::from(self.n_tx) - self.n_free;
+            if in_flight < FLIGHT_DEPTH && self.n_free > 0 {
+                let seq = sent;
+                self.send(true, |b| {
+                    let p = &mut b[42..42 + size];
+                    for (i, x) in p.iter_mut().enumerate() {
+                        *x = (i as u8) ^ 0xa5;
+                    }
+                    p[..8].copy_from_slice(&seq.to_be_bytes());
+                    me.udp(b, &peer_mac, &peer, port, size)
+                })?;
+                sent += 1;
+            }
+            self.poll_once(self.khz)?;
+            if self.c.tx_twice > 0 {
+                return Err("a transmit request completed twice");
+            }
+        }
+        let deadline = rdtsc() + self.khz * 1000;
+        while self.n_free < usize::from(self.n_tx) {
+            self.poll_once(self.khz)?;
+            if rdtsc() > deadline {
+                return Err("transmit buffers not returned within 1 s");
+            }
+        }
+        if self.c.tx_twice > 0 {
+            return Err("a transmit request completed twice");
+        }
+        Ok((sent, byte_at.map_or(0, |(_, rx)| rx)))
     }
 
     /// Sends `n` datagrams with `size` payload bytes to the peer; (TSC cycles from the
@@ -716,32 +800,41 @@ impl Ctx<'_> {
         })
     }
 
-    /// `net`: ARP for the peer, a hello datagram, an optional flood, then serving ARP,
-    /// ICMP echo and UDP echo (port 7) for `probe.net.serve_ms`. The first virtio-net device
-    /// only.
-    pub(crate) fn net(&mut self) -> bool {
+    /// Opens the first virtio-net device for `check` with `net_params`. On failure the
+    /// check's line is printed and `Err` holds what the check returns: a missing device is a
+    /// skip (`false`) if `missing_is_skip`, else a failure.
+    fn open_net(
+        &mut self,
+        check: &'static str,
+        missing_is_skip: bool,
+    ) -> Result<(Net, NetParams, vio::Transport), bool> {
         let np = match self.net_params() {
             Ok(p) => p,
             Err(why) => {
-                Line::new("net").s("FAIL ").s(why).end();
-                return true;
+                Line::new(check).s("FAIL ").s(why).end();
+                return Err(true);
             }
         };
-        let Some(f) = self.virtio_found("net") else {
-            return true;
+        let Some(f) = self.virtio_found(check) else {
+            return Err(true);
         };
         let Some((slot, t)) = f.devs[..f.n]
             .iter()
             .enumerate()
             .find(|(_, t)| matches!(Dev::identify(t.base), Ok((2, NET_ID, _))))
         else {
-            Line::new("net").s("skip no virtio-net device").end();
-            return false;
+            if missing_is_skip {
+                Line::new(check).s("skip no virtio-net device").end();
+                return Err(false);
+            }
+            Line::new(check).s("FAIL no virtio-net device").end();
+            return Err(true);
         };
+        let t = *t;
         let khz = self.tsc_khz_or_guess();
         let want = np.mask & SUPPORTED;
         let r = self
-            .open_virtio(t, slot, want, 2)
+            .open_virtio(&t, slot, want, 2)
             .map_err(|(why, _)| why)
             .and_then(|dev| {
                 if dev.nq < 2 || dev.q[1].size == 0 {
@@ -749,14 +842,81 @@ impl Ctx<'_> {
                 }
                 Ok(Net::new(dev, &np, khz))
             });
-        let mut net = match r {
-            Ok(n) => n,
+        match r {
+            Ok(n) => Ok((n, np, t)),
             Err(why) => {
-                Line::new("net").s("FAIL ").s(why).s(" base=").hex(t.base).end();
-                self.close_virtio(t);
+                Line::new(check).s("FAIL ").s(why).s(" base=").hex(t.base).end();
+                self.close_virtio(&t);
+                Err(true)
+            }
+        }
+    }
+
+    /// `netflight`: lives across a snapshot with network traffic in flight both ways. Resolves
+    /// the peer (`probe.net.peer`), then sends it numbered datagrams of `probe.net.size`
+    /// bytes, 8 transmit requests always published, while counting the numbered datagrams
+    /// the peer sends to UDP port 9, until a byte arrives on COM1 (`probe.snapshot_ms`); the
+    /// snapshot is taken meanwhile and the byte sent to the restored VM. Every transmit
+    /// request must complete exactly once (a second used entry fails, a lost one times out),
+    /// the peer's datagrams must arrive in order and never twice, and at least one must
+    /// arrive after the byte (the restored device receives). The peer checks that it got
+    /// every number below `sent=` exactly once.
+    pub(crate) fn netflight(&mut self) -> bool {
+        let ms = match self.params.num(b"probe.snapshot_ms=", 60_000) {
+            Ok(v) => v,
+            Err(_) => {
+                Line::new("netflight").s("FAIL bad probe.snapshot_ms=").end();
                 return true;
             }
         };
+        let (mut net, np, t) = match self.open_net("netflight", false) {
+            Ok(x) => x,
+            Err(failed) => return failed,
+        };
+        while inb(LSR) & LSR_DR != 0 {
+            let _ = inb(RBR_THR);
+        }
+        let r = net.resolve_peer().and_then(|peer_mac| {
+            Line::new("netflight").s("running ms=").dec(ms).end();
+            net.flight(ms, np.size.max(16) as usize, peer_mac)
+        });
+        let mut l = Line::new("netflight");
+        let failed = match r {
+            Ok((sent, rx_before)) => {
+                let after = net.c.flight_rx - rx_before;
+                if net.c.flight_again > 0 {
+                    l.s("FAIL datagrams from the peer arrived out of order or twice");
+                } else if after == 0 {
+                    l.s("FAIL no datagram from the peer after the byte");
+                } else {
+                    l.s("ok");
+                }
+                l.s(" sent=").dec(sent).s(" rx=").dec(net.c.flight_rx).s(" rx_after=").dec(after);
+                net.c.flight_again > 0 || after == 0
+            }
+            Err(why) => {
+                l.s("FAIL ").s(why);
+                true
+            }
+        };
+        l.s(" again=")
+            .dec(net.c.flight_again)
+            .s(" tx_twice=")
+            .dec(net.c.tx_twice)
+            .end();
+        self.close_virtio(&t);
+        failed
+    }
+
+    /// `net`: ARP for the peer, a hello datagram, an optional flood, then serving ARP,
+    /// ICMP echo and UDP echo (port 7) for `probe.net.serve_ms`. The first virtio-net device
+    /// only.
+    pub(crate) fn net(&mut self) -> bool {
+        let (mut net, np, t) = match self.open_net("net", true) {
+            Ok(x) => x,
+            Err(failed) => return failed,
+        };
+        let khz = net.khz;
         let mut flood_cycles = None;
         let r = (|| {
             let peer_mac = net.resolve_peer()?;
@@ -862,7 +1022,7 @@ impl Ctx<'_> {
         }
         self.irq_suffix(&mut l, &net.dev);
         l.end();
-        self.close_virtio(t);
+        self.close_virtio(&t);
         r.is_err()
     }
 }
