@@ -190,6 +190,7 @@ pub fn run() -> ! {
             b"blk" => ctx.blk(),
             b"blkflight" => ctx.blkflight(),
             b"netflight" => ctx.netflight(),
+            b"vsockflight" => ctx.vsockflight(),
             b"hostile" => ctx.hostile(),
             b"irq" => ctx.irq(),
             b"net" => ctx.net(),

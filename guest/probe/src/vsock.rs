@@ -16,9 +16,9 @@
 //! asked and when it has consumed half its buffer since it last told the peer.
 //! Every wait is bounded; a RST or a transport reset event ends the connection.
 
-use crate::arch::rdtsc;
+use crate::arch::{inb, rdtsc};
 use crate::checks::Ctx;
-use crate::console::Line;
+use crate::console::{Line, LSR, LSR_DR, RBR_THR};
 use crate::virtio::{self as vio, Dev, D_NEXT, D_WRITE};
 
 /// virtio-vsock device id.
@@ -198,6 +198,9 @@ pub struct Counters {
     pub credit_requests: u64,
     pub credit_updates: u64,
     pub resets: u64,
+    /// Transmit used entries for a slot that was not in flight (a request completed twice,
+    /// or an unknown id).
+    pub tx_twice: u64,
 }
 
 /// What received data is for.
@@ -219,6 +222,8 @@ pub struct Vsock {
     n_tx: u16,
     tx_free: [u16; MAX_BUFS as usize],
     n_free: usize,
+    /// Which transmit slots the device has (published, not yet used).
+    tx_busy: [bool; MAX_BUFS as usize],
     khz: u64,
     conn: Option<Conn>,
     listen: Option<u32>,
@@ -245,6 +250,7 @@ impl Vsock {
             n_tx,
             tx_free: [0; MAX_BUFS as usize],
             n_free: 0,
+            tx_busy: [false; MAX_BUFS as usize],
             khz,
             conn: None,
             listen: None,
@@ -288,8 +294,14 @@ impl Vsock {
     }
 
     fn reclaim_one(&mut self, id: u32) {
-        if id.is_multiple_of(2) && id / 2 < u32::from(self.n_tx) && self.n_free < usize::from(self.n_tx) {
-            self.tx_free[self.n_free] = (id / 2) as u16;
+        let slot = (id / 2) as usize;
+        if !id.is_multiple_of(2) || id / 2 >= u32::from(self.n_tx) || !self.tx_busy[slot] {
+            self.c.tx_twice += 1;
+            return;
+        }
+        self.tx_busy[slot] = false;
+        if self.n_free < usize::from(self.n_tx) {
+            self.tx_free[self.n_free] = slot as u16;
             self.n_free += 1;
         }
     }
@@ -328,6 +340,7 @@ impl Vsock {
         } else {
             q.set_desc(2 * slot, ha, HDR as u32, 0, 0);
         }
+        self.tx_busy[usize::from(slot)] = true;
         q.publish(2 * slot);
         self.dev.kick(1);
         self.c.tx += 1;
@@ -612,6 +625,52 @@ impl Vsock {
             self.echo_len -= n;
             self.echoed += u64::from(n);
             self.consumed(n)?;
+        }
+        Ok(())
+    }
+
+    /// `vsockflight`'s stream: bytes numbered by their offset (`offset % 251`) on the
+    /// connection, as much as the credit and the transmit slots allow without waiting, until a
+    /// byte arrives on COM1 or `ms` have passed (an error). A transport reset ends the stream
+    /// (the connection is gone); the wait for the byte goes on. Returns the bytes sent.
+    fn flight(&mut self, ms: u64) -> Result<u64, &'static str> {
+        let t0 = rdtsc();
+        let mut sent = 0u64;
+        let mut chunk = [0u8; 1024];
+        loop {
+            if inb(LSR) & LSR_DR != 0 {
+                let _ = inb(RBR_THR);
+                return Ok(sent);
+            }
+            if rdtsc().wrapping_sub(t0) > self.khz * ms {
+                return Err("no byte from the host");
+            }
+            if self.c.tx_twice > 0 {
+                return Err("a transmit request completed twice");
+            }
+            if self.state() == State::Established && self.n_free > 0 {
+                let n = (self.conn.unwrap().credit() as usize).min(chunk.len());
+                if n > 0 {
+                    for (k, b) in chunk[..n].iter_mut().enumerate() {
+                        *b = ((sent + k as u64) % 251) as u8;
+                    }
+                    self.send_conn(OP_RW, 0, &chunk[..n])?;
+                    sent += n as u64;
+                    continue;
+                }
+            }
+            self.poll(self.khz)?;
+        }
+    }
+
+    /// Waits up to 1 s for every transmit slot to come back.
+    fn drain_tx(&mut self) -> Result<(), &'static str> {
+        let t0 = rdtsc();
+        while self.n_free < usize::from(self.n_tx) {
+            if rdtsc().wrapping_sub(t0) > self.khz * 1000 {
+                return Err("transmit buffers not returned within 1 s");
+            }
+            self.poll(self.khz)?;
         }
         Ok(())
     }
@@ -916,6 +975,84 @@ impl Ctx<'_> {
             }
         }
         l.end();
+        self.close_virtio(&t);
+        r.is_err()
+    }
+
+    /// `vsockflight`: lives across a snapshot with a vsock stream in flight. Connects to the
+    /// host on `probe.vsock.connect`, sends bytes numbered by their offset as fast as the
+    /// credit allows, until a byte arrives on COM1 (`probe.snapshot_ms`); the snapshot is
+    /// taken meanwhile and the byte sent to the restored VM, whose device has no connection
+    /// (host sockets are not saved): it must send the transport-reset event, every transmit
+    /// request must complete exactly once (a second used entry fails, a lost one times out),
+    /// and a new connection to the same port must carry `PROBE-VSOCKFLIGHT-AFTER\n` and one
+    /// reply line. The host checks that what it received on the first connection is the
+    /// numbered stream's start, without a byte lost or doubled.
+    pub(crate) fn vsockflight(&mut self) -> bool {
+        let (ms, port) = match (
+            self.params.num(b"probe.snapshot_ms=", 60_000),
+            self.vsock_params().ok().and_then(|p| p.connect),
+        ) {
+            (Ok(ms), Some(port)) => (ms, port),
+            _ => {
+                Line::new("vsockflight")
+                    .s("FAIL bad probe.snapshot_ms= or no probe.vsock.connect=")
+                    .end();
+                return true;
+            }
+        };
+        let (t, mut v) = match self.vsock_open("vsockflight") {
+            None => {
+                Line::new("vsockflight").s("FAIL no virtio-vsock device").end();
+                return true;
+            }
+            Some(Err(())) => return true,
+            Some(Ok(x)) => x,
+        };
+        while inb(LSR) & LSR_DR != 0 {
+            let _ = inb(RBR_THR);
+        }
+        let mut sent = 0;
+        let r = (|| {
+            v.connect(port)?;
+            Line::new("vsockflight").s("running ms=").dec(ms).end();
+            sent = v.flight(ms)?;
+            // The reset event may still be in the event queue when the byte is seen.
+            let t0 = rdtsc();
+            while v.c.resets == 0 && rdtsc().wrapping_sub(t0) < v.khz * 1000 {
+                v.poll(v.khz)?;
+            }
+            if v.c.resets == 0 {
+                return Err("no transport reset event after the restore");
+            }
+            v.drain_tx()?;
+            v.expect_line();
+            v.connect(port)?;
+            v.send_data(b"PROBE-VSOCKFLIGHT-AFTER\n")?;
+            v.read_line()?;
+            v.shutdown()?;
+            v.drain_tx()?;
+            if v.c.tx_twice > 0 {
+                return Err("a transmit request completed twice");
+            }
+            Ok(())
+        })();
+        let mut l = Line::new("vsockflight");
+        match r {
+            Ok(()) => l.s("ok"),
+            Err(why) => l.s("FAIL ").s(why),
+        };
+        l.s(" sent=")
+            .dec(sent)
+            .s(" cid=")
+            .dec(v.cid)
+            .s(" resets=")
+            .dec(v.c.resets)
+            .s(" tx_twice=")
+            .dec(v.c.tx_twice)
+            .s(" rst_sent=")
+            .dec(v.c.rst_sent)
+            .end();
         self.close_virtio(&t);
         r.is_err()
     }
