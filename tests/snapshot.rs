@@ -398,7 +398,7 @@ fn flight_peer(
             libc::SOL_SOCKET,
             libc::SO_RCVBUFFORCE,
             std::ptr::from_ref(&size).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap(),
         )
     };
     assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
@@ -551,8 +551,7 @@ fn read_numbered_stream(mut s: std::os::unix::net::UnixStream) -> (u64, Option<u
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf = [0u8; 65536];
     let (mut n, mut first_wrong) = (0u64, None);
-    loop {
-        let Ok(len) = s.read(&mut buf) else { break };
+    while let Ok(len) = s.read(&mut buf) {
         if len == 0 {
             break;
         }
