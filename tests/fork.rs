@@ -283,3 +283,94 @@ fn forks_and_boots_run_on_prepared_vms_and_refuse_ones_that_do_not_fit() {
         .to_string();
     assert!(e.contains("1 vCPUs") && e.contains("wants 2"), "{e}");
 }
+
+/// A snapshot on disk is a template (`Template::from_snapshot`): forks of it, taken from a
+/// pool made from it too, run side by side, each with its own generation ID and its own
+/// memory (each guest marks its region with its own byte), and the memory file the forks
+/// share is unchanged by them. A memory file of the wrong size, or a missing one, is refused.
+#[test]
+fn a_snapshot_on_disk_is_a_template_for_forks() {
+    if !kvm_or_skip("a_snapshot_on_disk_is_a_template_for_forks") {
+        return;
+    }
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-fork-").unwrap();
+    let (state, mem) = (dir.as_path().join("vm.state"), dir.as_path().join("vm.mem"));
+    let console = Console::default();
+    let vm = Vm::builder(probe_config("snapshot,vmgenid"))
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let (h, join) = spawn(vm);
+    assert!(
+        console.wait_for("PROBE snapshot waiting", Duration::from_secs(30)),
+        "{}",
+        console.text()
+    );
+    let at = region(&console.text());
+    assert!(h.pause());
+    let booted_id = h.generation_id();
+    h.snapshot(&state, &mem).unwrap();
+    h.stop();
+    join.join().unwrap().unwrap();
+    let before = std::fs::read(&mem).unwrap();
+
+    let template = Template::from_snapshot(&state, &mem).unwrap();
+    let pool = ember_vmm::VmPool::for_template("/dev/kvm", &template, 2).unwrap();
+    let mut forks = Vec::new();
+    for mark in 1..=4u8 {
+        let console = Console::default();
+        let mut builder = template.fork().unwrap();
+        if mark % 2 == 0 {
+            builder = builder.prepared(pool.take().unwrap());
+        }
+        let vm = builder
+            .serial_output(Box::new(console.clone()))
+            .build()
+            .unwrap();
+        let memory = vm.memory().clone();
+        let (h, join) = spawn(vm);
+        forks.push((mark, h, join, console, memory));
+    }
+    let mut ids = std::collections::HashSet::new();
+    for (mark, h, ..) in &forks {
+        let id = h.generation_id().expect("a generation ID");
+        assert_ne!(Some(id), booted_id, "fork {mark}");
+        assert!(
+            ids.insert(id),
+            "fork {mark} has another fork's generation ID"
+        );
+        h.send_serial(&[*mark]);
+    }
+    for (mark, _, join, console, memory) in forks {
+        let outcome = join.join().unwrap().unwrap();
+        let out = console.text();
+        assert_eq!(outcome.exit, VmExit::Reset, "fork {mark}: {out}");
+        assert!(
+            out.contains(&format!("mark={mark}\n")),
+            "fork {mark}: {out}"
+        );
+        let id = generation_id(&out).unwrap_or_else(|| panic!("fork {mark}: {out}"));
+        assert!(ids.contains(&id), "fork {mark}: {out}");
+        let mut b = [0u8; 256];
+        memory.read_slice(&mut b, at).unwrap();
+        for (j, v) in b.iter().enumerate() {
+            assert_eq!(*v, pattern(j) ^ mark, "fork {mark} byte {j}");
+        }
+    }
+    assert!(
+        std::fs::read(&mem).unwrap() == before,
+        "the forks changed the template's memory file"
+    );
+
+    // Refusals: a memory file of another size, a missing one.
+    let short = dir.as_path().join("short.mem");
+    std::fs::write(&short, &before[..4096]).unwrap();
+    let e = Template::from_snapshot(&state, &short)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("short.mem") && e.contains("4096 bytes"), "{e}");
+    let e = Template::from_snapshot(&state, &dir.as_path().join("none.mem"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("none.mem"), "{e}");
+}

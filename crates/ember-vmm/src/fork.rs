@@ -17,20 +17,29 @@
 //! new VM generation ID (ACPI `VMGENCTR`, with a notification once it runs), so that the guest
 //! can tell it was forked and reseed its RNG.
 //!
+//! A snapshot on disk can be a template too ([`Template::from_snapshot`]): its memory file is
+//! then the shared base, mapped `MAP_PRIVATE` by every fork, so that a process that did not
+//! boot the template (a new VMM process, a host after a reboot) forks it just the same. The
+//! memory file must not change while forks of it run: a page a fork has not written yet is
+//! read from the file when first touched (the same holds for a restore).
+//!
 //! [`VmBuilder::fork_template`]: crate::VmBuilder::fork_template
 //! [`VmHandle::template`]: crate::VmHandle::template
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::error::Error;
 use crate::snapshot::{SnapshotError, SnapshotState};
 use crate::vm::VmBuilder;
 
-/// A paused VM's state and its guest memory's memfd: the base of forks.
+/// A paused VM's state and its guest memory's file (the VM's memfd, or a snapshot's memory
+/// file): the base of forks.
 #[derive(Debug)]
 pub struct Template {
     pub(crate) state: SnapshotState,
     pub(crate) memory: std::fs::File,
+    /// What names the memory file in errors.
+    pub(crate) memory_path: PathBuf,
 }
 
 /// What [`Template::fork_with`] refuses.
@@ -39,6 +48,38 @@ fn shared_resource(what: String) -> Error {
 }
 
 impl Template {
+    /// A template from a snapshot on disk: the state file at `state` ([`crate::read_snapshot`]:
+    /// version, checksum and consistency checked) and the memory file at `memory`, opened
+    /// read-only, which must hold exactly the state's guest memory. Nothing of the memory is
+    /// read here. The file must stay unchanged while forks of it run (see the module docs).
+    pub fn from_snapshot(state: &Path, memory: &Path) -> Result<Self, Error> {
+        let state = crate::snapshot::read_state(state)?;
+        let file = std::fs::File::open(memory).map_err(|source| {
+            Error::Snapshot(SnapshotError::Io {
+                path: memory.to_path_buf(),
+                source,
+            })
+        })?;
+        let meta = file.metadata().map_err(|source| {
+            Error::Snapshot(SnapshotError::Io {
+                path: memory.to_path_buf(),
+                source,
+            })
+        })?;
+        if !meta.is_file() || meta.len() != state.memory_bytes {
+            return Err(Error::Snapshot(SnapshotError::MemorySize {
+                path: memory.to_path_buf(),
+                size: if meta.is_file() { meta.len() } else { 0 },
+                want: state.memory_bytes,
+            }));
+        }
+        Ok(Template {
+            state,
+            memory: file,
+            memory_path: memory.to_path_buf(),
+        })
+    }
+
     /// The template's state: clone it, apply a fork's overrides, give it to
     /// [`fork_with`](Self::fork_with).
     pub fn state(&self) -> &SnapshotState {
@@ -49,7 +90,7 @@ impl Template {
     pub(crate) fn memory_file(&self) -> Result<std::fs::File, Error> {
         self.memory.try_clone().map_err(|source| {
             Error::Snapshot(SnapshotError::Io {
-                path: "memfd".into(),
+                path: self.memory_path.clone(),
                 source,
             })
         })
@@ -91,10 +132,6 @@ impl Template {
             }
         }
         let memory = self.memory_file()?;
-        Ok(VmBuilder::restore(
-            state,
-            memory,
-            Path::new("memfd:ember-guest-ram"),
-        ))
+        Ok(VmBuilder::restore(state, memory, &self.memory_path))
     }
 }

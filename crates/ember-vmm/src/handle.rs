@@ -341,6 +341,7 @@ impl VmHandle {
                     machine,
                 },
                 memory,
+                memory_path: "memfd:ember-guest-ram".into(),
             })
         })?
     }
