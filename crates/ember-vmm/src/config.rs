@@ -94,9 +94,11 @@ pub struct VmConfig {
     /// Force a boot protocol; by default PVH is used when the kernel offers it.
     #[serde(default)]
     pub boot_protocol: Option<BootProtocolChoice>,
-    /// Turn on KVM's dirty log of guest memory, so that diff snapshots can be taken
-    /// ([`crate::SnapshotKind::Diff`]; Firecracker's `track_dirty_pages`). Off by default: each
-    /// first guest write to a page after a snapshot then costs a write-protection fault.
+    /// Turn on KVM's dirty log of guest memory, and give guest memory the dirty bitmap of the
+    /// VMM's writes, so that diff snapshots can be taken ([`crate::VmHandle::diff_snapshot`];
+    /// Firecracker's `track_dirty_pages`). Off by default: each first guest write to a page
+    /// after a snapshot then costs a write-protection fault, and each VMM write an update of
+    /// the bitmap.
     #[serde(default)]
     pub track_dirty_pages: bool,
 }

@@ -560,8 +560,8 @@ pub fn write_dirty_memory(
     Ok(written)
 }
 
-/// Lays the diff memory file `diff` ([`write_dirty_memory`] into a new file) over its base
-/// memory file `base`: every data extent of the diff (`SEEK_DATA`/`SEEK_HOLE`) is copied to the
+/// Lays the diff memory file `diff` (a [`crate::VmHandle::diff_snapshot`] into a new file)
+/// over its base memory file `base`: every data extent of the diff (`SEEK_DATA`/`SEEK_HOLE`) is copied to the
 /// same offset of `base`, which then is the memory of the diff snapshot (Firecracker's
 /// `snapshot-editor edit-memory rebase`). Apply the diffs of a chain in the order they were
 /// taken. The diff must be on a file system that keeps holes (ext4, xfs, btrfs, tmpfs).
