@@ -102,6 +102,95 @@ pub struct ApiServer {
     path: PathBuf,
     listener: StdUnixListener,
     counters: Arc<ServerCounters>,
+    pending: Arc<AtomicU64>,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+    ticks: Option<tokio::sync::mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>>,
+    tick_sender: tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
+}
+
+/// Waits for the server to have written every answer it holds: what a VMM calls before its
+/// process exits, so that a client whose request ended the VM (an `InstanceStart` of a guest
+/// that stops at once, a `SendCtrlAltDel`) still gets its answer rather than a closed
+/// connection. From [`ApiServer::drain_handle`].
+#[derive(Clone, Debug)]
+pub struct DrainHandle {
+    pending: Arc<AtomicU64>,
+    serving: Arc<std::sync::atomic::AtomicBool>,
+    ticks: tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
+}
+
+impl DrainHandle {
+    /// Waits, up to `timeout`, until no answer is held (every request received has been
+    /// answered and its answer's body handed to the connection) and the server thread has
+    /// finished the work it was doing then (writing those answers to their sockets). Returns
+    /// whether it got there in time; `true` at once for a server that is not running.
+    pub fn wait(&self, timeout: Duration) -> bool {
+        if !self.serving.load(Ordering::SeqCst) {
+            return true;
+        }
+        let deadline = std::time::Instant::now() + timeout;
+        while self.pending.load(Ordering::SeqCst) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        // A task of the server's (single-threaded) runtime runs only after the connection
+        // task that dropped the last answer's body has returned from that poll, in which it
+        // writes the answer out.
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.ticks.send(tx).is_err() {
+            return true;
+        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        !matches!(
+            rx.recv_timeout(left),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout)
+        )
+    }
+}
+
+/// One answer the server holds (counted in `pending` while it lives).
+struct Held(Arc<AtomicU64>);
+
+impl Held {
+    fn new(pending: &Arc<AtomicU64>) -> Self {
+        pending.fetch_add(1, Ordering::SeqCst);
+        Held(pending.clone())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A response body that counts as held by the server until hyper drops it (when it has
+/// taken all of it to write).
+struct HeldBody {
+    inner: Full<Bytes>,
+    _held: Held,
+}
+
+impl hyper::body::Body for HeldBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl ApiServer {
@@ -126,11 +215,25 @@ impl ApiServer {
         }
         let listener = StdUnixListener::bind(path).map_err(io_err)?;
         listener.set_nonblocking(true).map_err(io_err)?;
+        let (tick_sender, ticks) = tokio::sync::mpsc::unbounded_channel();
         Ok(ApiServer {
             path: path.to_path_buf(),
             listener,
             counters: Arc::new(ServerCounters::default()),
+            pending: Arc::new(AtomicU64::new(0)),
+            serving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            ticks: Some(ticks),
+            tick_sender,
         })
+    }
+
+    /// A handle to wait, before the process exits, for the answers the server still holds.
+    pub fn drain_handle(&self) -> DrainHandle {
+        DrainHandle {
+            pending: self.pending.clone(),
+            serving: self.serving.clone(),
+            ticks: self.tick_sender.clone(),
+        }
     }
 
     /// The socket path.
@@ -172,7 +275,7 @@ impl ApiServer {
             .map_err(|source| ServerError::Io { path, source })
     }
 
-    fn run(self, config: ServerConfig, deliver: Arc<dyn Fn(ApiCall) + Send + Sync>) {
+    fn run(mut self, config: ServerConfig, deliver: Arc<dyn Fn(ApiCall) + Send + Sync>) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
@@ -185,7 +288,18 @@ impl ApiServer {
             }
         };
         let counters = self.counters.clone();
+        let pending = self.pending.clone();
+        let ticks = self.ticks.take();
+        drop(self.tick_sender);
+        self.serving.store(true, Ordering::SeqCst);
         rt.block_on(async move {
+            if let Some(mut ticks) = ticks {
+                tokio::spawn(async move {
+                    while let Some(done) = ticks.recv().await {
+                        let _ = done.send(());
+                    }
+                });
+            }
             let listener = match tokio::net::UnixListener::from_std(self.listener) {
                 Ok(l) => l,
                 Err(e) => {
@@ -204,7 +318,8 @@ impl ApiServer {
                 };
                 let deliver = deliver.clone();
                 let counters = counters.clone();
-                tokio::spawn(serve_connection(stream, config, deliver, counters));
+                let pending = pending.clone();
+                tokio::spawn(serve_connection(stream, config, deliver, counters, pending));
             }
         });
     }
@@ -215,11 +330,20 @@ async fn serve_connection(
     config: ServerConfig,
     deliver: Arc<dyn Fn(ApiCall) + Send + Sync>,
     counters: Arc<ServerCounters>,
+    pending: Arc<AtomicU64>,
 ) {
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let deliver = deliver.clone();
         let counters = counters.clone();
-        async move { Ok::<_, Infallible>(handle(req, config, &*deliver, &counters).await) }
+        let pending = pending.clone();
+        async move {
+            // Held from before the VMM sees the request until hyper has the whole answer.
+            let held = Held::new(&pending);
+            let response = handle(req, config, &*deliver, &counters).await;
+            let (parts, inner) = response.into_parts();
+            let body = HeldBody { inner, _held: held };
+            Ok::<_, Infallible>(Response::from_parts(parts, body))
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

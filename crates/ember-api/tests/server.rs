@@ -212,3 +212,39 @@ fn a_live_socket_is_not_stolen_and_a_stale_one_is_replaced() {
         Err(ember_api::ServerError::NotASocket(_))
     ));
 }
+
+/// `DrainHandle::wait` holds the process's exit while the server still has an answer to
+/// write: not drained while the VMM has not answered, drained once it has, and by then the
+/// answer is in the client's socket (readable without the server thread running again).
+#[test]
+fn the_drain_waits_for_answers_the_server_holds() {
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-").unwrap();
+    let path = dir.as_path().join("api.sock");
+    let s = ApiServer::bind(&path).unwrap();
+    let drain = s.drain_handle();
+    // Nothing held yet.
+    assert!(drain.wait(Duration::from_millis(100)));
+    let (tx, rx) = std::sync::mpsc::channel();
+    s.spawn(ServerConfig::default(), move |call| {
+        let _ = tx.send(call);
+    })
+    .unwrap();
+    let mut client = UnixStream::connect(&path).unwrap();
+    client
+        .write_all(b"PUT /actions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 33\r\n\r\n{\"action_type\":\"InstanceStart\"}\r\n")
+        .unwrap();
+    let call = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    // Held: the VMM has not answered.
+    assert!(!drain.wait(Duration::from_millis(50)));
+    call.reply(ApiResponse::no_content());
+    assert!(drain.wait(Duration::from_secs(5)));
+    // Written: the answer is already in this socket.
+    client.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1024];
+    let n = client.read(&mut buf).expect("the answer is in the socket");
+    assert!(
+        String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 204"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}

@@ -72,8 +72,11 @@ impl log::Log for Logger {
             ));
         }
         let now = humantime::format_rfc3339_nanos(std::time::SystemTime::now());
+        // The whole line in one write: a FIFO reader never sees half a line (a write of up to
+        // PIPE_BUF bytes to a pipe is atomic), nor another process's line in the middle.
+        let line = format!("{now} [{prefix}] {}\n", record.args());
         // A log that cannot be written (a FIFO nobody reads) loses the line, never blocks.
-        let _ = writeln!(state.out, "{now} [{prefix}] {}", record.args());
+        let _ = state.out.write_all(line.as_bytes());
         let _ = state.out.flush();
     }
 
@@ -123,4 +126,57 @@ pub fn configure(settings: LogSettings, path: Option<&str>) -> Result<(), String
     log::set_max_level(filter(settings.level));
     state.settings = settings;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Records every `write` call it gets.
+    #[derive(Clone, Default)]
+    struct Writes(Arc<Mutex<Vec<Vec<u8>>>>);
+
+    impl Write for Writes {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn each_record_is_one_whole_line_in_one_write() {
+        let writes = Writes::default();
+        let logger = Logger {
+            id: "vm7".into(),
+            state: Mutex::new(Some(State {
+                settings: LogSettings {
+                    level: LogLevel::Info,
+                    show_level: true,
+                    show_origin: false,
+                    module: None,
+                },
+                out: Box::new(writes.clone()),
+            })),
+        };
+        log::set_max_level(log::LevelFilter::Info);
+        log::Log::log(
+            &logger,
+            &log::Record::builder()
+                .level(log::Level::Warn)
+                .args(format_args!("disk {} is read-only", "rootfs"))
+                .build(),
+        );
+        let w = writes.0.lock().unwrap();
+        assert_eq!(w.len(), 1, "{w:?}");
+        let line = String::from_utf8(w[0].clone()).unwrap();
+        assert!(
+            line.ends_with(":WARN] disk rootfs is read-only\n"),
+            "{line}"
+        );
+        assert!(line.contains(" [vm7:"), "{line}");
+    }
 }

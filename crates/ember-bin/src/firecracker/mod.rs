@@ -134,12 +134,14 @@ pub fn run(args: FcArgs) -> ExitCode {
         }
     }
     // The API socket: accepting from here on.
+    let mut drain = None;
     if !args.no_api {
         let server = match ApiServer::bind(&args.api_sock) {
             Ok(s) => s,
             Err(e) => return fail(e),
         };
         ctl.set_server_counters(server.counters());
+        drain = Some(server.drain_handle());
         let tx = tx.clone();
         let cfg = ServerConfig {
             max_payload: args.http_api_max_payload_size,
@@ -174,6 +176,13 @@ pub fn run(args: FcArgs) -> ExitCode {
         return fail("--no-api needs --config-file (nothing else can configure the microVM)");
     }
     let code = ctl.run(rx);
+    // The answer to the request that ended the VM (a guest that stops right after
+    // InstanceStart, a SendCtrlAltDel) reaches its client before the process exits.
+    if let Some(d) = drain {
+        if !d.wait(std::time::Duration::from_millis(500)) {
+            log::warn!("exiting with API answers not yet written");
+        }
+    }
     crate::remove_api_socket();
     let signal = crate::STOP_SIGNAL.load(Ordering::SeqCst);
     if signal != 0 {
