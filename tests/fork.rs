@@ -293,28 +293,15 @@ fn a_snapshot_on_disk_is_a_template_for_forks() {
     if !kvm_or_skip("a_snapshot_on_disk_is_a_template_for_forks") {
         return;
     }
-    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-fork-").unwrap();
-    let (state, mem) = (dir.as_path().join("vm.state"), dir.as_path().join("vm.mem"));
-    let console = Console::default();
-    let vm = Vm::builder(probe_config("snapshot,vmgenid"))
-        .serial_output(Box::new(console.clone()))
-        .build()
-        .unwrap();
-    let (h, join) = spawn(vm);
-    assert!(
-        console.wait_for("PROBE snapshot waiting", Duration::from_secs(30)),
-        "{}",
-        console.text()
-    );
-    let at = region(&console.text());
-    assert!(h.pause());
-    let booted_id = h.generation_id();
-    h.snapshot(&state, &mem).unwrap();
-    h.stop();
-    join.join().unwrap().unwrap();
-    let before = std::fs::read(&mem).unwrap();
+    let f = snapshot_common::files();
+    let (state, mem) = (&f.state, &f.memory);
+    let text = snapshot_common::take_snapshot_of(probe_config("vmgenid,snapshot,vmgenid"), &f);
+    let at = region(&text);
+    let booted_id = generation_id(&text);
+    assert!(booted_id.is_some(), "{text}");
+    let before = std::fs::read(mem).unwrap();
 
-    let template = Template::from_snapshot(&state, &mem).unwrap();
+    let template = Template::from_snapshot(state, mem).unwrap();
     let pool = ember_vmm::VmPool::for_template("/dev/kvm", &template, 2).unwrap();
     let mut forks = Vec::new();
     for mark in 1..=4u8 {
@@ -358,18 +345,19 @@ fn a_snapshot_on_disk_is_a_template_for_forks() {
         }
     }
     assert!(
-        std::fs::read(&mem).unwrap() == before,
+        std::fs::read(mem).unwrap() == before,
         "the forks changed the template's memory file"
     );
 
     // Refusals: a memory file of another size, a missing one.
-    let short = dir.as_path().join("short.mem");
+    let dir = state.parent().unwrap();
+    let short = dir.join("short.mem");
     std::fs::write(&short, &before[..4096]).unwrap();
-    let e = Template::from_snapshot(&state, &short)
+    let e = Template::from_snapshot(state, &short)
         .unwrap_err()
         .to_string();
     assert!(e.contains("short.mem") && e.contains("4096 bytes"), "{e}");
-    let e = Template::from_snapshot(&state, &dir.as_path().join("none.mem"))
+    let e = Template::from_snapshot(state, &dir.join("none.mem"))
         .unwrap_err()
         .to_string();
     assert!(e.contains("none.mem"), "{e}");

@@ -297,17 +297,14 @@ fn disk_writes_in_flight_complete_once_across_a_snapshot() {
             .build()
             .unwrap();
         let (h, join) = snapshot_common::spawn(vm);
-        assert!(
-            console.wait_for("PROBE blkflight running", Duration::from_secs(30)),
-            "{}",
-            console.text()
+        snapshot_common::snapshot_once_running(
+            &h,
+            join,
+            &console,
+            "PROBE blkflight running",
+            Duration::from_millis(10 + 7 * round),
+            &f,
         );
-        std::thread::sleep(Duration::from_millis(10 + 7 * round));
-        assert!(h.pause());
-        h.snapshot(&f.state, &f.memory).unwrap();
-        h.stop();
-        join.join().unwrap().unwrap();
-        assert!(!console.text().contains("FAIL"), "{}", console.text());
 
         let (h, console, join) = restore(&f);
         h.send_serial(b"g");
@@ -479,17 +476,14 @@ fn network_traffic_in_flight_completes_once_across_a_snapshot() {
             ember_vmm::Vm::builder(cfg).serial_output(Box::new(out))
         });
         let (h, join) = snapshot_common::spawn(vm);
-        assert!(
-            console.wait_for("PROBE netflight running", Duration::from_secs(30)),
-            "{}",
-            console.text()
+        snapshot_common::snapshot_once_running(
+            &h,
+            join,
+            &console,
+            "PROBE netflight running",
+            Duration::from_millis(20 + 13 * round),
+            &f,
         );
-        std::thread::sleep(Duration::from_millis(20 + 13 * round));
-        assert!(h.pause());
-        h.snapshot(&f.state, &f.memory).unwrap();
-        h.stop();
-        join.join().unwrap().unwrap();
-        assert!(!console.text().contains("FAIL"), "{}", console.text());
 
         let console = snapshot_common::Console::default();
         let out = console.clone();
@@ -600,17 +594,14 @@ fn a_vsock_stream_in_flight_is_reset_cleanly_across_a_snapshot() {
         let (h, join) = snapshot_common::spawn(vm);
         let (stream, _) = listener.accept().unwrap();
         let reader = std::thread::spawn(move || read_numbered_stream(stream));
-        assert!(
-            console.wait_for("PROBE vsockflight running", Duration::from_secs(30)),
-            "{}",
-            console.text()
+        snapshot_common::snapshot_once_running(
+            &h,
+            join,
+            &console,
+            "PROBE vsockflight running",
+            Duration::from_millis(20 + 13 * round),
+            &f,
         );
-        std::thread::sleep(Duration::from_millis(20 + 13 * round));
-        assert!(h.pause());
-        h.snapshot(&f.state, &f.memory).unwrap();
-        h.stop();
-        join.join().unwrap().unwrap();
-        assert!(!console.text().contains("FAIL"), "{}", console.text());
         let (received, wrong) = reader.join().unwrap();
 
         let mut state = ember_vmm::read_snapshot(&f.state).unwrap();

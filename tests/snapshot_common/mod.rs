@@ -86,8 +86,14 @@ pub fn files() -> Files {
 
 /// Boots the probe to its `snapshot` wait, pauses, snapshots, stops.
 pub fn take_snapshot(f: &Files, checks: &str) -> String {
+    take_snapshot_of(config(&f.disk, checks), f)
+}
+
+/// As [`take_snapshot`], for a VM of configuration `config` (a probe whose checks include
+/// `snapshot`). Returns the console's text.
+pub fn take_snapshot_of(config: VmConfig, f: &Files) -> String {
     let console = Console::default();
-    let vm = Vm::builder(config(&f.disk, checks))
+    let vm = Vm::builder(config)
         .serial_output(Box::new(console.clone()))
         .build()
         .unwrap();
@@ -122,4 +128,27 @@ pub fn restore(
         .unwrap();
     let (h, join) = spawn(vm);
     (h, console, join)
+}
+
+/// Once `console` shows `running` (the probe check's line), waits `after` more, then pauses the
+/// VM, snapshots it to `f`'s files, stops it and checks that nothing failed before the snapshot.
+pub fn snapshot_once_running(
+    h: &VmHandle,
+    join: std::thread::JoinHandle<Result<ember_vmm::VmOutcome, ember_vmm::Error>>,
+    console: &Console,
+    running: &str,
+    after: Duration,
+    f: &Files,
+) {
+    assert!(
+        console.wait_for(running, Duration::from_secs(30)),
+        "{}",
+        console.text()
+    );
+    std::thread::sleep(after);
+    assert!(h.pause());
+    h.snapshot(&f.state, &f.memory).unwrap();
+    h.stop();
+    join.join().unwrap().unwrap();
+    assert!(!console.text().contains("FAIL"), "{}", console.text());
 }
