@@ -258,6 +258,23 @@ fn forks_and_boots_run_on_prepared_vms_and_refuse_ones_that_do_not_fit() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("no dirty bitmap"), "{e}");
+    // A pool made with the bitmap serves it.
+    let tracking_pool = ember_vmm::VmPool::for_template_with(
+        "/dev/kvm",
+        &template,
+        1,
+        ember_memory::DirtyBitmap::On,
+    )
+    .unwrap();
+    let mut tracked = template.state().clone();
+    tracked.config.track_dirty_pages = true;
+    let vm = template
+        .fork_with(tracked)
+        .unwrap()
+        .prepared(tracking_pool.take().unwrap())
+        .build()
+        .unwrap();
+    assert!(ember_memory::has_dirty_bitmap(vm.memory()));
     // A boot on a prepared VM without memory; one with the wrong vCPU count is refused.
     let plain = ember_vmm::VmPool::new("/dev/kvm", 1, false, 1).unwrap();
     let console = Console::default();

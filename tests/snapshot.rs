@@ -379,6 +379,7 @@ fn a_restored_vm_reaches_the_host_on_its_overridden_vsock() {
 fn flight_peer(
     ns: &ember_test_support::net::Netns,
     stop: &std::sync::atomic::AtomicBool,
+    bound: &std::sync::mpsc::Sender<()>,
 ) -> Vec<u64> {
     use std::net::UdpSocket;
     use std::sync::atomic::Ordering;
@@ -400,6 +401,8 @@ fn flight_peer(
     };
     assert_eq!(r, 0, "SO_RCVBUFFORCE: {}", std::io::Error::last_os_error());
     let tx = UdpSocket::bind("192.0.2.1:0").unwrap();
+    // The guest's first datagram must find the socket bound.
+    bound.send(()).unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];
     let mut n = 0u64;
@@ -458,10 +461,12 @@ fn network_traffic_in_flight_completes_once_across_a_snapshot() {
     let ns = Arc::new(ns);
     for round in 0..3u64 {
         let stop = Arc::new(AtomicBool::new(false));
+        let (bound_tx, bound) = std::sync::mpsc::channel();
         let peer = {
             let (ns, stop) = (ns.clone(), stop.clone());
-            std::thread::spawn(move || flight_peer(&ns, &stop))
+            std::thread::spawn(move || flight_peer(&ns, &stop, &bound_tx))
         };
+        bound.recv_timeout(Duration::from_secs(10)).unwrap();
         let f = files();
         let mut cfg = snapshot_common::config(&f.disk, "netflight");
         cfg.cmdline += " probe.net.ip=192.0.2.2/24 probe.net.peer=192.0.2.1:9000 \
@@ -538,6 +543,27 @@ fn network_traffic_in_flight_completes_once_across_a_snapshot() {
     }
 }
 
+/// The next connection to `listener`, within 30 s (else the test fails with the console).
+fn accept_within(
+    listener: &std::os::unix::net::UnixListener,
+    console: &snapshot_common::Console,
+) -> std::os::unix::net::UnixStream {
+    listener.set_nonblocking(true).unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return s;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("no connection from the guest ({e}): {}", console.text()),
+        }
+    }
+}
+
 /// Reads `s` to its end; the bytes read and whether they are all the numbered stream of the
 /// probe's `vsockflight` check (`offset % 251`) from offset 0.
 fn read_numbered_stream(mut s: std::os::unix::net::UnixStream) -> (u64, Option<u64>) {
@@ -592,7 +618,7 @@ fn a_vsock_stream_in_flight_is_reset_cleanly_across_a_snapshot() {
             .build()
             .unwrap();
         let (h, join) = snapshot_common::spawn(vm);
-        let (stream, _) = listener.accept().unwrap();
+        let stream = accept_within(&listener, &console);
         let reader = std::thread::spawn(move || read_numbered_stream(stream));
         snapshot_common::snapshot_once_running(
             &h,
@@ -616,7 +642,7 @@ fn a_vsock_stream_in_flight_is_reset_cleanly_across_a_snapshot() {
             .unwrap();
         let (h, join) = snapshot_common::spawn(vm);
         h.send_serial(b"g");
-        let (s, _) = listener.accept().unwrap();
+        let s = accept_within(&listener, &console);
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut line = String::new();
         std::io::BufReader::new(&s).read_line(&mut line).unwrap();

@@ -102,7 +102,7 @@ pub struct ApiServer {
     path: PathBuf,
     listener: StdUnixListener,
     counters: Arc<ServerCounters>,
-    pending: Arc<AtomicU64>,
+    pending: Arc<Pending>,
     serving: Arc<std::sync::atomic::AtomicBool>,
     ticks: Option<tokio::sync::mpsc::UnboundedReceiver<std::sync::mpsc::Sender<()>>>,
     tick_sender: tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
@@ -114,7 +114,7 @@ pub struct ApiServer {
 /// connection. From [`ApiServer::drain_handle`].
 #[derive(Clone, Debug)]
 pub struct DrainHandle {
-    pending: Arc<AtomicU64>,
+    pending: Arc<Pending>,
     serving: Arc<std::sync::atomic::AtomicBool>,
     ticks: tokio::sync::mpsc::UnboundedSender<std::sync::mpsc::Sender<()>>,
 }
@@ -129,12 +129,23 @@ impl DrainHandle {
             return true;
         }
         let deadline = std::time::Instant::now() + timeout;
-        while self.pending.load(Ordering::SeqCst) > 0 {
-            if std::time::Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_micros(100));
+        // A condition variable (futex), not a sleep loop: the exiting thread's seccomp filter
+        // (Ember's, or a Firecracker filter given with --seccomp-filter) need not allow
+        // nanosleep.
+        let held = self
+            .pending
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (held, _) = self
+            .pending
+            .zero
+            .wait_timeout_while(held, timeout, |n| *n > 0)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if *held > 0 {
+            return false;
         }
+        drop(held);
         // A task of the server's (single-threaded) runtime runs only after the connection
         // task that dropped the last answer's body has returned from that poll, in which it
         // writes the answer out.
@@ -150,19 +161,37 @@ impl DrainHandle {
     }
 }
 
-/// One answer the server holds (counted in `pending` while it lives).
-struct Held(Arc<AtomicU64>);
+/// How many answers the server holds, and a condition variable for when it is none.
+#[derive(Debug, Default)]
+struct Pending {
+    count: std::sync::Mutex<u64>,
+    zero: std::sync::Condvar,
+}
+
+/// One answer the server holds (counted in [`Pending`] while it lives).
+struct Held(Arc<Pending>);
 
 impl Held {
-    fn new(pending: &Arc<AtomicU64>) -> Self {
-        pending.fetch_add(1, Ordering::SeqCst);
+    fn new(pending: &Arc<Pending>) -> Self {
+        *pending
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) += 1;
         Held(pending.clone())
     }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        let mut n = self
+            .0
+            .count
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.0.zero.notify_all();
+        }
     }
 }
 
@@ -170,7 +199,7 @@ impl Drop for Held {
 /// taken all of it to write).
 struct HeldBody {
     inner: Full<Bytes>,
-    _held: Held,
+    _held: Option<Held>,
 }
 
 impl hyper::body::Body for HeldBody {
@@ -220,7 +249,7 @@ impl ApiServer {
             path: path.to_path_buf(),
             listener,
             counters: Arc::new(ServerCounters::default()),
-            pending: Arc::new(AtomicU64::new(0)),
+            pending: Arc::new(Pending::default()),
             serving: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             ticks: Some(ticks),
             tick_sender,
@@ -330,16 +359,14 @@ async fn serve_connection(
     config: ServerConfig,
     deliver: Arc<dyn Fn(ApiCall) + Send + Sync>,
     counters: Arc<ServerCounters>,
-    pending: Arc<AtomicU64>,
+    pending: Arc<Pending>,
 ) {
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let deliver = deliver.clone();
         let counters = counters.clone();
         let pending = pending.clone();
         async move {
-            // Held from before the VMM sees the request until hyper has the whole answer.
-            let held = Held::new(&pending);
-            let response = handle(req, config, &*deliver, &counters).await;
+            let (response, held) = handle(req, config, &*deliver, &counters, &pending).await;
             let (parts, inner) = response.into_parts();
             let body = HeldBody { inner, _held: held };
             Ok::<_, Infallible>(Response::from_parts(parts, body))
@@ -376,16 +403,35 @@ fn respond(r: ApiResponse) -> Response<Full<Bytes>> {
     })
 }
 
+/// The answer to `req`, and, for a request the VMM saw, what holds it until written (held from
+/// before the VMM sees the request until hyper has the whole answer).
 async fn handle(
     req: Request<Incoming>,
     config: ServerConfig,
     deliver: &(dyn Fn(ApiCall) + Send + Sync),
     counters: &ServerCounters,
-) -> Response<Full<Bytes>> {
+    pending: &Arc<Pending>,
+) -> (Response<Full<Bytes>>, Option<Held>) {
+    let answer = refuse_or_deliver(req, config, deliver, counters, pending).await;
+    match answer {
+        Ok((rx, held)) => (await_reply(rx, config, counters).await, Some(held)),
+        Err(refused) => (*refused, None),
+    }
+}
+
+/// A request the server answers by itself (`Err`), or the one delivered to the VMM: the
+/// channel of its answer and what holds it.
+async fn refuse_or_deliver(
+    req: Request<Incoming>,
+    config: ServerConfig,
+    deliver: &(dyn Fn(ApiCall) + Send + Sync),
+    counters: &ServerCounters,
+    pending: &Arc<Pending>,
+) -> Result<(tokio::sync::oneshot::Receiver<ApiResponse>, Held), Box<Response<Full<Bytes>>>> {
     counters.requests.fetch_add(1, Ordering::Relaxed);
     let refuse = |r: ApiResponse| {
         counters.refused.fetch_add(1, Ordering::Relaxed);
-        respond(r)
+        Err(Box::new(respond(r)))
     };
     let method = req.method().as_str().to_string();
     let path = req
@@ -429,7 +475,17 @@ async fn handle(
         Err(e) => return refuse(e.into()),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
+    let held = Held::new(pending);
     deliver(ApiCall { request, reply: tx });
+    Ok((rx, held))
+}
+
+/// The VMM's answer, or a 500 if it dropped the request or did not answer in time.
+async fn await_reply(
+    rx: tokio::sync::oneshot::Receiver<ApiResponse>,
+    config: ServerConfig,
+    counters: &ServerCounters,
+) -> Response<Full<Bytes>> {
     match tokio::time::timeout(config.reply_timeout, rx).await {
         Ok(Ok(r)) => respond(r),
         Ok(Err(_)) => {

@@ -51,10 +51,14 @@ impl Template {
     /// A template from a snapshot on disk: the state file at `state` ([`crate::read_snapshot`]:
     /// version, checksum and consistency checked) and the memory file at `memory`, opened
     /// read-only, which must hold exactly the state's guest memory. Nothing of the memory is
-    /// read here. The file must stay unchanged while forks of it run (see the module docs).
+    /// read here. The file must stay unchanged while forks of it run (see the module docs),
+    /// and must be a full snapshot's memory (or a base a diff was merged into): a diff
+    /// snapshot's memory file has the full size but holes where it holds no page, which a fork
+    /// would read as zeroes.
     pub fn from_snapshot(state: &Path, memory: &Path) -> Result<Self, Error> {
         let state = crate::snapshot::read_state(state)?;
-        let file = std::fs::File::open(memory).map_err(|source| {
+        // Not a FIFO or a device: opening one must not block, reading one would not be memory.
+        let file = ember_loader::open_regular_file(memory).map_err(|source| {
             Error::Snapshot(SnapshotError::Io {
                 path: memory.to_path_buf(),
                 source,

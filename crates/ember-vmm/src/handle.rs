@@ -49,6 +49,11 @@ impl VmShared {
     /// own bitmap (the VMM's writes). Needs `config.track_dirty_pages`.
     pub(crate) fn take_dirty_pages(&self) -> Result<Vec<Vec<u64>>, Error> {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        // Without the VMM's bitmap the VMM's writes would be missed: refuse before KVM's log
+        // is taken (and cleared).
+        if !ember_memory::has_dirty_bitmap(&self.memory) {
+            return Err(crate::snapshot::SnapshotError::NoDirtyLog.into());
+        }
         self.memory
             .iter()
             .enumerate()

@@ -165,16 +165,31 @@ impl VmPool {
     /// A pool of VMs for forks of `template`: each with the template's vCPU count and its
     /// memory, a copy-on-write view of the template's memfd, already registered
     /// ([`PreparedVm::with_memory`]). Give one to [`crate::Template::fork_with`]'s builder
-    /// with [`VmBuilder::prepared`](crate::VmBuilder::prepared).
+    /// with [`VmBuilder::prepared`](crate::VmBuilder::prepared). Their memory has the dirty
+    /// bitmap of the VMM's writes if the template's configuration tracks dirty pages;
+    /// [`for_template_with`](Self::for_template_with) chooses.
     pub fn for_template(
         kvm_path: impl Into<PathBuf>,
         template: &crate::Template,
         size: usize,
     ) -> Result<Self, Error> {
+        let dirty =
+            ember_memory::DirtyBitmap::tracked_if(template.state().config.track_dirty_pages);
+        Self::for_template_with(kvm_path, template, size, dirty)
+    }
+
+    /// As [`for_template`](Self::for_template), with the memory's dirty bitmap as `dirty` says:
+    /// [`ember_memory::DirtyBitmap::On`] for forks that track dirty pages (diff snapshots) when
+    /// the template does not.
+    pub fn for_template_with(
+        kvm_path: impl Into<PathBuf>,
+        template: &crate::Template,
+        size: usize,
+        dirty: ember_memory::DirtyBitmap,
+    ) -> Result<Self, Error> {
         let path: PathBuf = kvm_path.into();
         let config = &template.state().config;
         let (vcpus, pit) = (config.vcpus, config.pit);
-        let dirty = ember_memory::DirtyBitmap::tracked_if(config.track_dirty_pages);
         let layout =
             ember_memory::MemoryLayout::new(config.memory_mib.saturating_mul(ember_memory::MIB))?;
         let memfd = template.memory_file()?;

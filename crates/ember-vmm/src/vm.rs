@@ -306,7 +306,8 @@ impl Vm {
                         {
                             return Err(Error::Prepared(
                                 "its memory has no dirty bitmap, and the configuration tracks \
-                                 dirty pages (make the pool from a template that tracks them)"
+                                 dirty pages (make the pool with VmPool::for_template_with and \
+                                 DirtyBitmap::On)"
                                     .into(),
                             ));
                         }
