@@ -29,6 +29,24 @@ impl Console {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
 
+    /// Waits until `needle` is there and the line it is in has ended (its `\n` arrived).
+    pub fn wait_for_line_end(&self, needle: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        loop {
+            let text = self.text();
+            if text
+                .find(needle)
+                .is_some_and(|at| text[at..].contains('\n'))
+            {
+                return true;
+            }
+            if Instant::now() > end {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     pub fn wait_for(&self, needle: &str, timeout: Duration) -> bool {
         let end = Instant::now() + timeout;
         while Instant::now() < end {
@@ -98,8 +116,9 @@ pub fn take_snapshot_of(config: VmConfig, f: &Files) -> String {
         .build()
         .unwrap();
     let (h, join) = spawn(vm);
+    // The whole `waiting` line (it names the region), not just its start.
     assert!(
-        console.wait_for("PROBE snapshot waiting", Duration::from_secs(30)),
+        console.wait_for_line_end("PROBE snapshot waiting", Duration::from_secs(30)),
         "{}",
         console.text()
     );
