@@ -427,6 +427,21 @@ fn flight_peer(
     got
 }
 
+/// The `PROBE <check> ok` line of `out` and its `sent=` count (the test fails without them).
+fn ok_line_and_sent<'a>(out: &'a str, check: &str, round: u64) -> (&'a str, u64) {
+    let prefix = format!("PROBE {check} ok");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .unwrap_or_else(|| panic!("round {round}: {out}"));
+    let sent = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("sent="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("round {round}: {line}"));
+    (line, sent)
+}
+
 /// Builds a VM on a thread that entered `ns` (where its TAP is).
 fn build_in(
     ns: &std::sync::Arc<ember_test_support::net::Netns>,
@@ -507,15 +522,7 @@ fn network_traffic_in_flight_completes_once_across_a_snapshot() {
         let mut got = peer.join().unwrap();
         let out = console.text();
         assert_eq!(outcome.exit, VmExit::Reset, "round {round}: {out}");
-        let line = out
-            .lines()
-            .find(|l| l.starts_with("PROBE netflight ok"))
-            .unwrap_or_else(|| panic!("round {round}: {out}"));
-        let sent: u64 = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("sent="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{line}"));
+        let (line, sent) = ok_line_and_sent(&out, "netflight", round);
         assert!(sent > 8, "round {round}: {line}");
         got.sort_unstable();
         let dups: Vec<u64> = got
@@ -651,15 +658,7 @@ fn a_vsock_stream_in_flight_is_reset_cleanly_across_a_snapshot() {
         let outcome = join.join().unwrap().unwrap();
         let out = console.text();
         assert_eq!(outcome.exit, VmExit::Reset, "round {round}: {out}");
-        let ok = out
-            .lines()
-            .find(|l| l.starts_with("PROBE vsockflight ok"))
-            .unwrap_or_else(|| panic!("round {round}: {out}"));
-        let sent: u64 = ok
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("sent="))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("{ok}"));
+        let (ok, sent) = ok_line_and_sent(&out, "vsockflight", round);
         assert!(ok.contains(" cid=4 "), "round {round}: {ok}");
         assert_eq!(
             wrong, None,
