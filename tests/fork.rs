@@ -3,6 +3,7 @@
 
 mod snapshot_common;
 
+use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use ember_test_support::{kvm_or_skip, probe_elf, write_blk_image};
@@ -319,6 +320,11 @@ fn a_snapshot_on_disk_is_a_template_for_forks() {
     let before = std::fs::read(mem).unwrap();
 
     let template = Template::from_snapshot(state, mem).unwrap();
+    // A file on disk is not sealed: another process could not rely on it (it opens the
+    // snapshot itself instead).
+    let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let e = template.send_to(&a).unwrap_err().to_string();
+    assert!(e.contains("not a sealed memfd"), "{e}");
     let pool = ember_vmm::VmPool::for_template("/dev/kvm", &template, 2).unwrap();
     let mut forks = Vec::new();
     for mark in 1..=4u8 {
@@ -378,4 +384,107 @@ fn a_snapshot_on_disk_is_a_template_for_forks() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("none.mem"), "{e}");
+}
+
+/// Reads what [`Template::send_to`] wrote: (the header and state bytes, the memfd).
+fn read_transfer(s: &UnixStream) -> (Vec<u8>, std::fs::File) {
+    use std::io::Read;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let mut head = [0u8; 16];
+    let (n, fd) = s.recv_with_fd(&mut head).unwrap();
+    let mut r = s;
+    r.read_exact(&mut head[n..]).unwrap();
+    let len = u64::from_le_bytes(head[8..].try_into().unwrap());
+    let mut bytes = head.to_vec();
+    r.take(len).read_to_end(&mut bytes).unwrap();
+    (bytes, fd.expect("the memfd"))
+}
+
+/// Sends `bytes` (a header and a state) with `fd` attached, as send_to does.
+fn resend(bytes: &[u8], fd: &std::fs::File) -> String {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (a, b) = UnixStream::pair().unwrap();
+    a.send_with_fd(&bytes[..16], fd.as_raw_fd()).unwrap();
+    (&a).write_all(&bytes[16..]).unwrap();
+    Template::receive(&b, std::path::Path::new("/run/resent.sock"))
+        .unwrap_err()
+        .to_string()
+}
+
+#[test]
+fn a_template_sent_over_a_socket_forks_in_the_receiver_from_a_frozen_memfd() {
+    use std::os::unix::fs::FileExt;
+    if !kvm_or_skip("a_template_sent_over_a_socket_forks_in_the_receiver_from_a_frozen_memfd") {
+        return;
+    }
+    let (template, _, at) = template(probe_config("vmgenid,snapshot,vmgenid"));
+    let (a, b) = UnixStream::pair().unwrap();
+    template.send_to(&a).unwrap();
+    let received = Template::receive(&b, std::path::Path::new("/run/pair.sock")).unwrap();
+    assert_eq!(received.state().memory_bytes, template.state().memory_bytes);
+    let console = Console::default();
+    let vm = received
+        .fork()
+        .unwrap()
+        .serial_output(Box::new(console.clone()))
+        .build()
+        .unwrap();
+    let memory = vm.memory().clone();
+    let (h, join) = spawn(vm);
+    assert!(h.generation_id().is_some());
+    h.send_serial(&[7]);
+    let outcome = join.join().unwrap().unwrap();
+    let out = console.text();
+    assert_eq!(outcome.exit, VmExit::Reset, "{out}");
+    assert!(
+        out.contains("PROBE snapshot ok pattern=ok tsc_forward=yes"),
+        "{out}"
+    );
+    assert!(out.contains("mark=7\n"), "{out}");
+    let mut b = [0u8; 256];
+    memory.read_slice(&mut b, at).unwrap();
+    assert!(b.iter().enumerate().all(|(j, v)| *v == pattern(j) ^ 7));
+
+    // What travels: a memfd sealed against writes and size changes, holding the unmarked
+    // pattern.
+    let (a, b) = UnixStream::pair().unwrap();
+    template.send_to(&a).unwrap();
+    let (bytes, memfd) = read_transfer(&b);
+    assert!(ember_memory::is_sealed(&memfd));
+    assert!(memfd.write_all_at(&[1], at.0).is_err());
+    assert!(memfd.set_len(4096).is_err());
+    // The same state with a memory the receiver cannot rely on: refused.
+    let layout = ember_memory::MemoryLayout::new(128 << 20).unwrap();
+    let (_, unsealed) =
+        ember_memory::create_guest_memory_memfd(&layout, ember_memory::DirtyBitmap::Off).unwrap();
+    let e = resend(&bytes, &unsealed);
+    assert!(e.contains("not a sealed memfd"), "{e}");
+    let small = ember_memory::MemoryLayout::new(64 << 20).unwrap();
+    let (mem, sealed_small) =
+        ember_memory::create_guest_memory_memfd(&small, ember_memory::DirtyBitmap::Off).unwrap();
+    ember_memory::remap_private(&mem, &sealed_small).unwrap();
+    ember_memory::seal_memory_file(&sealed_small).unwrap();
+    let e = resend(&bytes, &sealed_small);
+    assert!(
+        e.contains("resent.sock") && e.contains("the state needs"),
+        "{e}"
+    );
+    // A corrupted state byte: the checksum catches it.
+    let mut bad = bytes.clone();
+    let last = bad.len() - 2;
+    bad[last] ^= 0x20;
+    let e = resend(&bad, &memfd);
+    assert!(e.contains("corrupt"), "{e}");
+    // The intact bytes with the real memfd are a template.
+    let (a, b) = UnixStream::pair().unwrap();
+    {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        a.send_with_fd(&bytes[..16], memfd.as_raw_fd()).unwrap();
+        (&a).write_all(&bytes[16..]).unwrap();
+    }
+    assert!(Template::receive(&b, std::path::Path::new("/run/again.sock")).is_ok());
 }

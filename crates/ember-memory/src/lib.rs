@@ -526,7 +526,7 @@ pub enum Sharing {
 
 /// A new memfd holding `layout`'s RAM (sparse: nothing is allocated until used), the regions
 /// back to back from offset 0 in address order, mapped [`Sharing::Shared`] as guest memory.
-/// The memfd is close-on-exec.
+/// The memfd is close-on-exec, and may be sealed ([`seal_memory_file`]).
 pub fn create_guest_memory_memfd(
     layout: &MemoryLayout,
     dirty: DirtyBitmap,
@@ -537,7 +537,12 @@ pub fn create_guest_memory_memfd(
         source: e,
     };
     // SAFETY: the name is a NUL-terminated literal; the flags are valid.
-    let fd = unsafe { libc::memfd_create(c"ember-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe {
+        libc::memfd_create(
+            c"ember-guest-ram".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
     if fd < 0 {
         return Err(io_err(std::io::Error::last_os_error()));
     }
@@ -591,6 +596,35 @@ pub fn map_guest_memory(
     let mem = GuestRam::from_regions(regions).map_err(|e| Error::Map(e.to_string()))?;
     dont_dump(&mem)?;
     Ok(mem)
+}
+
+/// The seals that freeze a memfd's contents and size: no write, no shrink, no growth.
+const FROZEN: libc::c_int = libc::F_SEAL_WRITE | libc::F_SEAL_SHRINK | libc::F_SEAL_GROW;
+
+/// Seals the memfd `file` (made by [`create_guest_memory_memfd`]) against writes and size
+/// changes, for good: once no shared writable mapping of it is left (after
+/// [`remap_private`]), its contents are frozen, so that a process it is handed to (a fork's
+/// VMM) can rely on it never changing or shrinking under a copy-on-write mapping. Fails
+/// (`EBUSY`) while a shared writable mapping exists.
+pub fn seal_memory_file(file: &std::fs::File) -> Result<(), Error> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_ADD_SEALS on a descriptor this function borrows; no memory is passed.
+    if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, FROZEN) } < 0 {
+        return Err(Error::File {
+            what: "sealing the guest memory memfd",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `file` is a memfd sealed by [`seal_memory_file`] (its contents and size can never
+/// change again).
+pub fn is_sealed(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: F_GET_SEALS on a descriptor this function borrows; no memory is passed.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & FROZEN == FROZEN
 }
 
 /// Maps `file` again over each of `mem`'s regions, at the same address, offset and length, but
@@ -1069,5 +1103,37 @@ mod tests {
             map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::Off),
             Err(Error::FileTooSmall { .. })
         ));
+    }
+
+    #[test]
+    fn a_memfd_is_sealed_only_once_its_shared_mapping_is_private_and_then_never_changes() {
+        use std::os::unix::fs::FileExt;
+        let layout = MemoryLayout::new(16 * MIB).unwrap();
+        let (mem, file) = create_guest_memory_memfd(&layout, DirtyBitmap::Off).unwrap();
+        mem.write_obj(0xabcd_u32, GuestAddress(0x2000)).unwrap();
+        assert!(!is_sealed(&file));
+        // The guest's shared writable mapping still exists.
+        assert!(seal_memory_file(&file).is_err());
+        assert!(!is_sealed(&file));
+        remap_private(&mem, &file).unwrap();
+        seal_memory_file(&file).unwrap();
+        assert!(is_sealed(&file));
+        // Frozen: no write, no shrink, no growth, and no new shared writable mapping; the
+        // VM's own (private) writes and a new private mapping still work.
+        assert!(file.write_all_at(&[1], 0x2000).is_err());
+        assert!(file.set_len(MIB).is_err());
+        assert!(file.set_len(32 * MIB).is_err());
+        assert!(map_guest_memory(&layout, &file, Sharing::Shared, DirtyBitmap::Off).is_err());
+        mem.write_obj(0x1234_u32, GuestAddress(0x2000)).unwrap();
+        let fork = map_guest_memory(&layout, &file, Sharing::Private, DirtyBitmap::Off).unwrap();
+        assert_eq!(fork.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0xabcd);
+        fork.write_obj(7_u32, GuestAddress(0x2000)).unwrap();
+        let mut b = [0u8; 4];
+        file.read_exact_at(&mut b, 0x2000).unwrap();
+        assert_eq!(u32::from_le_bytes(b), 0xabcd);
+        // A plain file is never sealed.
+        let plain =
+            std::fs::File::open(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")).unwrap();
+        assert!(!is_sealed(&plain));
     }
 }

@@ -23,10 +23,22 @@
 //! memory file must not change while forks of it run: a page a fork has not written yet is
 //! read from the file when first touched (the same holds for a restore).
 //!
+//! A template made from a running VM can also be handed to another process
+//! ([`Template::send_to`] and [`Template::receive`], over a Unix socket): the memfd travels as
+//! a descriptor (`SCM_RIGHTS`), sealed against writes and size changes, and the state as a
+//! state file holds it, so that each fork may run in a VMM process of its own, still sharing
+//! the template's pages. The reference VMM serves forks this way (`PUT /fork/template`,
+//! `PUT /fork/load`; docs/api.md).
+//!
 //! [`VmBuilder::fork_template`]: crate::VmBuilder::fork_template
 //! [`VmHandle::template`]: crate::VmHandle::template
 
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::error::Error;
 use crate::snapshot::{SnapshotError, SnapshotState};
@@ -41,6 +53,13 @@ pub struct Template {
     /// What names the memory file in errors.
     pub(crate) memory_path: PathBuf,
 }
+
+/// The first bytes of a template handed over a socket ([`Template::send_to`]).
+const TRANSFER_MAGIC: &[u8; 8] = b"EMBERFRK";
+/// The header: the magic, then the state's length (u64, little-endian).
+const TRANSFER_HEADER: usize = 16;
+/// The largest state [`Template::receive`] takes (a state is some KiB per vCPU and device).
+pub const MAX_TRANSFER_STATE: u64 = 16 << 20;
 
 /// What [`Template::fork_with`] refuses.
 fn shared_resource(what: String) -> Error {
@@ -81,6 +100,129 @@ impl Template {
             state,
             memory: file,
             memory_path: memory.to_path_buf(),
+        })
+    }
+
+    /// Hands the template to another process over `socket`, a connected Unix stream socket:
+    /// a 16-byte header (`EMBERFRK`, then the state's length as a little-endian u64) with the
+    /// memfd attached (`SCM_RIGHTS`), then the state as a state file holds it (versioned and
+    /// checksummed). Nothing of guest memory is copied: the receiver ([`receive`](Self::receive))
+    /// maps the same memfd copy-on-write. Whoever can connect to the socket a caller serves
+    /// this on can read the guest's memory: make it accessible to the forks' VMMs only.
+    ///
+    /// Only a template made from a running VM ([`crate::VmHandle::template`]) whose memfd is
+    /// sealed ([`ember_memory::is_sealed`]) can be sent: the receiver must be sure its base
+    /// never changes. A snapshot on disk is opened where it is needed
+    /// ([`from_snapshot`](Self::from_snapshot)) instead. Set a write timeout on `socket`
+    /// if the peer may stall.
+    pub fn send_to(&self, socket: &UnixStream) -> Result<(), Error> {
+        let what = Path::new("the fork socket");
+        if !ember_memory::is_sealed(&self.memory) {
+            return Err(Error::Snapshot(SnapshotError::Transfer {
+                path: what.into(),
+                why: format!(
+                    "its memory ({}) is not a sealed memfd, so another process could not rely \
+                     on it (open a snapshot on disk there with Template::from_snapshot)",
+                    self.memory_path.display()
+                ),
+            }));
+        }
+        let io = |source: std::io::Error| {
+            Error::Snapshot(SnapshotError::Io {
+                path: what.into(),
+                source,
+            })
+        };
+        let body = serde_json::to_vec(&self.state).map_err(|source| {
+            Error::Snapshot(SnapshotError::Json {
+                path: what.into(),
+                source,
+            })
+        })?;
+        let framed = crate::snapshot::frame_state(&body);
+        let mut head = [0u8; TRANSFER_HEADER];
+        head[..8].copy_from_slice(TRANSFER_MAGIC);
+        head[8..].copy_from_slice(&(framed.len() as u64).to_le_bytes());
+        let sent = socket
+            .send_with_fd(&head[..], self.memory.as_raw_fd())
+            .map_err(|e| io(e.into()))?;
+        let mut w = socket;
+        w.write_all(&head[sent..]).map_err(io)?;
+        w.write_all(&framed).map_err(io)?;
+        Ok(())
+    }
+
+    /// A template handed over `socket` by [`send_to`](Self::send_to) (`name`, the socket's
+    /// path, names it in errors). The state is checked as a state file is
+    /// ([`crate::read_snapshot`]), and the memory must be a sealed memfd of exactly the state's
+    /// size: a peer that sends anything else gets a clear error, never a mapping that could
+    /// change or shrink under the forks. Set a read timeout on `socket` if the peer may
+    /// stall.
+    pub fn receive(socket: &UnixStream, name: &Path) -> Result<Self, Error> {
+        let bad = |why: String| {
+            Error::Snapshot(SnapshotError::Transfer {
+                path: name.to_path_buf(),
+                why,
+            })
+        };
+        let io = |source: std::io::Error| {
+            Error::Snapshot(SnapshotError::Io {
+                path: name.to_path_buf(),
+                source,
+            })
+        };
+        let mut head = [0u8; TRANSFER_HEADER];
+        let (got, memory) = socket.recv_with_fd(&mut head).map_err(|e| io(e.into()))?;
+        // Descriptors received without MSG_CMSG_CLOEXEC: keep a close-on-exec duplicate.
+        let memory = memory.map(|f| f.try_clone()).transpose().map_err(io)?;
+        if got == 0 {
+            return Err(bad("the connection closed before a template came".into()));
+        }
+        let mut r = socket;
+        r.read_exact(&mut head[got..])
+            .map_err(|e| bad(format!("its header ended early ({e})")))?;
+        if &head[..8] != TRANSFER_MAGIC {
+            return Err(bad("no EMBERFRK header".into()));
+        }
+        let Some(memory) = memory else {
+            return Err(bad("no memory descriptor came with it".into()));
+        };
+        let mut len = [0u8; 8];
+        len.copy_from_slice(&head[8..]);
+        let len = u64::from_le_bytes(len);
+        if len > MAX_TRANSFER_STATE {
+            return Err(bad(format!(
+                "a state of {len} bytes (at most {MAX_TRANSFER_STATE} are taken)"
+            )));
+        }
+        let mut bytes = Vec::new();
+        r.take(len)
+            .read_to_end(&mut bytes)
+            .map_err(|e| bad(format!("its state ended early ({e})")))?;
+        if bytes.len() as u64 != len {
+            return Err(bad(format!(
+                "its state ended after {} of {len} bytes",
+                bytes.len()
+            )));
+        }
+        let state = crate::snapshot::parse_state(&bytes, name)?;
+        if !ember_memory::is_sealed(&memory) {
+            return Err(bad(
+                "its memory is not a sealed memfd (it could change under the forks)".into(),
+            ));
+        }
+        let size = memory.metadata().map_err(io)?.len();
+        if size != state.memory_bytes {
+            return Err(Error::Snapshot(SnapshotError::MemorySize {
+                path: name.to_path_buf(),
+                size,
+                want: state.memory_bytes,
+            }));
+        }
+        Ok(Template {
+            state,
+            memory,
+            memory_path: name.to_path_buf(),
         })
     }
 
@@ -137,5 +279,73 @@ impl Template {
         }
         let memory = self.memory_file()?;
         Ok(VmBuilder::restore(state, memory, &self.memory_path))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn receive(send: impl FnOnce(&UnixStream)) -> String {
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a);
+        drop(a);
+        Template::receive(&b, Path::new("/run/t.sock"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    fn sealed_memfd() -> std::fs::File {
+        let layout = ember_memory::MemoryLayout::new(16 * ember_memory::MIB).unwrap();
+        let (mem, file) =
+            ember_memory::create_guest_memory_memfd(&layout, ember_memory::DirtyBitmap::Off)
+                .unwrap();
+        ember_memory::remap_private(&mem, &file).unwrap();
+        ember_memory::seal_memory_file(&file).unwrap();
+        file
+    }
+
+    fn header(len: u64) -> Vec<u8> {
+        let mut h = TRANSFER_MAGIC.to_vec();
+        h.extend_from_slice(&len.to_le_bytes());
+        h
+    }
+
+    #[test]
+    fn what_is_not_a_template_is_refused_with_a_reason() {
+        let sealed = sealed_memfd();
+        let e = receive(|_| {});
+        assert!(
+            e.contains("/run/t.sock") && e.contains("closed before"),
+            "{e}"
+        );
+        let e = receive(|s| {
+            s.send_with_fd(&b"GET / HTTP/1.1\r\n"[..], sealed.as_raw_fd())
+                .unwrap();
+        });
+        assert!(e.contains("no EMBERFRK header"), "{e}");
+        let e = receive(|s| (&*s).write_all(&header(10)).unwrap());
+        assert!(e.contains("no memory descriptor"), "{e}");
+        let e = receive(|s| {
+            s.send_with_fd(&header(u64::MAX)[..], sealed.as_raw_fd())
+                .unwrap();
+        });
+        assert!(e.contains("at most"), "{e}");
+        let e = receive(|s| {
+            s.send_with_fd(&header(100)[..], sealed.as_raw_fd())
+                .unwrap();
+            (&*s).write_all(b"EMBERSNP").unwrap();
+        });
+        assert!(e.contains("ended after 8 of 100"), "{e}");
+        // A header cut in two still parses; a state that is not one is refused as a state
+        // file would be.
+        let junk = crate::snapshot::frame_state(b"{}");
+        let e = receive(|s| {
+            s.send_with_fd(&header(junk.len() as u64)[..5], sealed.as_raw_fd())
+                .unwrap();
+            (&*s).write_all(&header(junk.len() as u64)[5..]).unwrap();
+            (&*s).write_all(&junk).unwrap();
+        });
+        assert!(e.contains("invalid state"), "{e}");
     }
 }

@@ -310,7 +310,9 @@ impl VmHandle {
     /// Makes the paused VM a fork template: its state is taken once, and its memfd becomes
     /// the copy-on-write base of every fork ([`crate::Template::fork`]). The VM itself is
     /// remapped copy-on-write on the same memfd, so it may be resumed afterwards without any
-    /// fork seeing its writes. Once per VM; needs [`crate::VmBuilder::fork_template`].
+    /// fork seeing its writes. The memfd is then sealed against writes and size changes
+    /// ([`ember_memory::seal_memory_file`]), so that it can be handed to another process
+    /// ([`crate::Template::send_to`]). Once per VM; needs [`crate::VmBuilder::fork_template`].
     pub fn template(&self) -> Result<crate::Template, Error> {
         if !self.is_paused() {
             return Err(Error::VcpuRequest(
@@ -334,6 +336,10 @@ impl VmHandle {
             })?;
             ember_memory::remap_private(&shared.memory, &memory)?;
             *slot = None;
+            // No shared writable mapping is left: freeze the memfd, so that a process it is
+            // handed to (Template::send_to) knows it never changes. Should the kernel refuse,
+            // forks in this process still work; send_to refuses an unsealed template.
+            let _ = ember_memory::seal_memory_file(&memory);
             let memory_bytes = vm_memory::GuestMemoryBackend::iter(&shared.memory)
                 .map(vm_memory::GuestMemoryRegion::len)
                 .sum();

@@ -132,6 +132,14 @@ pub enum SnapshotError {
         /// What is wrong.
         why: String,
     },
+    /// A template handed over a Unix socket ([`crate::Template::receive`]) that is not one.
+    #[error("{}: not a fork template: {why}", path.display())]
+    Transfer {
+        /// The socket.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// A fork would share a host resource with its template.
     #[error("a fork would share {0} with its template")]
     SharedResource(String),
