@@ -857,3 +857,163 @@ fn the_answer_to_instance_start_arrives_when_the_guest_ends_at_once() {
         assert_eq!(code, Some(0), "round {round}: {err}");
     }
 }
+
+/// The ID in the last `PROBE vmgenid ok ... id=<hex>` line of `text`.
+fn last_generation_id(text: &str) -> Option<String> {
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("PROBE vmgenid ok"))?;
+    Some(
+        line.split("id=")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .to_string(),
+    )
+}
+
+/// Ember's fork endpoints: a VMM started with `--fork-socket` boots the probe to its wait and
+/// becomes a template (`PUT /fork/template`); three new VMM processes each load a fork of it
+/// (`PUT /fork/load`) with their own disk image, and run on after the template's process is
+/// killed. Released one after the other, each fork finds the template's memory as it was (the
+/// pattern, not an earlier fork's mark), its devices working and a generation ID of its own.
+#[test]
+fn forks_of_a_paused_microvm_run_in_vmm_processes_of_their_own() {
+    if !kvm_or_skip("forks_of_a_paused_microvm_run_in_vmm_processes_of_their_own") {
+        return;
+    }
+    let files = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-fork-").unwrap();
+    let dir = files.as_path().to_path_buf();
+    let (img, fork_sock) = (dir.join("base.img"), dir.join("fork.sock"));
+    write_blk_image(&img, 2048, 0x5a).unwrap();
+    let base = std::fs::read(&img).unwrap();
+    let serial = dir.join("template.txt");
+    let fork_flag = fork_sock.to_str().unwrap();
+    let template = Fc::start_with(&["--fork-socket", fork_flag], Stdio::piped());
+    // The socket is taken: a second template on it is refused at start-up.
+    let out = Command::new(ember_binary())
+        .args(["--api-sock", dir.join("x.sock").to_str().unwrap()])
+        .args(["--fork-socket", fork_flag])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--fork-socket"),
+        "{out:?}"
+    );
+    template.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, serial.display()),
+    );
+    template.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("probe=vmgenid,snapshot,blk,rng,vmgenid"),
+    );
+    template.ok(
+        "PUT",
+        "/drives/probe",
+        &format!(
+            r#"{{"drive_id":"probe","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+            img.display()
+        ),
+    );
+    template.ok("PUT", "/entropy", "{}");
+    template.fails("PUT", "/fork/template", None, "before starting");
+    template.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let text = wait_for_text(&serial, "PROBE snapshot waiting", Duration::from_secs(30));
+    assert!(text.contains("PROBE snapshot waiting"), "{text}");
+    let template_id = last_generation_id(&text).expect("the template's generation ID");
+    template.fails("PUT", "/fork/template", None, "not paused");
+    template.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    template.ok("PUT", "/fork/template", "{}");
+    template.fails("PUT", "/fork/template", None, "already a template");
+
+    // Without --fork-socket there is nothing to serve forks on.
+    let other = Fc::start(&[]);
+    other.fails("PUT", "/fork/template", None, "before starting");
+    let load = |extra: &str| {
+        format!(
+            r#"{{"template_socket":"{}","resume_vm":true{extra}}}"#,
+            fork_sock.display()
+        )
+    };
+    other.fails(
+        "PUT",
+        "/fork/load",
+        Some(&load("").replace("fork.sock", "none.sock")),
+        "none.sock",
+    );
+    drop(other);
+
+    let mut forks = Vec::new();
+    for mark in 1..=3u8 {
+        let fork = Fc::start_with(&[], Stdio::piped());
+        let serial = dir.join(format!("fork{mark}.txt"));
+        let disk = dir.join(format!("fork{mark}.img"));
+        std::fs::copy(&img, &disk).unwrap();
+        fork.ok(
+            "PUT",
+            "/serial",
+            &format!(r#"{{"serial_out_path":"{}"}}"#, serial.display()),
+        );
+        // A fork must not write the template's disk; unknown drives are named.
+        fork.fails("PUT", "/fork/load", Some(&load("")), "writable disk");
+        fork.fails(
+            "PUT",
+            "/fork/load",
+            Some(&load(
+                r#","drive_overrides":[{"drive_id":"nope","path_on_host":"/x.img"}]"#,
+            )),
+            "nope",
+        );
+        let (_, b) = fork.call("GET", "/", None);
+        assert!(b.contains(r#""state":"Not started""#), "{b}");
+        fork.ok(
+            "PUT",
+            "/fork/load",
+            &load(&format!(
+                r#","drive_overrides":[{{"drive_id":"probe","path_on_host":"{}"}}]"#,
+                disk.display()
+            )),
+        );
+        fork.fails("PUT", "/fork/load", Some(&load("")), "after starting");
+        let (_, b) = fork.call("GET", "/", None);
+        assert!(b.contains(r#""state":"Running""#), "{b}");
+        let (_, b) = fork.call("GET", "/machine-config", None);
+        assert!(b.contains(r#""mem_size_mib":128"#), "{b}");
+        forks.push((mark, fork, serial, disk));
+    }
+    // The forks need nothing more of the template's process.
+    drop(template);
+
+    let mut ids = std::collections::HashSet::from([template_id]);
+    for (mark, mut fork, serial, disk) in forks {
+        fork.type_in(&[mark]);
+        let (code, _, stderr) = fork.wait(Duration::from_secs(60));
+        let text = std::fs::read_to_string(&serial).unwrap_or_default();
+        assert_eq!(code, Some(0), "fork {mark}: {text}\n{stderr}");
+        assert!(
+            text.contains("PROBE snapshot ok pattern=ok tsc_forward=yes"),
+            "fork {mark}: {text}"
+        );
+        assert!(
+            text.contains(&format!("mark={mark}\n")),
+            "fork {mark}: {text}"
+        );
+        assert!(text.contains("PROBE blk ok"), "fork {mark}: {text}");
+        assert!(text.contains("PROBE rng ok"), "fork {mark}: {text}");
+        assert!(text.contains("failed=0"), "fork {mark}: {text}");
+        assert!(!text.contains("PROBE start"), "fork {mark}: {text}");
+        let id = last_generation_id(&text).unwrap_or_else(|| panic!("fork {mark}: {text}"));
+        assert!(
+            ids.insert(id),
+            "fork {mark} has a generation ID seen before: {text}"
+        );
+        // It wrote its own image, not the template's.
+        assert_ne!(std::fs::read(&disk).unwrap(), base, "fork {mark}");
+    }
+    assert_eq!(std::fs::read(&img).unwrap(), base);
+}

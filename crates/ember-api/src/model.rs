@@ -629,6 +629,41 @@ pub struct SnapshotLoadParams {
     pub clock_realtime: Option<bool>,
 }
 
+/// A writable disk's own image for a fork ([`ForkLoadParams`]; an Ember extension).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive.
+    pub drive_id: String,
+    /// The fork's copy of its image.
+    pub path_on_host: String,
+}
+
+/// `PUT /fork/load` (an Ember extension): this VMM's microVM becomes a fork of the template
+/// another Ember VMM serves on `template_socket` (`PUT /fork/template` there), instead of
+/// booting. The fork's guest memory is a copy-on-write view of the template's.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkLoadParams {
+    /// The template VMM's fork socket (its `--fork-socket`).
+    pub template_socket: String,
+    /// Resume at once (default: stay paused, as `PUT /snapshot/load`).
+    #[serde(default)]
+    pub resume_vm: Option<bool>,
+    /// Dirty page tracking in the fork (for its diff snapshots).
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// Each network interface's TAP for this fork (every interface needs its own).
+    #[serde(default)]
+    pub network_overrides: Vec<NetworkOverride>,
+    /// The vsock device's Unix socket for this fork (needed if the template has one).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+    /// Each writable drive's image for this fork (needed for every writable drive).
+    #[serde(default)]
+    pub drive_overrides: Vec<DriveOverride>,
+}
+
 /// `FullVmConfiguration`: `GET /vm/config`, and the `--config-file` format.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -61,6 +61,11 @@ pub enum ApiRequest {
     CreateSnapshot(SnapshotCreateParams),
     /// `PUT /snapshot/load`.
     LoadSnapshot(SnapshotLoadParams),
+    /// `PUT /fork/template` (Ember): the paused microVM becomes a fork template, served on
+    /// the VMM's fork socket.
+    CreateForkTemplate,
+    /// `PUT /fork/load` (Ember): the microVM is a fork of a template another VMM serves.
+    LoadFork(ForkLoadParams),
 }
 
 impl ApiRequest {
@@ -87,6 +92,8 @@ impl ApiRequest {
             PutSerial(_) => ("put_api_requests", "serial_count"),
             CreateSnapshot(_) => ("put_api_requests", "snapshot_create_count"),
             LoadSnapshot(_) => ("put_api_requests", "snapshot_load_count"),
+            CreateForkTemplate => ("put_api_requests", "fork_template_count"),
+            LoadFork(_) => ("put_api_requests", "fork_load_count"),
             PatchMachineConfig(_) => ("patch_api_requests", "machine_cfg_count"),
             PatchDrive(_) => ("patch_api_requests", "drive_count"),
             PatchNetworkInterface(_) => ("patch_api_requests", "network_count"),
@@ -183,6 +190,11 @@ impl From<RequestError> for ApiResponse {
     }
 }
 
+/// `{}` and nothing else.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EmptyObject {}
+
 fn json<T: DeserializeOwned>(method: &str, body: &[u8]) -> Result<T, RequestError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(RequestError::EmptyBody(method.to_string()));
@@ -267,6 +279,14 @@ pub fn parse(method: &str, path: &str, body: &[u8]) -> Result<ApiRequest, Reques
         ("GET", ["vm", "config"]) => GetVmConfig,
         ("PUT", ["snapshot", "create"]) => CreateSnapshot(json(method, body)?),
         ("PUT", ["snapshot", "load"]) => LoadSnapshot(json(method, body)?),
+        ("PUT", ["fork", "template"]) => {
+            // No parameters: an empty body or an empty object.
+            if !body.iter().all(u8::is_ascii_whitespace) {
+                json::<EmptyObject>(method, body)?;
+            }
+            CreateForkTemplate
+        }
+        ("PUT", ["fork", "load"]) => LoadFork(json(method, body)?),
         ("PUT" | "PATCH" | "GET", ["mmds"] | ["mmds", "config"]) => {
             return Err(RequestError::Unsupported("MMDS"))
         }
@@ -362,6 +382,47 @@ mod tests {
         let r: ApiResponse = e.into();
         assert_eq!(r.status, 400);
         assert!(r.body.unwrap().starts_with("{\"fault_message\":"));
+    }
+
+    #[test]
+    fn fork_routes_take_their_parameters_and_nothing_else() {
+        for body in [&b""[..], b"  ", b"{}"] {
+            assert_eq!(
+                parse("PUT", "/fork/template", body).unwrap(),
+                ApiRequest::CreateForkTemplate
+            );
+        }
+        assert!(matches!(
+            parse("PUT", "/fork/template", br#"{"x":1}"#),
+            Err(RequestError::Json(_))
+        ));
+        assert!(matches!(
+            parse("GET", "/fork/template", b""),
+            Err(RequestError::InvalidPathOrMethod { .. })
+        ));
+        let r = parse(
+            "PUT",
+            "/fork/load",
+            br#"{"template_socket":"/t.sock","resume_vm":true,
+                "network_overrides":[{"iface_id":"eth0","host_dev_name":"tap1"}],
+                "vsock_override":{"uds_path":"/v1.sock"},
+                "drive_overrides":[{"drive_id":"rootfs","path_on_host":"/r1.img"}]}"#,
+        )
+        .unwrap();
+        let ApiRequest::LoadFork(p) = r else {
+            panic!("{r:?}")
+        };
+        assert_eq!(p.template_socket, "/t.sock");
+        assert_eq!(p.resume_vm, Some(true));
+        assert_eq!(p.network_overrides[0].host_dev_name, "tap1");
+        assert_eq!(p.drive_overrides[0].path_on_host, "/r1.img");
+        assert_eq!(r#"/v1.sock"#, p.vsock_override.unwrap().uds_path);
+        assert_eq!(
+            parse("PUT", "/fork/load", b"").unwrap_err(),
+            RequestError::EmptyBody("PUT".into())
+        );
+        let e = parse("PUT", "/fork/load", br#"{"snapshot_path":"/s"}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
     }
 
     #[test]

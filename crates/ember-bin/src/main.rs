@@ -169,6 +169,10 @@ struct Args {
     /// [Firecracker] The parent's CPU time (µs), added to the start-up CPU time.
     #[arg(long, help_heading = "Firecracker mode")]
     parent_cpu_time_us: Option<u64>,
+    /// [Ember] Guest memory in a memfd, so that the paused microVM can become a fork template
+    /// (`PUT /fork/template`) that this Unix socket hands to other VMMs (`PUT /fork/load`).
+    #[arg(long, value_name = "PATH", help_heading = "Firecracker mode")]
+    fork_socket: Option<PathBuf>,
     /// [Firecracker] Prints the format version of a snapshot state file.
     #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
     describe_snapshot: Option<PathBuf>,
@@ -189,7 +193,7 @@ struct Args {
 impl Args {
     /// Whether any Firecracker-only flag is present.
     fn firecracker_flags(&self) -> Option<&'static str> {
-        let set: [(bool, &'static str); 16] = [
+        let set: [(bool, &'static str); 17] = [
             (self.api_sock.is_some(), "--api-sock"),
             (self.config_file.is_some(), "--config-file"),
             (self.no_api, "--no-api"),
@@ -206,6 +210,7 @@ impl Args {
             (self.enable_pci, "--enable-pci"),
             (self.metadata.is_some(), "--metadata"),
             (self.mmds_size_limit.is_some(), "--mmds-size-limit"),
+            (self.fork_socket.is_some(), "--fork-socket"),
         ];
         set.iter().find(|(on, _)| *on).map(|(_, n)| *n)
     }
@@ -313,6 +318,7 @@ fn firecracker_mode(args: &Args) -> ExitCode {
         start_time_cpu_us: args.start_time_cpu_us,
         parent_cpu_time_us: args.parent_cpu_time_us,
         seccomp,
+        fork_socket: args.fork_socket.clone(),
     })
 }
 

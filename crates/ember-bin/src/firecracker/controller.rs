@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ember_api::model::{
-    ActionType, BalloonStats, InstanceInfo, InstanceState, Logger as LoggerModel,
+    ActionType, BalloonStats, ForkLoadParams, InstanceInfo, InstanceState, Logger as LoggerModel,
     Metrics as MetricsModel, RateLimiter, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
     VmState,
 };
@@ -57,6 +57,28 @@ struct Running {
     boot_logged: bool,
 }
 
+/// Hands `template` to each VMM that connects to `listener`, one at a time, until the process
+/// ends. A peer that does not take it within [`FORK_TRANSFER_TIMEOUT`] is dropped.
+fn serve_forks(listener: &std::os::unix::net::UnixListener, template: &ember_vmm::Template) {
+    for stream in listener.incoming() {
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("fork socket: {e}");
+                continue;
+            }
+        };
+        let r = stream
+            .set_write_timeout(Some(FORK_TRANSFER_TIMEOUT))
+            .map_err(|e| e.to_string())
+            .and_then(|()| template.send_to(&stream).map_err(|e| e.to_string()));
+        match r {
+            Ok(()) => log::info!("Sent the fork template to a VMM"),
+            Err(e) => log::warn!("Could not send the fork template: {e}"),
+        }
+    }
+}
+
 /// The controller.
 pub struct Controller {
     settings: Settings,
@@ -73,7 +95,13 @@ pub struct Controller {
     /// What the VM reported at its end (for the last flush).
     ended: Option<VmOutcome>,
     last_flush: Instant,
+    /// `--fork-socket`: bound at start-up, served once the microVM is a template.
+    fork_listener: Option<std::os::unix::net::UnixListener>,
 }
+
+/// How long a fork's VMM waits for the template (and the template for a fork's VMM to take
+/// what it sends) before giving up.
+const FORK_TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn done(r: Result<(), String>) -> ApiResponse {
     match r {
@@ -115,7 +143,14 @@ impl Controller {
             boot_path: false,
             ended: None,
             last_flush: Instant::now(),
+            fork_listener: None,
         }
+    }
+
+    /// `--fork-socket`: the microVM's guest memory goes in a memfd, so that, paused, it can
+    /// become a fork template (`PUT /fork/template`) served on `listener`.
+    pub fn set_fork_listener(&mut self, listener: std::os::unix::net::UnixListener) {
+        self.fork_listener = Some(listener);
     }
 
     pub fn set_startup(&mut self, us: u64, cpu_us: u64) {
@@ -219,7 +254,7 @@ impl Controller {
             return Err(NOT_AFTER_BOOT.into());
         }
         let config = self.resources.vm_config()?;
-        let mut builder = Vm::builder(config);
+        let mut builder = Vm::builder(config).fork_template(self.fork_listener.is_some());
         if let Some(t) = self.resources.cpu_template.clone() {
             builder = builder.cpu_template(t);
         }
@@ -367,6 +402,96 @@ impl Controller {
         Ok(())
     }
 
+    /// `PUT /fork/template`: the paused microVM becomes a fork template, and the fork socket
+    /// hands it to every VMM that connects (`PUT /fork/load` there), on a thread of its own.
+    fn create_fork_template(&mut self) -> Result<(), String> {
+        let fail = |e: String| format!("Create fork template error: {e}");
+        let r = self.running()?;
+        if !r.paused {
+            return Err(fail("the microVM is not paused".into()));
+        }
+        let handle = r.handle.clone();
+        let Some(listener) = self.fork_listener.take() else {
+            return Err(fail(
+                "no fork socket: start the VMM with --fork-socket PATH (or the microVM is \
+                 already a template)"
+                    .into(),
+            ));
+        };
+        let template = match handle.template() {
+            Ok(t) => t,
+            Err(e) => {
+                self.fork_listener = Some(listener);
+                return Err(fail(format!(
+                    "{e} (only a microVM booted by this VMM with --fork-socket can be one; a \
+                     restored or forked microVM cannot)"
+                )));
+            }
+        };
+        let t = Instant::now();
+        // The thread inherits this thread's seccomp filter (vmm), which allows accept4,
+        // sendmsg and setsockopt.
+        std::thread::Builder::new()
+            .name("fc_fork".into())
+            .spawn(move || serve_forks(&listener, &template))
+            .map_err(|e| fail(format!("cannot start the fork thread: {e}")))?;
+        log::info!(
+            "'create fork template' VMM action took {} us.",
+            t.elapsed().as_micros()
+        );
+        Ok(())
+    }
+
+    /// `PUT /fork/load`: the microVM is a fork of the template another VMM serves, instead of
+    /// booting.
+    fn load_fork(&mut self, p: &ForkLoadParams) -> Result<(), String> {
+        if self.vm.is_some() {
+            return Err(NOT_AFTER_BOOT.into());
+        }
+        if self.boot_path {
+            return Err(
+                "Loading a fork not allowed after configuring boot-specific resources.".into(),
+            );
+        }
+        let t = Instant::now();
+        let fail = |e: String| format!("Load fork error: {e}");
+        let path = Path::new(&p.template_socket);
+        let socket = std::os::unix::net::UnixStream::connect(path)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        socket
+            .set_read_timeout(Some(FORK_TRANSFER_TIMEOUT))
+            .map_err(|e| fail(e.to_string()))?;
+        let template =
+            ember_vmm::Template::receive(&socket, path).map_err(|e| fail(e.to_string()))?;
+        drop(socket);
+        let mut state = template.state().clone();
+        state.config.track_dirty_pages = p.track_dirty_pages == Some(true);
+        for o in &p.network_overrides {
+            state
+                .override_tap(&o.iface_id, &o.host_dev_name)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        if let Some(v) = &p.vsock_override {
+            state
+                .override_vsock(Path::new(&v.uds_path), None)
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        for d in &p.drive_overrides {
+            state
+                .override_disk(&d.drive_id, Path::new(&d.path_on_host))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        self.resources.adopt(&state.config);
+        let builder = template.fork_with(state).map_err(|e| fail(e.to_string()))?;
+        let paused = !p.resume_vm.unwrap_or(false);
+        self.launch(builder, paused, "Load fork error")?;
+        log::info!(
+            "'load fork' VMM action took {} us.",
+            t.elapsed().as_micros()
+        );
+        Ok(())
+    }
+
     fn pre_boot<T>(
         &mut self,
         f: impl FnOnce(&mut VmResources) -> Result<T, String>,
@@ -480,6 +605,8 @@ impl Controller {
             PatchVm(state) => done(self.patch_vm(*state)),
             CreateSnapshot(p) => done(self.create_snapshot(p)),
             LoadSnapshot(p) => done(self.load_snapshot(p)),
+            CreateForkTemplate => done(self.create_fork_template()),
+            LoadFork(p) => done(self.load_fork(p)),
             _ => ApiResponse::bad_request("Unsupported request."),
         }
     }

@@ -37,6 +37,17 @@ pub struct FcArgs {
     pub start_time_cpu_us: Option<u64>,
     pub parent_cpu_time_us: Option<u64>,
     pub seccomp: crate::seccomp::Setup,
+    /// `--fork-socket`.
+    pub fork_socket: Option<PathBuf>,
+}
+
+/// Removes a socket file when the VMM ends.
+struct RemoveOnDrop<'a>(&'a std::path::Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
 }
 
 /// Most bytes of a config file.
@@ -133,6 +144,14 @@ pub fn run(args: FcArgs) -> ExitCode {
             return fail(format!("config file: {e}"));
         }
     }
+    // The fork socket, bound before any seccomp filter (none allows bind or listen).
+    if let Some(path) = &args.fork_socket {
+        match std::os::unix::net::UnixListener::bind(path) {
+            Ok(l) => ctl.set_fork_listener(l),
+            Err(e) => return fail(format!("--fork-socket {}: {e}", path.display())),
+        }
+    }
+    let _fork_socket = args.fork_socket.as_deref().map(RemoveOnDrop);
     // The API socket: accepting from here on.
     let mut drain = None;
     if !args.no_api {
