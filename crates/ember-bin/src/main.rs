@@ -173,6 +173,11 @@ struct Args {
     /// (`PUT /fork/template`) that this Unix socket hands to other VMMs (`PUT /fork/load`).
     #[arg(long, value_name = "PATH", help_heading = "Firecracker mode")]
     fork_socket: Option<PathBuf>,
+    /// Lays the diff snapshot's memory file DIFF (a diff written into a new file) over the
+    /// full memory file BASE, which then holds the diff snapshot's memory (Firecracker's
+    /// `snapshot-editor edit-memory rebase`); apply a chain's diffs in the order taken.
+    #[arg(long, num_args = 2, value_names = ["BASE", "DIFF"], exclusive = true)]
+    merge_diff: Option<Vec<PathBuf>>,
     /// [Firecracker] Prints the format version of a snapshot state file.
     #[arg(long, value_name = "FILE", help_heading = "Firecracker mode")]
     describe_snapshot: Option<PathBuf>,
@@ -559,6 +564,22 @@ fn main() {
 
 fn run() -> ExitCode {
     let args = Args::parse();
+    if let Some([base, diff]) = args.merge_diff.as_deref() {
+        return match ember_vmm::merge_memory_diff(base, diff) {
+            Ok(bytes) => {
+                println!(
+                    "{}: {bytes} bytes of {} laid over it",
+                    base.display(),
+                    diff.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("ember: error: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if !args.quick_boot() {
         if args.quick_boot_flags() {
             eprintln!("ember: error: give --kernel or --config (or Firecracker's flags, without the quick-boot ones)");

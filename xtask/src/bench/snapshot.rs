@@ -39,6 +39,9 @@ pub struct Cell {
     pub first_run: Option<Summary>,
     /// Why a cell is empty.
     pub error: Option<String>,
+    /// Ember's forks by process (`PUT /fork/template`, then `PUT /fork/load` in each new
+    /// VMM) rather than a snapshot restore.
+    pub fork: bool,
 }
 
 /// The `p`-th percentile (nearest rank) of `v`.
@@ -298,6 +301,123 @@ fn fc_restore(peer: &Peer, dir: &Path) -> Result<f64, String> {
     result
 }
 
+/// Ember: boots the probe to its wait over the API in a VMM with a fork socket, pauses it and
+/// makes it a fork template; (the template's VMM, `PUT /fork/template` in ms).
+fn ember_fork_template(
+    peer: &Peer,
+    probe: &Path,
+    dir: &Path,
+    mib: u64,
+    vcpus: u8,
+) -> Result<(Child, f64), String> {
+    let sock = dir.join("template.sock");
+    let mut child = Command::new(&peer.bin)
+        .arg("--api-sock")
+        .arg(&sock)
+        .arg("--fork-socket")
+        .arg(dir.join("fork.sock"))
+        .args(["--level", "Error"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", peer.bin.display()))?;
+    let result = (|| {
+        wait_socket(&sock)?;
+        let rx = lines(&mut child)?;
+        boot_over_api(
+            &sock,
+            probe,
+            CMDLINE,
+            &format!(r#"{{"vcpu_count":{vcpus},"mem_size_mib":{mib}}}"#),
+        )?;
+        wait_line(&rx, "PROBE snapshot waiting", Duration::from_secs(60))?;
+        ok(&sock, "PATCH", "/vm", r#"{"state":"Paused"}"#)?;
+        let t = Instant::now();
+        ok(&sock, "PUT", "/fork/template", "{}")?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    })();
+    match result {
+        Ok(ms) => Ok((child, ms)),
+        Err(e) => {
+            kill(child);
+            Err(e)
+        }
+    }
+}
+
+/// Ember: one fork in a new VMM process; exec → the fork's guest answered, ms.
+fn ember_fork(peer: &Peer, dir: &Path) -> Result<f64, String> {
+    let sock = dir.join("fork-api.sock");
+    let t0 = Instant::now();
+    let mut child = fc_spawn(peer, &sock)?;
+    let result = (|| {
+        release_guest(&mut child)?;
+        let rx = lines(&mut child)?;
+        wait_socket(&sock)?;
+        ok(
+            &sock,
+            "PUT",
+            "/fork/load",
+            &format!(
+                r#"{{"template_socket":"{}","resume_vm":true}}"#,
+                dir.join("fork.sock").display()
+            ),
+        )?;
+        let (t, _) = wait_line(&rx, "PROBE snapshot ok", Duration::from_secs(30))?;
+        Ok(t.duration_since(t0).as_secs_f64() * 1e3)
+    })();
+    kill(child);
+    let _ = std::fs::remove_file(&sock);
+    result
+}
+
+/// Ember's forks by process at one size: a template, then `runs` forks one after the other.
+fn fork_cell(peer: &Peer, probe: &Path, scratch: &Path, runs: usize, mib: u64, vcpus: u8) -> Cell {
+    eprintln!(
+        "xtask bench: forks by process, {} ({mib} MiB, {vcpus} vCPU, {runs} forks)",
+        peer.name
+    );
+    let mut cell = Cell {
+        peer: format!("{}, forks by process", peer.name),
+        mib,
+        vcpus,
+        create_ms: None,
+        answered: None,
+        answered_p99: None,
+        first_run: None,
+        error: None,
+        fork: true,
+    };
+    let dir: PathBuf = scratch.join(format!("fork-{mib}-{vcpus}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::create_dir_all(&dir) {
+        cell.error = Some(e.to_string());
+        return cell;
+    }
+    match ember_fork_template(peer, probe, &dir, mib, vcpus) {
+        Ok((template, ms)) => {
+            cell.create_ms = Some(ms);
+            let mut answered = Vec::new();
+            for _ in 0..runs {
+                match ember_fork(peer, &dir) {
+                    Ok(a) => answered.push(a),
+                    Err(e) => {
+                        cell.error = Some(format!("fork: {e}"));
+                        break;
+                    }
+                }
+            }
+            kill(template);
+            cell.answered = Summary::of(&answered);
+            cell.answered_p99 = percentile(&answered, 99.0);
+        }
+        Err(e) => cell.error = Some(format!("template: {e}")),
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    cell
+}
+
 /// Runs the section: every size for Ember and Firecracker.
 pub fn run(
     peers: &[Peer],
@@ -327,6 +447,7 @@ pub fn run(
                 answered_p99: None,
                 first_run: None,
                 error: None,
+                fork: false,
             };
             if let Err(e) = std::fs::create_dir_all(&dir) {
                 cell.error = Some(e.to_string());
@@ -366,6 +487,9 @@ pub fn run(
             cell.first_run = Summary::of(&first);
             let _ = std::fs::remove_dir_all(&dir);
             cells.push(cell);
+            if is_ember {
+                cells.push(fork_cell(p, probe, scratch, runs, mib, vcpus));
+            }
         }
     }
     cells
@@ -403,22 +527,45 @@ pub fn markdown(cells: &[Cell], s: &mut String) {
                 .map_or(String::new(), |e| format!(" ({e})"))
         );
     }
-    let ember: Vec<&Cell> = cells.iter().filter(|c| c.first_run.is_some()).collect();
+    if cells.iter().any(|c| c.fork) {
+        let _ = writeln!(
+            s,
+            "\n\"Forks by process\": the template's VMM (`--fork-socket`) is booted over the API \
+             to the wait and paused; its \"snapshot create\" is `PUT /fork/template`; each run \
+             is a new `ember` process given `PUT /fork/load` with `resume_vm`, timed exec → \
+             the fork's guest answered."
+        );
+    }
+    // Ember's restores report their first KVM_RUN, its forks are marked: the rest is
+    // Firecracker.
+    let ember: Vec<&Cell> = cells
+        .iter()
+        .filter(|c| c.first_run.is_some() || c.fork)
+        .collect();
     for e in ember {
         if let Some(fc) = cells
             .iter()
-            .find(|c| c.first_run.is_none() && c.mib == e.mib && c.vcpus == e.vcpus)
+            .find(|c| c.first_run.is_none() && !c.fork && c.mib == e.mib && c.vcpus == e.vcpus)
         {
             if let (Some(a), Some(b)) = (e.answered, fc.answered) {
                 let _ = writeln!(
                     s,
-                    "\n{} MiB, {} vCPU: Ember ÷ {} restore {:.2}× (medians){}",
+                    "\n{} MiB, {} vCPU: {} ÷ {} restore {:.2}× (medians){}",
                     e.mib,
                     e.vcpus,
+                    if e.fork { "Ember's fork" } else { "Ember" },
                     fc.peer,
                     a.median / b.median,
                     match (e.create_ms, fc.create_ms) {
-                        (Some(x), Some(y)) if y > 0.0 => format!(", snapshot create {:.3}×", x / y),
+                        (Some(x), Some(y)) if y > 0.0 => format!(
+                            ", {} {:.3}×",
+                            if e.fork {
+                                "template ÷ snapshot create"
+                            } else {
+                                "snapshot create"
+                            },
+                            x / y
+                        ),
                         _ => String::new(),
                     }
                 );
