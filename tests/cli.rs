@@ -425,13 +425,13 @@ fn merge_diff_lays_a_sparse_diff_over_its_base() {
         dir.as_path().join("base.mem"),
         dir.as_path().join("diff.mem"),
     );
-    let size = 4u64 << 20;
-    let original: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+    let size: usize = 4 << 20;
+    let original: Vec<u8> = (0..size).map(|i| u8::try_from(i % 251).unwrap()).collect();
     std::fs::write(&base, &original).unwrap();
     let d = std::fs::File::create(&diff).unwrap();
-    d.set_len(size).unwrap();
+    d.set_len(size as u64).unwrap();
     d.write_all_at(&[0xee; 8192], 1 << 20).unwrap();
-    d.write_all_at(&[0x11; 4096], size - 4096).unwrap();
+    d.write_all_at(&[0x11; 4096], (size - 4096) as u64).unwrap();
     drop(d);
     let (b, f) = (base.to_str().unwrap(), diff.to_str().unwrap());
     let out = run(&["--merge-diff", b, f], b"");
@@ -439,7 +439,7 @@ fn merge_diff_lays_a_sparse_diff_over_its_base() {
     let merged = std::fs::read(&base).unwrap();
     let mut want = original.clone();
     want[1 << 20..(1 << 20) + 8192].fill(0xee);
-    want[(size - 4096) as usize..].fill(0x11);
+    want[size - 4096..].fill(0x11);
     assert!(
         merged == want,
         "the merged base is not the base with the diff's pages"
