@@ -768,7 +768,7 @@ fn a_snapshot_over_the_api_restores_in_a_new_process() {
     fc.fails(
         "PUT",
         "/snapshot/load",
-        Some(&load("").replace(r#""File""#, r#""Uffd""#)),
+        Some(&load("").replace(r#""File""#, r#""Shm""#)),
         "not supported",
     );
     fc.fails(
@@ -1016,4 +1016,94 @@ fn forks_of_a_paused_microvm_run_in_vmm_processes_of_their_own() {
         assert_ne!(std::fs::read(&disk).unwrap(), base, "fork {mark}");
     }
     assert_eq!(std::fs::read(&img).unwrap(), base);
+}
+
+/// `PUT /snapshot/load` with `mem_backend` `Uffd`, as Firecracker's: the restored guest's memory
+/// is filled page by page by a handler process (here a thread of the test, in the role of
+/// Firecracker's example handlers) that got Firecracker's handshake: the regions in JSON with
+/// the userfaultfd attached. Only the pages touched are served; with no handler listening the
+/// load is refused, naming the socket, and the VMM can still load.
+#[test]
+fn a_snapshot_loads_with_its_memory_served_by_a_page_fault_handler() {
+    if !kvm_or_skip("a_snapshot_loads_with_its_memory_served_by_a_page_fault_handler") {
+        return;
+    }
+    let files = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-uffd-").unwrap();
+    let dir = files.as_path().to_path_buf();
+    let (state, mem, handler) = (
+        dir.join("vm.state"),
+        dir.join("vm.mem"),
+        dir.join("uffd.sock"),
+    );
+    let (serial1, serial2) = (dir.join("serial1.txt"), dir.join("serial2.txt"));
+    let fc = Fc::start_with(&[], Stdio::piped());
+    fc.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, serial1.display()),
+    );
+    fc.ok("PUT", "/boot-source", &boot_source("probe=snapshot,rng"));
+    fc.ok("PUT", "/entropy", "{}");
+    fc.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let text = wait_for_text(&serial1, "PROBE snapshot waiting", Duration::from_secs(30));
+    assert!(text.contains("PROBE snapshot waiting"), "{text}");
+    fc.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    fc.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    drop(fc);
+
+    let load = format!(
+        r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"Uffd","backend_path":"{}"}},"resume_vm":true}}"#,
+        state.display(),
+        handler.display()
+    );
+    let mut fc = Fc::start_with(&[], Stdio::piped());
+    fc.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, serial2.display()),
+    );
+    fc.fails("PUT", "/snapshot/load", Some(&load), "uffd.sock");
+    let (_, b) = fc.call("GET", "/", None);
+    assert!(b.contains(r#""state":"Not started""#), "{b}");
+
+    let server = ember_test_support::uffd::PageServer::serve_file(
+        &handler,
+        std::fs::File::open(&mem).unwrap(),
+        Duration::from_secs(30),
+    )
+    .unwrap();
+    fc.ok("PUT", "/snapshot/load", &load);
+    fc.type_in(b"g");
+    let (code, _, stderr) = fc.wait(Duration::from_secs(60));
+    let text = std::fs::read_to_string(&serial2).unwrap_or_default();
+    assert_eq!(code, Some(0), "{text}\n{stderr}");
+    assert!(
+        text.contains("PROBE snapshot ok pattern=ok tsc_forward=yes"),
+        "{text}"
+    );
+    assert!(text.contains("PROBE rng ok"), "{text}");
+    assert!(text.contains("failed=0"), "{text}");
+    assert!(!text.contains("PROBE start"), "{text}");
+    let served = server.finish().unwrap();
+    eprintln!("the handler served {} pages", served.pages);
+    // One region (128 MiB sits below the MMIO gap) at the memory file's start.
+    assert_eq!(served.regions.len(), 1, "{served:?}");
+    assert_eq!(served.regions[0].size, 128 << 20, "{served:?}");
+    assert_eq!(served.regions[0].offset, 0, "{served:?}");
+    assert_eq!(served.regions[0].page_size, 4096, "{served:?}");
+    // The probe read its 1 MiB region back (256 pages), and ran its code from served pages;
+    // nothing near all of memory was touched.
+    assert!(
+        served.pages >= 256 && served.pages < 4096,
+        "{} pages served",
+        served.pages
+    );
 }

@@ -225,7 +225,24 @@ fn all_seeds() -> BTreeMap<&'static str, Seeds> {
     }
     all.insert("cpu_template", cpu_template());
     all.insert("cmdline", cmdline());
+    all.insert("fork_transfer", fork_transfer());
     all
+}
+
+/// What `Template::send_to` sends (the header, then a state as a state file holds it), made
+/// from the captured `snapshot_state` seeds, and a header with nothing after it.
+fn fork_transfer() -> Seeds {
+    let mut seeds = Seeds::new();
+    for (name, state) in committed(&workspace_root().join("fuzz/seeds/snapshot_state")) {
+        let mut t = b"EMBERFRK".to_vec();
+        t.extend_from_slice(&(state.len() as u64).to_le_bytes());
+        t.extend_from_slice(&state);
+        seeds.insert(name.replace(".state", ".transfer"), t);
+    }
+    let mut short = b"EMBERFRK".to_vec();
+    short.extend_from_slice(&4096u64.to_le_bytes());
+    seeds.insert("header-only".into(), short);
+    seeds
 }
 
 fn committed(dir: &Path) -> Seeds {

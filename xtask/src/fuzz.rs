@@ -26,6 +26,7 @@ pub const TARGETS: &[&str] = &[
     "cpu_template",
     "cmdline",
     "snapshot_state",
+    "fork_transfer",
 ];
 
 /// The targets that run each input under one of the `ember` binary's seccomp filters

@@ -130,6 +130,10 @@ pub fn ensure_packages(packages: &[&str]) -> Result<(), String> {
 
 /// Builds the `ember` binary (release) with cargo's progress shown, and returns its path.
 pub fn build_ember() -> Result<PathBuf, String> {
+    // The userfaultfd crate (ember-vmm's `uffd` feature) generates its bindings with libclang.
+    if let Err(e) = ensure_packages(&["libclang-dev"]) {
+        eprintln!("xtask: warning: cannot install libclang-dev ({e}); the build may fail");
+    }
     eprintln!("xtask: building the ember VMM (release; the first build takes a minute or two)");
     run_cmd(cargo().args(["build", "--release", "--bin", "ember"]))?;
     Ok(target_dir().join("release/ember"))

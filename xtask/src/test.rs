@@ -127,6 +127,11 @@ pub fn run(args: &Args) -> Result<(), String> {
     print_machine();
     // The probe guest, and the peer VMM (QEMU) the comparison tests boot it under.
     probe::build()?;
+    if let Err(e) = ensure_packages(&["libclang-dev"]) {
+        eprintln!(
+            "xtask: warning: cannot install libclang-dev ({e}): ember-vmm's uffd feature needs it"
+        );
+    }
     if let Err(e) = ensure_packages(&["qemu-system-x86", "e2fsprogs", "iproute2"]) {
         eprintln!("xtask: warning: could not install QEMU ({e}); the QEMU tests will skip");
     }

@@ -11,6 +11,7 @@
 #![deny(missing_docs)]
 
 pub mod net;
+pub mod uffd;
 
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -40,6 +40,8 @@ mod outcome;
 mod pool;
 mod snapshot;
 mod state;
+#[cfg(feature = "uffd")]
+mod uffd;
 mod vm;
 mod vmgenid;
 

@@ -140,6 +140,14 @@ pub enum SnapshotError {
         /// What is wrong.
         why: String,
     },
+    /// The userfaultfd memory backend could not be set up.
+    #[error("{}: userfaultfd memory backend: {why}", path.display())]
+    Uffd {
+        /// The page-fault handler's socket.
+        path: PathBuf,
+        /// What went wrong.
+        why: String,
+    },
     /// A fork would share a host resource with its template.
     #[error("a fork would share {0} with its template")]
     SharedResource(String),

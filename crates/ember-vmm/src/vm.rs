@@ -53,6 +53,15 @@ enum OutputChoice {
     Writer(Box<dyn Write + Send>),
 }
 
+/// Where a restore's guest memory comes from.
+enum RestoreMemory {
+    /// A memory file (its path names it in errors), mapped `MAP_PRIVATE`.
+    File(std::fs::File, PathBuf),
+    /// Anonymous memory filled by the page-fault handler listening on this socket.
+    #[cfg(feature = "uffd")]
+    Uffd(PathBuf),
+}
+
 /// Builder for a [`Vm`]: a configuration plus where the console goes.
 pub struct VmBuilder {
     config: VmConfig,
@@ -62,7 +71,7 @@ pub struct VmBuilder {
     kvm_path: PathBuf,
     port_devices: Vec<(u64, u64, SharedDevice)>,
     cpu_template: Option<ember_vcpu::template::CpuTemplate>,
-    restore: Option<(crate::snapshot::SnapshotState, std::fs::File, PathBuf)>,
+    restore: Option<(crate::snapshot::SnapshotState, RestoreMemory)>,
     start_paused: bool,
     fork_template: bool,
     prepared: Option<crate::pool::PreparedVm>,
@@ -140,7 +149,29 @@ impl VmBuilder {
         memory_path: &Path,
     ) -> Self {
         let mut b = VmBuilder::new(state.config.clone());
-        b.restore = Some((state, memory, memory_path.to_path_buf()));
+        b.restore = Some((
+            state,
+            RestoreMemory::File(memory, memory_path.to_path_buf()),
+        ));
+        b
+    }
+
+    /// As [`restore`](Self::restore), with guest memory filled on demand by a page-fault
+    /// handler process listening on the Unix socket `handler` (Firecracker's `Uffd` memory
+    /// backend and handshake). Guest memory is anonymous, registered with a new userfaultfd
+    /// (missing pages, kernel accesses included; remove events) before anything touches it;
+    /// the handler gets one message: a JSON array of the regions, each
+    /// `{"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"}` (`offset` in
+    /// the memory file; `page_size_kib` holds bytes, as Firecracker sends it), with the
+    /// userfaultfd attached (`SCM_RIGHTS`). The handler must be listening before the VM is
+    /// built, and serve every page the guest or the VMM touches (a handler that stops serving
+    /// freezes the guest); the VMM keeps the connection open while the VM lives. Creating the
+    /// userfaultfd needs root, `CAP_SYS_PTRACE` or `vm.unprivileged_userfaultfd=1`.
+    /// (Feature `uffd`, on by default.)
+    #[cfg(feature = "uffd")]
+    pub fn restore_with_uffd(state: crate::snapshot::SnapshotState, handler: &Path) -> Self {
+        let mut b = VmBuilder::new(state.config.clone());
+        b.restore = Some((state, RestoreMemory::Uffd(handler.to_path_buf())));
         b
     }
 
@@ -242,6 +273,9 @@ pub struct Vm {
     restore: Option<MachineState>,
     jobs: ember_devices::mailbox::Mailbox<crate::handle::Job>,
     thread_hook: Option<ThreadHook>,
+    /// The userfaultfd of memory a page-fault handler serves, held for the VM's life.
+    #[cfg(feature = "uffd")]
+    _uffd: Option<crate::uffd::UffdMemory>,
 }
 
 impl std::fmt::Debug for Vm {
@@ -280,8 +314,38 @@ impl Vm {
         }
         let mut memory_file = None;
         let dirty = ember_memory::DirtyBitmap::tracked_if(config.track_dirty_pages);
+        #[cfg(feature = "uffd")]
+        let mut uffd = None;
         let (memory, kernel, initrd, protocol_entry, machine) = match restore {
-            Some((state, file, path)) => {
+            #[cfg(feature = "uffd")]
+            Some((state, RestoreMemory::Uffd(handler))) => {
+                if state.memory_bytes != layout.mem_size() {
+                    return Err(crate::snapshot::SnapshotError::Invalid {
+                        path: handler,
+                        why: format!(
+                            "{} bytes of guest memory; the configuration has {}",
+                            state.memory_bytes,
+                            layout.mem_size()
+                        ),
+                    }
+                    .into());
+                }
+                if premapped {
+                    return Err(Error::Prepared(
+                        "a prepared VM with memory is for a fork or a restore from a file, not \
+                         one whose memory a page-fault handler serves"
+                            .into(),
+                    ));
+                }
+                let memory = ember_memory::create_guest_memory(&layout, dirty)?;
+                uffd = Some(crate::uffd::hand_to_handler(&memory, &handler)?);
+                if config.acpi {
+                    crate::vmgenid::write_new(&memory)?;
+                }
+                timings.record("guest memory", &mut t);
+                (memory, None, None, None, Some(state))
+            }
+            Some((state, RestoreMemory::File(file, path))) => {
                 let size = file.metadata().map(|m| m.len()).unwrap_or(0);
                 if size != state.memory_bytes || size != layout.mem_size() {
                     return Err(crate::snapshot::SnapshotError::MemorySize {
@@ -644,6 +708,8 @@ impl Vm {
             restore: machine.map(|m| m.machine),
             jobs,
             thread_hook: b.thread_hook,
+            #[cfg(feature = "uffd")]
+            _uffd: uffd,
         })
     }
 

@@ -352,15 +352,16 @@ impl Controller {
         }
         let t = Instant::now();
         let fail = |e: String| format!("Load snapshot error: Failed to restore from snapshot: {e}");
-        let mem_path = match (&p.mem_backend, &p.mem_file_path) {
-            (Some(b), None) if b.backend_type == "File" => b.backend_path.clone(),
+        let (mem_path, uffd) = match (&p.mem_backend, &p.mem_file_path) {
+            (Some(b), None) if b.backend_type == "File" => (b.backend_path.clone(), false),
+            (Some(b), None) if b.backend_type == "Uffd" => (b.backend_path.clone(), true),
             (Some(b), None) => {
                 return Err(fail(format!(
-                    "memory backend {:?} is not supported (Ember maps a File)",
+                    "memory backend {:?} is not supported (File or Uffd)",
                     b.backend_type
                 )))
             }
-            (None, Some(f)) => f.clone(),
+            (None, Some(f)) => (f.clone(), false),
             _ => {
                 return Err("Load snapshot error: give exactly one of mem_backend and \
                             mem_file_path"
@@ -385,16 +386,23 @@ impl Controller {
                 .override_vsock(Path::new(&v.uds_path), None)
                 .map_err(|e| fail(e.to_string()))?;
         }
-        let memory =
-            std::fs::File::open(&mem_path).map_err(|e| fail(format!("{mem_path}: {e}")))?;
-        self.resources.adopt(&state.config);
-        let builder = ember_vmm::VmBuilder::restore(state, memory, Path::new(&mem_path));
+        let config = state.config.clone();
+        let builder = if uffd {
+            // The handler listening on the socket serves every page (Firecracker's handshake).
+            ember_vmm::VmBuilder::restore_with_uffd(state, Path::new(&mem_path))
+        } else {
+            let memory =
+                std::fs::File::open(&mem_path).map_err(|e| fail(format!("{mem_path}: {e}")))?;
+            ember_vmm::VmBuilder::restore(state, memory, Path::new(&mem_path))
+        };
         let paused = !p.resume_vm.unwrap_or(false);
         self.launch(
             builder,
             paused,
             "Load snapshot error: Failed to restore from snapshot",
         )?;
+        // Only a load that worked changes what GET /machine-config and friends report.
+        self.resources.adopt(&config);
         log::info!(
             "'load snapshot' VMM action took {} us.",
             t.elapsed().as_micros()
@@ -481,10 +489,11 @@ impl Controller {
                 .override_disk(&d.drive_id, Path::new(&d.path_on_host))
                 .map_err(|e| fail(e.to_string()))?;
         }
-        self.resources.adopt(&state.config);
+        let config = state.config.clone();
         let builder = template.fork_with(state).map_err(|e| fail(e.to_string()))?;
         let paused = !p.resume_vm.unwrap_or(false);
         self.launch(builder, paused, "Load fork error")?;
+        self.resources.adopt(&config);
         log::info!(
             "'load fork' VMM action took {} us.",
             t.elapsed().as_micros()
