@@ -81,9 +81,14 @@ impl Fc {
 
     /// As [`Fc::start`], with `stdin` as the process's standard input (the serial console's).
     fn start_with(extra: &[&str], stdin: Stdio) -> Fc {
+        Fc::start_bin(ember_binary().as_os_str(), extra, stdin)
+    }
+
+    /// As [`Fc::start_with`], for the VMM binary `bin` (Ember, or Firecracker itself).
+    fn start_bin(bin: &std::ffi::OsStr, extra: &[&str], stdin: Stdio) -> Fc {
         let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-api-test-").unwrap();
         let sock = dir.as_path().join("api.sock");
-        let child = Command::new(ember_binary())
+        let child = Command::new(bin)
             .arg("--api-sock")
             .arg(&sock)
             .args(extra)
@@ -1106,4 +1111,106 @@ fn a_snapshot_loads_with_its_memory_served_by_a_page_fault_handler() {
         "{} pages served",
         served.pages
     );
+}
+
+/// The snapshot scenario of `a_snapshot_over_the_api_restores_in_a_new_process`, driven the
+/// same way against the VMM binary `bin`: boot the probe (`snapshot,blk,rng`) to its wait,
+/// pause, full snapshot, then restore it in a new process of the same VMM; the restored
+/// guest's console.
+fn snapshot_scenario(bin: &std::ffi::OsStr, extra: &[&str]) -> String {
+    let files = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/ember-side-snap-").unwrap();
+    let dir = files.as_path().to_path_buf();
+    let (img, state, mem) = (dir.join("d.img"), dir.join("vm.state"), dir.join("vm.mem"));
+    let serial1 = dir.join("serial1.txt");
+    write_blk_image(&img, 2048, 0x5a).unwrap();
+    let before = std::fs::read(&img).unwrap();
+    let fc = Fc::start_bin(bin, extra, Stdio::piped());
+    fc.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, serial1.display()),
+    );
+    fc.ok(
+        "PUT",
+        "/boot-source",
+        &boot_source("probe=snapshot,blk,rng"),
+    );
+    fc.ok(
+        "PUT",
+        "/drives/probe",
+        &format!(
+            r#"{{"drive_id":"probe","path_on_host":"{}","is_root_device":false,"is_read_only":false}}"#,
+            img.display()
+        ),
+    );
+    fc.ok("PUT", "/entropy", "{}");
+    fc.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let text = wait_for_text(&serial1, "PROBE snapshot waiting", Duration::from_secs(30));
+    assert!(text.contains("PROBE snapshot waiting"), "{bin:?}: {text}");
+    fc.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    fc.ok(
+        "PUT",
+        "/snapshot/create",
+        &format!(
+            r#"{{"snapshot_type":"Full","snapshot_path":"{}","mem_file_path":"{}"}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    drop(fc);
+    // The restored console is the VMM's standard output (Firecracker takes no serial
+    // configuration for a restore).
+    let mut fc = Fc::start_bin(bin, extra, Stdio::piped());
+    fc.ok(
+        "PUT",
+        "/snapshot/load",
+        &format!(
+            r#"{{"snapshot_path":"{}","mem_backend":{{"backend_type":"File","backend_path":"{}"}},"resume_vm":true}}"#,
+            state.display(),
+            mem.display()
+        ),
+    );
+    fc.type_in(b"g");
+    // The guest resets once its checks are done, which ends either VMM.
+    let (_, text, stderr) = fc.wait(Duration::from_secs(60));
+    // The restored guest wrote the disk it was given.
+    assert!(
+        std::fs::read(&img).unwrap() != before,
+        "{bin:?}: the disk is unchanged; the restored console: {text}\n{stderr}"
+    );
+    text
+}
+
+/// The same snapshot scenario under Firecracker v1.16.1 (`EMBER_FIRECRACKER`) and Ember,
+/// over the same API calls: each VMM restores its own snapshot and the restored probe passes
+/// the same checks (its memory pattern, its clock, disk reads and writes, entropy). The time
+/// each takes is the benchmark's (`cargo xtask bench --only snapshot`), not this test's.
+#[test]
+fn a_snapshot_scenario_passes_the_same_under_firecracker_and_ember() {
+    let test = "a_snapshot_scenario_passes_the_same_under_firecracker_and_ember";
+    let Some(fc_bin) = std::env::var_os("EMBER_FIRECRACKER") else {
+        ember_test_support::skip(
+            test,
+            "EMBER_FIRECRACKER is not set (a Firecracker v1.16.1 binary)",
+        );
+        return;
+    };
+    if !kvm_or_skip(test) {
+        return;
+    }
+    for (name, bin, extra) in [
+        ("Firecracker", fc_bin.as_os_str(), &["--no-seccomp"][..]),
+        ("Ember", ember_binary().as_os_str(), &[][..]),
+    ] {
+        let text = snapshot_scenario(bin, extra);
+        for want in [
+            "PROBE snapshot ok pattern=ok tsc_forward=yes",
+            "PROBE blk ok",
+            "PROBE rng ok",
+            "PROBE done checks=3 failed=0",
+        ] {
+            assert!(text.contains(want), "{name}: no `{want}` in {text}");
+        }
+        assert!(!text.contains("PROBE start"), "{name}: {text}");
+    }
 }
