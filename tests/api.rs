@@ -939,6 +939,24 @@ fn forks_of_a_paused_microvm_run_in_vmm_processes_of_their_own() {
     // Without --fork-socket there is nothing to serve forks on.
     let other = Fc::start(&[]);
     other.fails("PUT", "/fork/template", None, "before starting");
+    let other_serial = dir.join("other.txt");
+    other.ok(
+        "PUT",
+        "/serial",
+        &format!(r#"{{"serial_out_path":"{}"}}"#, other_serial.display()),
+    );
+    other.ok("PUT", "/boot-source", &boot_source("probe=snapshot"));
+    other.ok("PUT", "/actions", r#"{"action_type":"InstanceStart"}"#);
+    let text = wait_for_text(
+        &other_serial,
+        "PROBE snapshot waiting",
+        Duration::from_secs(30),
+    );
+    assert!(text.contains("PROBE snapshot waiting"), "{text}");
+    other.ok("PATCH", "/vm", r#"{"state":"Paused"}"#);
+    other.fails("PUT", "/fork/template", None, "no fork socket");
+    drop(other);
+    let other = Fc::start(&[]);
     let load = |extra: &str| {
         format!(
             r#"{{"template_socket":"{}","resume_vm":true{extra}}}"#,
@@ -993,6 +1011,16 @@ fn forks_of_a_paused_microvm_run_in_vmm_processes_of_their_own() {
     }
     // The forks need nothing more of the template's process.
     drop(template);
+
+    // A fork socket is removed when its VMM ends, a signal before boot included.
+    let ended = dir.join("ended.sock");
+    let mut vmm = Fc::start(&["--fork-socket", ended.to_str().unwrap()]);
+    assert!(ended.exists());
+    // SAFETY: signals the child this test started.
+    unsafe { libc::kill(i32::try_from(vmm.pid()).unwrap(), libc::SIGTERM) };
+    let (code, _, stderr) = vmm.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{stderr}");
+    assert!(!ended.exists(), "the fork socket outlived its VMM");
 
     let mut ids = std::collections::HashSet::from([template_id]);
     for (mark, mut fork, serial, disk) in forks {

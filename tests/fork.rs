@@ -408,9 +408,13 @@ fn resend(bytes: &[u8], fd: &std::fs::File) -> String {
     let (a, b) = UnixStream::pair().unwrap();
     a.send_with_fd(&bytes[..16], fd.as_raw_fd()).unwrap();
     (&a).write_all(&bytes[16..]).unwrap();
-    Template::receive(&b, std::path::Path::new("/run/resent.sock"))
-        .unwrap_err()
-        .to_string()
+    Template::receive(
+        &b,
+        std::path::Path::new("/run/resent.sock"),
+        Duration::from_secs(5),
+    )
+    .unwrap_err()
+    .to_string()
 }
 
 #[test]
@@ -422,7 +426,12 @@ fn a_template_sent_over_a_socket_forks_in_the_receiver_from_a_frozen_memfd() {
     let (template, _, at) = template(probe_config("vmgenid,snapshot,vmgenid"));
     let (a, b) = UnixStream::pair().unwrap();
     template.send_to(&a).unwrap();
-    let received = Template::receive(&b, std::path::Path::new("/run/pair.sock")).unwrap();
+    let received = Template::receive(
+        &b,
+        std::path::Path::new("/run/pair.sock"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
     assert_eq!(received.state().memory_bytes, template.state().memory_bytes);
     let console = Console::default();
     let vm = received
@@ -486,5 +495,10 @@ fn a_template_sent_over_a_socket_forks_in_the_receiver_from_a_frozen_memfd() {
         a.send_with_fd(&bytes[..16], memfd.as_raw_fd()).unwrap();
         (&a).write_all(&bytes[16..]).unwrap();
     }
-    assert!(Template::receive(&b, std::path::Path::new("/run/again.sock")).is_ok());
+    assert!(Template::receive(
+        &b,
+        std::path::Path::new("/run/again.sock"),
+        Duration::from_secs(5)
+    )
+    .is_ok());
 }

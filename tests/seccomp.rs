@@ -180,6 +180,21 @@ fn seccomp_filter_takes_a_compiled_file_and_refuses_garbage() {
         .unwrap()
         .write_all(&bitcode::serialize(&map).unwrap())
         .unwrap();
+    // A fork template needs Ember's own filters: the pair is refused at start-up.
+    let out = Command::new(ember_binary())
+        .args(["--api-sock", dir.join("api.sock").to_str().unwrap()])
+        .args(["--fork-socket", dir.join("fork.sock").to_str().unwrap()])
+        .args(["--seccomp-filter", file.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--fork-socket needs Ember's own seccomp filters"),
+        "{stderr}"
+    );
+    assert!(!dir.join("fork.sock").exists());
     let child = start_long_guest(&["--seccomp-filter", file.to_str().unwrap()]);
     let filtered =
         ember_test_support::wait_for_filtered_threads(child.id(), &["ember", "vcpu0", "vcpu1"]);

@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
         std::io::Write::write_all(&mut &a, &data[head..]).unwrap();
     }
     drop(a);
-    match ember_vmm::Template::receive(&b, std::path::Path::new("fuzz.sock")) {
+    match ember_vmm::Template::receive(&b, std::path::Path::new("fuzz.sock"), std::time::Duration::from_secs(5)) {
         Ok(t) => {
             let s = t.state();
             assert_eq!(s.memory_bytes, 128 << 20);

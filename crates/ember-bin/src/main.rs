@@ -381,9 +381,20 @@ pub(crate) fn set_api_socket(path: &std::path::Path) {
 }
 
 pub(crate) fn remove_api_socket() {
-    if let Some(p) = API_SOCKET.get() {
+    for p in [API_SOCKET.get(), FORK_SOCKET.get()].into_iter().flatten() {
         // SAFETY: unlink of a NUL-terminated path.
         unsafe { libc::unlink(p.as_ptr()) };
+    }
+}
+
+/// The fork socket (`--fork-socket`), removed with the API socket when a signal ends a
+/// process with no VM running.
+static FORK_SOCKET: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
+
+pub(crate) fn set_fork_socket(path: &std::path::Path) {
+    use std::os::unix::ffi::OsStrExt;
+    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
+        let _ = FORK_SOCKET.set(c);
     }
 }
 

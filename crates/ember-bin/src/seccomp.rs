@@ -172,6 +172,8 @@ impl Filters {
 pub struct Setup {
     filters: Filters,
     test_blocked: Option<Thread>,
+    /// The filters came from `--seccomp-filter` (Firecracker's, or anyone's).
+    from_file: bool,
 }
 
 impl Setup {
@@ -203,7 +205,13 @@ impl Setup {
         Ok(Setup {
             filters,
             test_blocked,
+            from_file: !no_seccomp && file.is_some(),
         })
+    }
+
+    /// Whether the filters came from a file (`--seccomp-filter`) rather than Ember's own.
+    pub fn filters_from_file(&self) -> bool {
+        self.from_file
     }
 
     /// Installs `thread`'s filter on the calling thread (called `label` in a report).

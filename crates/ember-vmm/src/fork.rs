@@ -37,6 +37,7 @@ use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -60,6 +61,21 @@ const TRANSFER_MAGIC: &[u8; 8] = b"EMBERFRK";
 const TRANSFER_HEADER: usize = 16;
 /// The largest state [`Template::receive`] takes (a state is some KiB per vCPU and device).
 pub const MAX_TRANSFER_STATE: u64 = 16 << 20;
+
+/// Whether `f` lives on tmpfs (an ordinary memfd does; a huge-page one is on hugetlbfs).
+fn on_tmpfs(f: &std::fs::File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    // SAFETY: statfs is plain data; fstatfs writes it for a descriptor this function borrows.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; `st` is a valid statfs to write into.
+    let r = unsafe { libc::fstatfs(f.as_raw_fd(), &mut st) };
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "f_type's type differs between libcs"
+    )]
+    let fs_type = st.f_type as i64;
+    r == 0 && fs_type == TMPFS_MAGIC
+}
 
 /// What [`Template::fork_with`] refuses.
 fn shared_resource(what: String) -> Error {
@@ -152,13 +168,25 @@ impl Template {
         Ok(())
     }
 
+    /// Whether the template can be handed to another process ([`send_to`](Self::send_to)):
+    /// its memory is a sealed memfd.
+    pub fn can_send(&self) -> bool {
+        ember_memory::is_sealed(&self.memory)
+    }
+
     /// A template handed over `socket` by [`send_to`](Self::send_to) (`name`, the socket's
-    /// path, names it in errors). The state is checked as a state file is
-    /// ([`crate::read_snapshot`]), and the memory must be a sealed memfd of exactly the state's
-    /// size: a peer that sends anything else gets a clear error, never a mapping that could
-    /// change or shrink under the forks. Set a read timeout on `socket` if the peer may
-    /// stall.
-    pub fn receive(socket: &UnixStream, name: &Path) -> Result<Self, Error> {
+    /// path, names it in errors), all of it within `timeout` (a peer that stalls or trickles
+    /// gets an error then). The state is checked as a state file is
+    /// ([`crate::read_snapshot`]), and the memory must be a sealed memfd (on tmpfs: not a
+    /// huge-page one, whose copy-on-write could fail) of exactly the state's size: a peer that
+    /// sends anything else gets a clear error, never a mapping that could change or shrink
+    /// under the forks.
+    ///
+    /// The peer is trusted as a state file is: the state names the host files, sockets and
+    /// TAPs the fork's devices open. Accept templates only from a VMM of the same user (check
+    /// the socket's peer, as the reference VMM does) or one you started.
+    pub fn receive(socket: &UnixStream, name: &Path, timeout: Duration) -> Result<Self, Error> {
+        let deadline = Instant::now() + timeout;
         let bad = |why: String| {
             Error::Snapshot(SnapshotError::Transfer {
                 path: name.to_path_buf(),
@@ -171,6 +199,19 @@ impl Template {
                 source,
             })
         };
+        // Every read waits at most for what is left of the whole transfer's time.
+        let left = || -> Result<Duration, Error> {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(bad(format!(
+                    "the transfer took longer than {} ms",
+                    timeout.as_millis()
+                )));
+            }
+            socket.set_read_timeout(Some(left)).map_err(io)?;
+            Ok(left)
+        };
+        left()?;
         let mut head = [0u8; TRANSFER_HEADER];
         let (got, memory) = socket.recv_with_fd(&mut head).map_err(|e| io(e.into()))?;
         // Descriptors received without MSG_CMSG_CLOEXEC: keep a close-on-exec duplicate.
@@ -179,6 +220,7 @@ impl Template {
             return Err(bad("the connection closed before a template came".into()));
         }
         let mut r = socket;
+        left()?;
         r.read_exact(&mut head[got..])
             .map_err(|e| bad(format!("its header ended early ({e})")))?;
         if &head[..8] != TRANSFER_MAGIC {
@@ -196,9 +238,19 @@ impl Template {
             )));
         }
         let mut bytes = Vec::new();
-        r.take(len)
-            .read_to_end(&mut bytes)
-            .map_err(|e| bad(format!("its state ended early ({e})")))?;
+        let mut chunk = vec![0u8; 64 << 10];
+        while (bytes.len() as u64) < len {
+            left()?;
+            let want = usize::try_from(len - bytes.len() as u64)
+                .unwrap_or(usize::MAX)
+                .min(chunk.len());
+            match r.read(&mut chunk[..want]) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(bad(format!("its state ended early ({e})"))),
+            }
+        }
         if bytes.len() as u64 != len {
             return Err(bad(format!(
                 "its state ended after {} of {len} bytes",
@@ -209,6 +261,13 @@ impl Template {
         if !ember_memory::is_sealed(&memory) {
             return Err(bad(
                 "its memory is not a sealed memfd (it could change under the forks)".into(),
+            ));
+        }
+        if !on_tmpfs(&memory) {
+            return Err(bad(
+                "its memory is not an ordinary memfd (a huge-page one's copy-on-write could \
+                 fail for want of huge pages)"
+                    .into(),
             ));
         }
         let size = memory.metadata().map_err(io)?.len();
@@ -290,7 +349,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         send(&a);
         drop(a);
-        Template::receive(&b, Path::new("/run/t.sock"))
+        Template::receive(&b, Path::new("/run/t.sock"), Duration::from_secs(5))
             .unwrap_err()
             .to_string()
     }
@@ -309,6 +368,41 @@ mod tests {
         let mut h = TRANSFER_MAGIC.to_vec();
         h.extend_from_slice(&len.to_le_bytes());
         h
+    }
+
+    #[test]
+    fn a_peer_that_stalls_or_trickles_is_given_up_on_in_time() {
+        let sealed = sealed_memfd();
+        // Stalls after the header.
+        let (a, b) = UnixStream::pair().unwrap();
+        a.send_with_fd(&header(100)[..], sealed.as_raw_fd())
+            .unwrap();
+        let t = Instant::now();
+        let e = Template::receive(&b, Path::new("/run/t.sock"), Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(t.elapsed() < Duration::from_secs(2), "{e}");
+        assert!(e.contains("/run/t.sock"), "{e}");
+        // Trickles a byte every 50 ms: each read is quick, the whole is not.
+        let (a, b) = UnixStream::pair().unwrap();
+        a.send_with_fd(&header(1000)[..], sealed.as_raw_fd())
+            .unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..40 {
+                if (&a).write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let t = Instant::now();
+        let e = Template::receive(&b, Path::new("/run/t.sock"), Duration::from_millis(300))
+            .unwrap_err()
+            .to_string();
+        assert!(t.elapsed() < Duration::from_secs(1), "{e}");
+        assert!(e.contains("longer than 300 ms"), "{e}");
+        drop(b);
+        writer.join().unwrap();
     }
 
     #[test]

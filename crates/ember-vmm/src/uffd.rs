@@ -3,8 +3,8 @@
 //!
 //! A restore with [`VmBuilder::restore_with_uffd`](crate::VmBuilder::restore_with_uffd) maps
 //! anonymous guest memory, registers every region with a new userfaultfd (missing-page
-//! faults, from the kernel too, so that KVM's accesses are served as well; remove events, for
-//! a balloon's discards), connects to the handler's Unix socket and sends it, as Firecracker
+//! faults, from the kernel too, so that KVM's accesses are served as well; remove events when
+//! a balloon may discard pages), connects to the handler's Unix socket and sends it, as Firecracker
 //! does, one message: a JSON array of the regions (`base_host_virt_addr`, `size`, `offset` in
 //! the memory file, `page_size`, and the deprecated `page_size_kib`, which holds bytes) with
 //! the userfaultfd attached (`SCM_RIGHTS`). From then on every first touch of a page, by the
@@ -54,9 +54,17 @@ fn failed(path: &Path, why: String) -> Error {
 
 /// Registers `mem` (anonymous, untouched) with a new userfaultfd and hands it to the handler
 /// listening on `socket`.
-pub(crate) fn hand_to_handler(mem: &GuestRam, socket: &Path) -> Result<UffdMemory, Error> {
+pub(crate) fn hand_to_handler(
+    mem: &GuestRam,
+    socket: &Path,
+    balloon: bool,
+) -> Result<UffdMemory, Error> {
     let mut builder = UffdBuilder::new();
-    builder.require_features(FeatureFlags::EVENT_REMOVE);
+    // Remove events only where a balloon discards pages (each discard then waits for the
+    // handler to read its event).
+    if balloon {
+        builder.require_features(FeatureFlags::EVENT_REMOVE);
+    }
     let uffd = builder
         .close_on_exec(true)
         .non_blocking(true)
@@ -96,9 +104,18 @@ pub(crate) fn hand_to_handler(mem: &GuestRam, socket: &Path) -> Result<UffdMemor
             format!("cannot connect to the page-fault handler: {e}"),
         )
     })?;
-    stream
+    let sent = stream
         .send_with_fd(&json[..], uffd.as_raw_fd())
         .map_err(|e| failed(socket, format!("cannot send the userfaultfd: {e}")))?;
+    if sent != json.len() {
+        return Err(failed(
+            socket,
+            format!(
+                "the handshake was cut short ({sent} of {} bytes)",
+                json.len()
+            ),
+        ));
+    }
     Ok(UffdMemory {
         _uffd: uffd,
         _socket: stream,

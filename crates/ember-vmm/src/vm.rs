@@ -159,7 +159,8 @@ impl VmBuilder {
     /// As [`restore`](Self::restore), with guest memory filled on demand by a page-fault
     /// handler process listening on the Unix socket `handler` (Firecracker's `Uffd` memory
     /// backend and handshake). Guest memory is anonymous, registered with a new userfaultfd
-    /// (missing pages, kernel accesses included; remove events) before anything touches it;
+    /// (missing pages, kernel accesses included; remove events with a balloon) before anything
+    /// touches it;
     /// the handler gets one message: a JSON array of the regions, each
     /// `{"base_host_virt_addr", "size", "offset", "page_size", "page_size_kib"}` (`offset` in
     /// the memory file; `page_size_kib` holds bytes, as Firecracker sends it), with the
@@ -338,7 +339,11 @@ impl Vm {
                     ));
                 }
                 let memory = ember_memory::create_guest_memory(&layout, dirty)?;
-                uffd = Some(crate::uffd::hand_to_handler(&memory, &handler)?);
+                uffd = Some(crate::uffd::hand_to_handler(
+                    &memory,
+                    &handler,
+                    config.balloon.is_some(),
+                )?);
                 if config.acpi {
                     crate::vmgenid::write_new(&memory)?;
                 }
@@ -542,8 +547,14 @@ impl Vm {
                     .then(|| std::time::Duration::from_secs(b.stats_polling_interval_s)),
                 deflate_on_oom: b.deflate_on_oom,
                 free_page_reporting: b.free_page_reporting,
-                // Guest RAM is a private anonymous mapping.
-                discard: balloon::Discard::DontNeed,
+                // A fork template's RAM is a shared memfd mapping until it becomes a template
+                // (MADV_REMOVE frees the memfd's pages; afterwards the memfd is sealed and the
+                // discards fail, counted); any other VM's is private.
+                discard: if memory_file.is_some() {
+                    balloon::Discard::Remove
+                } else {
+                    balloon::Discard::DontNeed
+                },
             })
             .map_err(Error::EventFd)?;
             let handle = device.handle();

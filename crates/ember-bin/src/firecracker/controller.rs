@@ -59,15 +59,25 @@ struct Running {
 
 /// Hands `template` to each VMM that connects to `listener`, one at a time, until the process
 /// ends. A peer that does not take it within [`FORK_TRANSFER_TIMEOUT`] is dropped.
-fn serve_forks(listener: &std::os::unix::net::UnixListener, template: &ember_vmm::Template) {
+fn serve_forks(
+    listener: &std::os::unix::net::UnixListener,
+    template: &ember_vmm::Template,
+    uid: libc::uid_t,
+) {
     for stream in listener.incoming() {
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
+                // Out of descriptors or memory: wait rather than spin.
                 log::warn!("fork socket: {e}");
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
         };
+        if let Err(e) = same_user(&stream, uid) {
+            log::warn!("Refused a fork socket connection: {e}");
+            continue;
+        }
         let r = stream
             .set_write_timeout(Some(FORK_TRANSFER_TIMEOUT))
             .map_err(|e| e.to_string())
@@ -77,6 +87,43 @@ fn serve_forks(listener: &std::os::unix::net::UnixListener, template: &ember_vmm
             Err(e) => log::warn!("Could not send the fork template: {e}"),
         }
     }
+}
+
+/// Checks that the peer of `stream` runs as `me`, this process's effective user
+/// (`SO_PEERCRED`): a fork template carries guest memory one way and host paths the fork opens
+/// the other.
+fn same_user(stream: &std::os::unix::net::UnixStream, me: libc::uid_t) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len =
+        libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).map_err(|e| e.to_string())?;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, a ucred of that size.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "cannot read the peer's credentials: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    if cred.uid != me {
+        return Err(format!(
+            "the peer (pid {}) runs as uid {}, this VMM as uid {me}",
+            cred.pid, cred.uid
+        ));
+    }
+    Ok(())
 }
 
 /// The controller.
@@ -97,10 +144,12 @@ pub struct Controller {
     last_flush: Instant,
     /// `--fork-socket`: bound at start-up, served once the microVM is a template.
     fork_listener: Option<std::os::unix::net::UnixListener>,
+    /// This process's effective user, read before any seccomp filter (none allows geteuid).
+    euid: libc::uid_t,
 }
 
-/// How long a fork's VMM waits for the template (and the template for a fork's VMM to take
-/// what it sends) before giving up.
+/// How long a fork's VMM waits for the whole template (and the template for each write to a
+/// fork's VMM) before giving up.
 const FORK_TRANSFER_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn done(r: Result<(), String>) -> ApiResponse {
@@ -144,6 +193,8 @@ impl Controller {
             ended: None,
             last_flush: Instant::now(),
             fork_listener: None,
+            // SAFETY: geteuid has no preconditions.
+            euid: unsafe { libc::geteuid() },
         }
     }
 
@@ -436,12 +487,24 @@ impl Controller {
                 )));
             }
         };
+        if !template.can_send() {
+            // The VM is a template in this process now (remapped copy-on-write), but no other
+            // process could rely on its memory.
+            return Err(fail(
+                "the kernel refused to seal the guest memory memfd, so no other process could \
+                 rely on it"
+                    .into(),
+            ));
+        }
         let t = Instant::now();
         // The thread inherits this thread's seccomp filter (vmm), which allows accept4,
-        // sendmsg and setsockopt.
+        // sendmsg, setsockopt and getsockopt.
         std::thread::Builder::new()
             .name("fc_fork".into())
-            .spawn(move || serve_forks(&listener, &template))
+            .spawn({
+                let uid = self.euid;
+                move || serve_forks(&listener, &template, uid)
+            })
             .map_err(|e| fail(format!("cannot start the fork thread: {e}")))?;
         log::info!(
             "'create fork template' VMM action took {} us.",
@@ -466,11 +529,9 @@ impl Controller {
         let path = Path::new(&p.template_socket);
         let socket = std::os::unix::net::UnixStream::connect(path)
             .map_err(|e| fail(format!("{}: {e}", path.display())))?;
-        socket
-            .set_read_timeout(Some(FORK_TRANSFER_TIMEOUT))
+        same_user(&socket, self.euid).map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let template = ember_vmm::Template::receive(&socket, path, FORK_TRANSFER_TIMEOUT)
             .map_err(|e| fail(e.to_string()))?;
-        let template =
-            ember_vmm::Template::receive(&socket, path).map_err(|e| fail(e.to_string()))?;
         drop(socket);
         let mut state = template.state().clone();
         state.config.track_dirty_pages = p.track_dirty_pages == Some(true);

@@ -146,10 +146,18 @@ pub fn run(args: FcArgs) -> ExitCode {
     }
     // The fork socket, bound before any seccomp filter (none allows bind or listen).
     if let Some(path) = &args.fork_socket {
+        if args.seccomp.filters_from_file() {
+            return fail(
+                "--fork-socket needs Ember's own seccomp filters (a template's thread and its \
+                 sealed memfd need calls Firecracker's vmm filter does not allow); drop \
+                 --seccomp-filter",
+            );
+        }
         match std::os::unix::net::UnixListener::bind(path) {
             Ok(l) => ctl.set_fork_listener(l),
             Err(e) => return fail(format!("--fork-socket {}: {e}", path.display())),
         }
+        crate::set_fork_socket(path);
     }
     let _fork_socket = args.fork_socket.as_deref().map(RemoveOnDrop);
     // The API socket: accepting from here on.
