@@ -105,7 +105,12 @@ pub fn kick(thread: libc::pthread_t) -> Result<(), Error> {
 /// [`kick`]s the thread of `handle` (which cannot have been joined while it is borrowed).
 pub fn kick_thread<T>(handle: &JoinHandle<T>) -> Result<(), Error> {
     use std::os::unix::thread::JoinHandleExt;
-    kick(handle.as_pthread_t())
+    #[allow(
+        clippy::unnecessary_cast,
+        reason = "std's RawPthread is a u64; libc's pthread_t is one on glibc, a pointer on musl"
+    )]
+    let thread = handle.as_pthread_t() as libc::pthread_t;
+    kick(thread)
 }
 
 /// Publishes a `kvm_run` mapping for the kick handler for the lifetime of the guard and makes

@@ -38,6 +38,15 @@ pub(crate) enum VcpuReply {
     Failed(String),
 }
 
+/// A vCPU thread's `pthread_t`, only ever compared and signalled.
+#[derive(Clone, Copy)]
+struct ThreadId(libc::pthread_t);
+
+// SAFETY: a pthread_t is an opaque thread identifier (an integer on glibc, a pointer on musl)
+// that is never dereferenced here: it is only passed to pthread_kill and pthread_equal, which
+// any thread of the process may call with it.
+unsafe impl Send for ThreadId {}
+
 #[derive(Default)]
 struct State {
     /// A pause is in force.
@@ -50,7 +59,7 @@ struct State {
     /// vCPU threads still in their run loop.
     running: usize,
     /// Threads to kick.
-    threads: Vec<libc::pthread_t>,
+    threads: Vec<ThreadId>,
     /// The request for parked threads, with its number (each thread answers a number once).
     request: Option<(u64, Arc<VcpuRequest>)>,
     /// Requests made so far.
@@ -92,7 +101,7 @@ impl VcpuControl {
     }
 
     fn kick_all(&self, state: &State) {
-        for &t in &state.threads {
+        for &ThreadId(t) in &state.threads {
             // A thread that already finished cannot be signalled; nothing to do then.
             let _ = ember_vcpu::kick::kick(t);
         }
@@ -102,7 +111,7 @@ impl VcpuControl {
     pub(crate) fn enter(&self) {
         let mut st = self.state();
         // SAFETY: pthread_self has no preconditions.
-        st.threads.push(unsafe { libc::pthread_self() });
+        st.threads.push(ThreadId(unsafe { libc::pthread_self() }));
         st.running += 1;
     }
 
@@ -148,7 +157,7 @@ impl VcpuControl {
         let me = unsafe { libc::pthread_self() };
         // SAFETY: pthread_equal only compares the two ids.
         st.threads
-            .retain(|&t| unsafe { libc::pthread_equal(t, me) } == 0);
+            .retain(|&ThreadId(t)| unsafe { libc::pthread_equal(t, me) } == 0);
         self.changed.notify_all();
         result
     }
