@@ -1637,33 +1637,6 @@ fn update_doc(root: &Path, md: &str, png: &Path) -> Result<(), String> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timings_parse() {
-        let err = "ember: start-up guest memory        0.008 ms\n\
-                   ember: start-up vm + irqchip        2.400 ms\n\
-                   ember: boot timer: 18.899 ms after VMM start\n\
-                   ember: first KVM_RUN 12.463 ms after VMM start\n";
-        let v = parse_timings(err);
-        assert_eq!(v[0], ("guest memory".to_string(), 0.008));
-        assert_eq!(v[1], ("vm + irqchip".to_string(), 2.4));
-        assert_eq!(v[2].1, 18.899);
-        assert_eq!(v[3], ("main → first KVM_RUN".to_string(), 12.463));
-    }
-
-    #[test]
-    fn probe_fields() {
-        let l = "PROBE exitloop ok exits=10 cycles_per_exit=43778 tsc_khz=unknown";
-        assert_eq!(field(l, "cycles_per_exit"), Some("43778"));
-        assert_eq!(field(l, "tsc_khz"), Some("unknown"));
-        let r = "PROBE ring0 ok native=no ring0_cycles_per_iter=1932.28 ring3_cycles_per_iter=0.77 ratio=2511.08";
-        assert_eq!(parse_ring0(r), Some((false, 2511.08)));
-    }
-}
-
 /// The release recipe's target: musl, statically linked, as Firecracker's release builds are.
 const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// The fallback where the musl target cannot be installed: glibc, statically linked.
@@ -1719,4 +1692,31 @@ fn build_release_ember(target_dir: &std::path::Path) -> Result<PathBuf, String> 
             .env("RUSTFLAGS", "-C target-feature=+crt-static"),
     )?;
     Ok(target_dir.join(GLIBC_TARGET).join("release/ember"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timings_parse() {
+        let err = "ember: start-up guest memory        0.008 ms\n\
+                   ember: start-up vm + irqchip        2.400 ms\n\
+                   ember: boot timer: 18.899 ms after VMM start\n\
+                   ember: first KVM_RUN 12.463 ms after VMM start\n";
+        let v = parse_timings(err);
+        assert_eq!(v[0], ("guest memory".to_string(), 0.008));
+        assert_eq!(v[1], ("vm + irqchip".to_string(), 2.4));
+        assert_eq!(v[2].1, 18.899);
+        assert_eq!(v[3], ("main → first KVM_RUN".to_string(), 12.463));
+    }
+
+    #[test]
+    fn probe_fields() {
+        let l = "PROBE exitloop ok exits=10 cycles_per_exit=43778 tsc_khz=unknown";
+        assert_eq!(field(l, "cycles_per_exit"), Some("43778"));
+        assert_eq!(field(l, "tsc_khz"), Some("unknown"));
+        let r = "PROBE ring0 ok native=no ring0_cycles_per_iter=1932.28 ring3_cycles_per_iter=0.77 ratio=2511.08";
+        assert_eq!(parse_ring0(r), Some((false, 2511.08)));
+    }
 }
