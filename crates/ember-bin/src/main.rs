@@ -387,6 +387,18 @@ pub(crate) fn remove_api_socket() {
     }
 }
 
+/// Firecracker mode: a stop signal with no VM running ends the process at once (removing the
+/// sockets), from the process's start on.
+static EXIT_WITHOUT_VM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes a stop signal with no VM running end the process, and installs the handlers: called
+/// first thing in Firecracker mode, so that a signal that comes while the sockets are being
+/// set up is not lost, and does not kill the process without removing them.
+pub(crate) fn exit_on_stop_signal_without_vm() {
+    EXIT_WITHOUT_VM.store(true, Ordering::SeqCst);
+    install_stop_signals();
+}
+
 /// The fork socket (`--fork-socket`), removed with the API socket when a signal ends a
 /// process with no VM running.
 static FORK_SOCKET: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
@@ -406,7 +418,7 @@ extern "C" fn on_stop_signal(signum: libc::c_int) {
         // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is the
         // VM's stop eventfd, open for the lifetime of the run.
         unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    } else if API_SOCKET.get().is_some() {
+    } else if EXIT_WITHOUT_VM.load(Ordering::SeqCst) {
         // Firecracker mode before InstanceStart: nothing to stop, so end the process.
         remove_api_socket();
         // SAFETY: _exit is async-signal-safe.

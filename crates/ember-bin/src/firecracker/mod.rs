@@ -73,6 +73,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 /// Runs the Firecracker-mode VMM until its microVM ends.
 pub fn run(args: FcArgs) -> ExitCode {
     let started = Instant::now();
+    crate::exit_on_stop_signal_without_vm();
     logger::init(
         &args.id,
         logger::LogSettings {
@@ -167,6 +168,8 @@ pub fn run(args: FcArgs) -> ExitCode {
             Ok(s) => s,
             Err(e) => return fail(e),
         };
+        // From here on a stop signal removes the socket.
+        crate::set_api_socket(&args.api_sock);
         ctl.set_server_counters(server.counters());
         drain = Some(server.drain_handle());
         let tx = tx.clone();
@@ -181,7 +184,6 @@ pub fn run(args: FcArgs) -> ExitCode {
         }) {
             return fail(e);
         }
-        crate::set_api_socket(&args.api_sock);
         log::info!("API server listening on {}", args.api_sock.display());
     }
     let wall = now_us(libc::CLOCK_REALTIME);
@@ -194,7 +196,6 @@ pub fn run(args: FcArgs) -> ExitCode {
         .saturating_sub(args.start_time_cpu_us.unwrap_or(0))
         .saturating_add(args.parent_cpu_time_us.unwrap_or(0));
     ctl.set_startup(startup_us, startup_cpu_us);
-    crate::install_stop_signals();
     if config.is_some() {
         if let Err(e) = ctl.start() {
             return fail(e);
