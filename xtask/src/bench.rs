@@ -1651,47 +1651,27 @@ fn build_release_ember(target_dir: &std::path::Path) -> Result<PathBuf, String> 
         .args(["target", "add", MUSL_TARGET])
         .status()
         .is_ok_and(|s| s.success());
-    if musl {
+    // (target, environment variable, its value)
+    let (target, var, value) = if musl {
         // C in the dependency tree (userfaultfd-sys's constants) is compiled with musl-gcc
         // when there is one, else with the host's gcc (it calls nothing in the C library).
         let _ = crate::ensure_packages(&["musl-tools"]);
-        let cc = if std::process::Command::new("musl-gcc")
+        let has_musl_gcc = std::process::Command::new("musl-gcc")
             .arg("--version")
             .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            "musl-gcc"
-        } else {
-            "gcc"
-        };
-        crate::run_cmd(
-            crate::cargo()
-                .args([
-                    "build",
-                    "--release",
-                    "--target",
-                    MUSL_TARGET,
-                    "--bin",
-                    "ember",
-                ])
-                .env("CC_x86_64_unknown_linux_musl", cc),
-        )?;
-        return Ok(target_dir.join(MUSL_TARGET).join("release/ember"));
-    }
-    eprintln!("xtask bench: the musl target is not available; building with static glibc");
+            .is_ok_and(|o| o.status.success());
+        let cc = if has_musl_gcc { "musl-gcc" } else { "gcc" };
+        (MUSL_TARGET, "CC_x86_64_unknown_linux_musl", cc)
+    } else {
+        eprintln!("xtask bench: the musl target is not available; building with static glibc");
+        (GLIBC_TARGET, "RUSTFLAGS", "-C target-feature=+crt-static")
+    };
     crate::run_cmd(
         crate::cargo()
-            .args([
-                "build",
-                "--release",
-                "--target",
-                GLIBC_TARGET,
-                "--bin",
-                "ember",
-            ])
-            .env("RUSTFLAGS", "-C target-feature=+crt-static"),
+            .args(["build", "--release", "--target", target, "--bin", "ember"])
+            .env(var, value),
     )?;
-    Ok(target_dir.join(GLIBC_TARGET).join("release/ember"))
+    Ok(target_dir.join(target).join("release/ember"))
 }
 
 #[cfg(test)]

@@ -126,6 +126,22 @@ fn same_user(stream: &std::os::unix::net::UnixStream, me: libc::uid_t) -> Result
     Ok(())
 }
 
+/// Firecracker's `network_overrides` and `vsock_override`, as a snapshot load and a fork
+/// load take them.
+fn apply_overrides(
+    state: &mut ember_vmm::SnapshotState,
+    network: &[ember_api::model::NetworkOverride],
+    vsock: Option<&ember_api::model::VsockOverride>,
+) -> Result<(), ember_vmm::SnapshotError> {
+    for o in network {
+        state.override_tap(&o.iface_id, &o.host_dev_name)?;
+    }
+    if let Some(v) = vsock {
+        state.override_vsock(Path::new(&v.uds_path), None)?;
+    }
+    Ok(())
+}
+
 /// The controller.
 pub struct Controller {
     settings: Settings,
@@ -391,16 +407,23 @@ impl Controller {
         Ok(())
     }
 
-    /// `PUT /snapshot/load`: restores a snapshot instead of booting.
-    fn load_snapshot(&mut self, p: &SnapshotLoadParams) -> Result<(), String> {
+    /// A load (of `what`) replaces the boot: refused once the microVM started or boot
+    /// resources were configured, as Firecracker refuses a snapshot load.
+    fn check_loadable(&self, what: &str) -> Result<(), String> {
         if self.vm.is_some() {
             return Err(NOT_AFTER_BOOT.into());
         }
         if self.boot_path {
-            return Err("Loading a microVM snapshot not allowed after configuring \
-                        boot-specific resources."
-                .into());
+            return Err(format!(
+                "Loading {what} not allowed after configuring boot-specific resources."
+            ));
         }
+        Ok(())
+    }
+
+    /// `PUT /snapshot/load`: restores a snapshot instead of booting.
+    fn load_snapshot(&mut self, p: &SnapshotLoadParams) -> Result<(), String> {
+        self.check_loadable("a microVM snapshot")?;
         let t = Instant::now();
         let fail = |e: String| format!("Load snapshot error: Failed to restore from snapshot: {e}");
         let (mem_path, uffd) = match (&p.mem_backend, &p.mem_file_path) {
@@ -427,16 +450,8 @@ impl Controller {
         // Dirty pages are tracked from the restore on (for diff snapshots of the clone).
         state.config.track_dirty_pages =
             p.track_dirty_pages == Some(true) || p.enable_diff_snapshots == Some(true);
-        for o in &p.network_overrides {
-            state
-                .override_tap(&o.iface_id, &o.host_dev_name)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        if let Some(v) = &p.vsock_override {
-            state
-                .override_vsock(Path::new(&v.uds_path), None)
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        apply_overrides(&mut state, &p.network_overrides, p.vsock_override.as_ref())
+            .map_err(|e| fail(e.to_string()))?;
         let config = state.config.clone();
         let builder = if uffd {
             // The handler listening on the socket serves every page (Firecracker's handshake).
@@ -516,14 +531,7 @@ impl Controller {
     /// `PUT /fork/load`: the microVM is a fork of the template another VMM serves, instead of
     /// booting.
     fn load_fork(&mut self, p: &ForkLoadParams) -> Result<(), String> {
-        if self.vm.is_some() {
-            return Err(NOT_AFTER_BOOT.into());
-        }
-        if self.boot_path {
-            return Err(
-                "Loading a fork not allowed after configuring boot-specific resources.".into(),
-            );
-        }
+        self.check_loadable("a fork")?;
         let t = Instant::now();
         let fail = |e: String| format!("Load fork error: {e}");
         let path = Path::new(&p.template_socket);
@@ -535,16 +543,8 @@ impl Controller {
         drop(socket);
         let mut state = template.state().clone();
         state.config.track_dirty_pages = p.track_dirty_pages == Some(true);
-        for o in &p.network_overrides {
-            state
-                .override_tap(&o.iface_id, &o.host_dev_name)
-                .map_err(|e| fail(e.to_string()))?;
-        }
-        if let Some(v) = &p.vsock_override {
-            state
-                .override_vsock(Path::new(&v.uds_path), None)
-                .map_err(|e| fail(e.to_string()))?;
-        }
+        apply_overrides(&mut state, &p.network_overrides, p.vsock_override.as_ref())
+            .map_err(|e| fail(e.to_string()))?;
         for d in &p.drive_overrides {
             state
                 .override_disk(&d.drive_id, Path::new(&d.path_on_host))
