@@ -12,16 +12,15 @@
 //! path); the guest's reset or poweroff ends the process with status 0; an emulation failure,
 //! triple fault or guest panic ends it with status 1 and a message on stderr.
 
-use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicI32, Ordering};
 
 use clap::Parser;
-use ember_vmm::{BootProtocolChoice, Vm, VmConfig, VmExit};
+use ember_bin::quick::{self, VmFlags};
+use ember_bin::seccomp;
+use ember_vmm::{Vm, VmConfig};
 
 mod firecracker;
-mod seccomp;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -327,119 +326,6 @@ fn firecracker_mode(args: &Args) -> ExitCode {
     })
 }
 
-/// Puts a terminal into raw mode and restores it when dropped.
-struct RawTerminal {
-    fd: i32,
-    saved: libc::termios,
-}
-
-impl RawTerminal {
-    fn enable(fd: i32) -> Option<RawTerminal> {
-        // SAFETY: isatty only inspects the descriptor.
-        if unsafe { libc::isatty(fd) } != 1 {
-            return None;
-        }
-        // SAFETY: termios is plain data; tcgetattr fills it for a valid terminal fd.
-        let mut saved: libc::termios = unsafe { std::mem::zeroed() };
-        // SAFETY: `saved` is a valid termios to write into.
-        if unsafe { libc::tcgetattr(fd, &mut saved) } != 0 {
-            return None;
-        }
-        let mut raw = saved;
-        // SAFETY: cfmakeraw only modifies the struct it is given.
-        unsafe { libc::cfmakeraw(&mut raw) };
-        // Keep output post-processing so the host terminal still maps \n to \r\n.
-        raw.c_oflag = saved.c_oflag;
-        // SAFETY: `raw` is a valid termios derived from the current one.
-        if unsafe { libc::tcsetattr(fd, libc::TCSANOW, &raw) } != 0 {
-            return None;
-        }
-        Some(RawTerminal { fd, saved })
-    }
-}
-
-impl Drop for RawTerminal {
-    fn drop(&mut self) {
-        // SAFETY: restores the attributes read from the same fd in `enable`.
-        unsafe { libc::tcsetattr(self.fd, libc::TCSANOW, &self.saved) };
-    }
-}
-
-/// The running VM's stop descriptor, for the signal handler (-1: none).
-pub(crate) static STOP_FD: AtomicI32 = AtomicI32::new(-1);
-/// The signal that asked the VMM to stop (0: none).
-pub(crate) static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
-/// The API socket to remove when a signal ends a process with no VM running (Firecracker
-/// mode): a NUL-terminated path, set once.
-static API_SOCKET: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
-
-pub(crate) fn set_api_socket(path: &std::path::Path) {
-    use std::os::unix::ffi::OsStrExt;
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
-        let _ = API_SOCKET.set(c);
-    }
-}
-
-pub(crate) fn remove_api_socket() {
-    for p in [API_SOCKET.get(), FORK_SOCKET.get()].into_iter().flatten() {
-        // SAFETY: unlink of a NUL-terminated path.
-        unsafe { libc::unlink(p.as_ptr()) };
-    }
-}
-
-/// Firecracker mode: a stop signal with no VM running ends the process at once (removing the
-/// sockets), from the process's start on.
-static EXIT_WITHOUT_VM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Makes a stop signal with no VM running end the process, and installs the handlers: called
-/// first thing in Firecracker mode, so that a signal that comes while the sockets are being
-/// set up is not lost, and does not kill the process without removing them.
-pub(crate) fn exit_on_stop_signal_without_vm() {
-    EXIT_WITHOUT_VM.store(true, Ordering::SeqCst);
-    install_stop_signals();
-}
-
-/// The fork socket (`--fork-socket`), removed with the API socket when a signal ends a
-/// process with no VM running.
-static FORK_SOCKET: std::sync::OnceLock<std::ffi::CString> = std::sync::OnceLock::new();
-
-pub(crate) fn set_fork_socket(path: &std::path::Path) {
-    use std::os::unix::ffi::OsStrExt;
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) {
-        let _ = FORK_SOCKET.set(c);
-    }
-}
-
-extern "C" fn on_stop_signal(signum: libc::c_int) {
-    STOP_SIGNAL.store(signum, Ordering::SeqCst);
-    let fd = STOP_FD.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let one: u64 = 1;
-        // SAFETY: write(2) is async-signal-safe; `one` is a valid 8-byte buffer and `fd` is the
-        // VM's stop eventfd, open for the lifetime of the run.
-        unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
-    } else if EXIT_WITHOUT_VM.load(Ordering::SeqCst) {
-        // Firecracker mode before InstanceStart: nothing to stop, so end the process.
-        remove_api_socket();
-        // SAFETY: _exit is async-signal-safe.
-        unsafe { libc::_exit(128 + signum) };
-    }
-}
-
-/// SIGTERM and SIGINT stop the VM; the normal exit path then restores the terminal.
-pub(crate) fn install_stop_signals() {
-    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-        // SAFETY: the handler only does async-signal-safe work (atomics and write(2)).
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as usize;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(sig, &action, std::ptr::null_mut());
-        }
-    }
-}
-
 /// The builder of a restore from `dir/vm.state` and `dir/vm.mem`.
 fn restore_builder(dir: &std::path::Path) -> Result<ember_vmm::VmBuilder, String> {
     let (state_path, mem_path) = (dir.join("vm.state"), dir.join("vm.mem"));
@@ -516,60 +402,37 @@ fn snapshot_loop(handle: &ember_vmm::VmHandle, dir: &std::path::Path, set: &libc
         }
     }
 }
+impl Args {
+    /// The flags that configure the VM, for [`VmFlags::config`].
+    fn vm_flags(&self) -> VmFlags {
+        VmFlags {
+            kernel: self.kernel.clone(),
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory_mib: self.memory_mib,
+            vcpus: self.vcpus,
+            disks: self.disks.clone(),
+            nets: self.nets.clone(),
+            vsock: self.vsock.clone(),
+            rng: self.rng.clone(),
+            balloon: self.balloon.clone(),
+            pit: self.pit,
+            no_acpi: self.no_acpi,
+            cpu_template: self.cpu_template.clone(),
+            boot_protocol: self.boot_protocol.clone(),
+        }
+    }
+}
 
 fn build_config(args: &Args) -> Result<VmConfig, String> {
-    let mut config = match (&args.config, &args.kernel) {
-        (Some(path), _) => VmConfig::from_file(path).map_err(|e| e.to_string())?,
-        (None, Some(kernel)) => VmConfig::new(kernel),
-        (None, None) => return Err("give --kernel or --config (or Firecracker's flags)".into()),
+    let base = match &args.config {
+        Some(path) => Some(VmConfig::from_file(path).map_err(|e| e.to_string())?),
+        None if args.kernel.is_none() => {
+            return Err("give --kernel or --config (or Firecracker's flags)".into())
+        }
+        None => None,
     };
-    if let Some(k) = &args.kernel {
-        config.kernel = k.clone();
-    }
-    if let Some(i) = &args.initrd {
-        config.initrd = Some(i.clone());
-    }
-    if let Some(c) = &args.cmdline {
-        config.cmdline = c.clone();
-    }
-    if let Some(m) = args.memory_mib {
-        config.memory_mib = m;
-    }
-    if let Some(v) = args.vcpus {
-        config.vcpus = v;
-    }
-    let parse_err = |e: ember_vmm::ConfigError| e.to_string();
-    for d in &args.disks {
-        config.disks.push(d.parse().map_err(parse_err)?);
-    }
-    for n in &args.nets {
-        config.nets.push(n.parse().map_err(parse_err)?);
-    }
-    if let Some(v) = &args.vsock {
-        config.vsock = Some(v.parse().map_err(parse_err)?);
-    }
-    if let Some(r) = &args.rng {
-        config.rng = Some(r.parse().map_err(parse_err)?);
-    }
-    if let Some(b) = &args.balloon {
-        config.balloon = Some(b.parse().map_err(parse_err)?);
-    }
-    if args.pit {
-        config.pit = true;
-    }
-    if args.no_acpi {
-        config.acpi = false;
-    }
-    if let Some(t) = &args.cpu_template {
-        config.cpu_template = Some(t.clone());
-    }
-    match args.boot_protocol.as_deref() {
-        Some("pvh") => config.boot_protocol = Some(BootProtocolChoice::Pvh),
-        Some("linux64") => config.boot_protocol = Some(BootProtocolChoice::Linux64),
-        _ => {}
-    }
-    config.validate().map_err(|e| e.to_string())?;
-    Ok(config)
+    args.vm_flags().config(base)
 }
 
 fn main() {
@@ -577,12 +440,7 @@ fn main() {
     // One VM per process: its KVM VM is closed after the exit status is reported
     // (`exit_process`), not on the way to it.
     ember_vmm::defer_teardown_to_exit();
-    let code = run();
-    // ExitCode has no accessor for its value: find the byte it was made from.
-    let byte = (0..=u8::MAX)
-        .find(|&b| ExitCode::from(b) == code)
-        .unwrap_or(1);
-    ember_vmm::exit_process(byte)
+    quick::exit(run())
 }
 
 fn run() -> ExitCode {
@@ -644,85 +502,14 @@ fn run() -> ExitCode {
     };
     // Before any thread starts, so that every thread inherits the blocked SIGUSR1.
     let snapshot_signal = args.snapshot_dir.as_ref().map(|_| block_sigusr1());
-    let stdin = std::io::stdin();
-    // SAFETY: isatty only inspects the descriptor.
-    let terminal = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;
-    let mut builder = builder
-        .console_escape(terminal)
-        .thread_hook(seccomp.hook("main"));
-    match stdin.as_fd().try_clone_to_owned() {
-        Ok(fd) => builder = builder.serial_input(fd),
-        Err(e) => eprintln!("ember: warning: stdin is not read ({e})"),
-    }
-    let vm = match builder.build() {
-        Ok(vm) => vm,
-        Err(e) => {
-            eprintln!("ember: error: {e}");
-            return ExitCode::from(2);
-        }
+    let opts = quick::RunOptions {
+        name: "ember",
+        timings: args.timings,
+        seccomp: seccomp.clone(),
     };
-    if args.timings {
-        for (phase, d) in &vm.timings().phases {
-            eprintln!(
-                "ember: start-up {phase:<15} {:>9.3} ms",
-                d.as_secs_f64() * 1e3
-            );
+    quick::run(builder, &opts, |vm| {
+        if let (Some(dir), Some(set)) = (&args.snapshot_dir, snapshot_signal) {
+            snapshot_on_signal(vm.handle(), dir.clone(), set, seccomp);
         }
-    }
-    STOP_FD.store(vm.handle().stop_fd(), Ordering::SeqCst);
-    install_stop_signals();
-    if let (Some(dir), Some(set)) = (&args.snapshot_dir, snapshot_signal) {
-        snapshot_on_signal(vm.handle(), dir.clone(), set, seccomp.clone());
-    }
-    let outcome = {
-        let _raw = RawTerminal::enable(stdin.as_raw_fd());
-        vm.run()
-    };
-    STOP_FD.store(-1, Ordering::SeqCst);
-    let signal = STOP_SIGNAL.load(Ordering::SeqCst);
-    match outcome {
-        Ok(outcome) => {
-            if let Some(t) = outcome.boot_time {
-                eprintln!(
-                    "ember: boot timer: {:.3} ms after VMM start",
-                    t.as_secs_f64() * 1e3
-                );
-            }
-            if args.timings {
-                if let Some(t) = outcome.first_run {
-                    eprintln!(
-                        "ember: first KVM_RUN {:.3} ms after VMM start",
-                        t.as_secs_f64() * 1e3
-                    );
-                }
-            }
-            if outcome.console_dropped > 0 {
-                eprintln!(
-                    "ember: {} bytes of guest console output could not be written",
-                    outcome.console_dropped
-                );
-            }
-            if signal != 0 {
-                eprintln!("ember: stopped by signal {signal}");
-                #[allow(
-                    clippy::cast_possible_truncation,
-                    clippy::cast_sign_loss,
-                    reason = "only SIGTERM, SIGINT or SIGHUP (1..=15) are stored in STOP_SIGNAL"
-                )]
-                let signal = signal as u8;
-                return ExitCode::from(128u8.wrapping_add(signal));
-            }
-            if outcome.exit.is_clean() || outcome.exit == VmExit::ConsoleEscape {
-                eprintln!("ember: {}", outcome.exit);
-                ExitCode::SUCCESS
-            } else {
-                eprintln!("ember: VM ended: {}", outcome.exit);
-                ExitCode::from(1)
-            }
-        }
-        Err(e) => {
-            eprintln!("ember: error: {e}");
-            ExitCode::from(1)
-        }
-    }
+    })
 }

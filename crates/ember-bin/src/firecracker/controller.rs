@@ -48,7 +48,7 @@ pub struct Settings {
     pub startup_us: u64,
     pub startup_cpu_us: u64,
     /// The threads' seccomp filters.
-    pub seccomp: crate::seccomp::Setup,
+    pub seccomp: ember_bin::seccomp::Setup,
 }
 
 struct Running {
@@ -355,7 +355,7 @@ impl Controller {
             .build()
             .map_err(|e| format!("{what}: {e}"))?;
         let handle = vm.handle();
-        crate::STOP_FD.store(handle.stop_fd(), Ordering::SeqCst);
+        ember_bin::signals::STOP_FD.store(handle.stop_fd(), Ordering::SeqCst);
         let events = self.events.clone();
         std::thread::Builder::new()
             .name("fc_vmm".into())
@@ -368,7 +368,7 @@ impl Controller {
         if let Err(e) = self
             .settings
             .seccomp
-            .enter(crate::seccomp::Thread::Vmm, "fc_main")
+            .enter(ember_bin::seccomp::Thread::Vmm, "fc_main")
         {
             handle.stop();
             return Err(format!("{what}: {e}"));
@@ -874,7 +874,7 @@ impl Controller {
                     }
                     self.log_boot_time();
                     let _ = self.flush_metrics();
-                    crate::STOP_FD.store(-1, Ordering::SeqCst);
+                    ember_bin::signals::STOP_FD.store(-1, Ordering::SeqCst);
                     return match r {
                         Ok(o) => {
                             log::info!("Vmm is stopping: {}", o.exit);

@@ -120,7 +120,7 @@ pub fn configure(settings: LogSettings, path: Option<&str>) -> Result<(), String
     let state = guard.as_mut().ok_or("the logger is not installed")?;
     if let Some(p) = path {
         let f = open_output(p)?;
-        crate::seccomp::report_to_log(std::os::fd::AsRawFd::as_raw_fd(&f));
+        ember_bin::seccomp::report_to_log(std::os::fd::AsRawFd::as_raw_fd(&f));
         state.out = Box::new(f);
     }
     log::set_max_level(filter(settings.level));

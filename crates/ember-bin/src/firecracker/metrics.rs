@@ -70,7 +70,7 @@ impl Metrics {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
             .map_err(|e| format!("Cannot open the metrics file {path}: {e}"))?;
-        crate::seccomp::report_to_metrics(std::os::fd::AsRawFd::as_raw_fd(&out));
+        ember_bin::seccomp::report_to_metrics(std::os::fd::AsRawFd::as_raw_fd(&out));
         Ok(Metrics {
             out,
             previous: BTreeMap::new(),
@@ -111,7 +111,12 @@ impl Metrics {
         }
         set(&mut g, "logger", "missed_log_count", s.missed_log);
         set(&mut g, "logger", "metrics_fails", self.fails);
-        set(&mut g, "seccomp", "num_faults", crate::seccomp::faults());
+        set(
+            &mut g,
+            "seccomp",
+            "num_faults",
+            ember_bin::seccomp::faults(),
+        );
         for d in &s.devices {
             let mut add = |group: String, pairs: &[(&str, u64)]| {
                 for (k, v) in pairs {

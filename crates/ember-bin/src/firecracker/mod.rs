@@ -36,7 +36,7 @@ pub struct FcArgs {
     pub start_time_us: Option<u64>,
     pub start_time_cpu_us: Option<u64>,
     pub parent_cpu_time_us: Option<u64>,
-    pub seccomp: crate::seccomp::Setup,
+    pub seccomp: ember_bin::seccomp::Setup,
     /// `--fork-socket`.
     pub fork_socket: Option<PathBuf>,
 }
@@ -73,7 +73,7 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 /// Runs the Firecracker-mode VMM until its microVM ends.
 pub fn run(args: FcArgs) -> ExitCode {
     let started = Instant::now();
-    crate::exit_on_stop_signal_without_vm();
+    ember_bin::signals::exit_on_stop_signal_without_vm();
     logger::init(
         &args.id,
         logger::LogSettings {
@@ -158,7 +158,7 @@ pub fn run(args: FcArgs) -> ExitCode {
             Ok(l) => ctl.set_fork_listener(l),
             Err(e) => return fail(format!("--fork-socket {}: {e}", path.display())),
         }
-        crate::set_fork_socket(path);
+        ember_bin::signals::set_fork_socket(path);
     }
     let _fork_socket = args.fork_socket.as_deref().map(RemoveOnDrop);
     // The API socket: accepting from here on.
@@ -169,7 +169,7 @@ pub fn run(args: FcArgs) -> ExitCode {
             Err(e) => return fail(e),
         };
         // From here on a stop signal removes the socket.
-        crate::set_api_socket(&args.api_sock);
+        ember_bin::signals::set_api_socket(&args.api_sock);
         ctl.set_server_counters(server.counters());
         drain = Some(server.drain_handle());
         let tx = tx.clone();
@@ -178,7 +178,7 @@ pub fn run(args: FcArgs) -> ExitCode {
             ..ServerConfig::default()
         };
         let seccomp = args.seccomp.clone();
-        let on_start = move || seccomp.enter(crate::seccomp::Thread::Api, "fc_api");
+        let on_start = move || seccomp.enter(ember_bin::seccomp::Thread::Api, "fc_api");
         if let Err(e) = server.spawn_with(cfg, on_start, move |call| {
             let _ = tx.send(Event::Api(call));
         }) {
@@ -211,8 +211,8 @@ pub fn run(args: FcArgs) -> ExitCode {
             log::warn!("exiting with API answers not yet written");
         }
     }
-    crate::remove_api_socket();
-    let signal = crate::STOP_SIGNAL.load(Ordering::SeqCst);
+    ember_bin::signals::remove_api_socket();
+    let signal = ember_bin::signals::STOP_SIGNAL.load(Ordering::SeqCst);
     if signal != 0 {
         #[allow(
             clippy::cast_possible_truncation,
