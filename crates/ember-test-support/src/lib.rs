@@ -107,7 +107,7 @@ fn is_release(profile_dir: &Path) -> bool {
     profile_dir.file_name().and_then(|n| n.to_str()) == Some("release")
 }
 
-/// The `ember` binary (and the root package's `minimal` and `virtio_blk` examples), built once per test process
+/// The `ember` and `ember-quick` binaries (and the root package's `minimal` and `virtio_blk` examples), built once per test process
 /// into the profile directory the calling test runs from (`cargo test --all-targets` builds
 /// examples only as test harnesses and other packages' binaries not at all).
 ///
@@ -127,6 +127,8 @@ pub fn ember_binary() -> PathBuf {
                 "--quiet",
                 "--bin",
                 "ember",
+                "--bin",
+                "ember-quick",
                 "--example",
                 "minimal",
                 "--example",
@@ -142,6 +144,18 @@ pub fn ember_binary() -> PathBuf {
     match std::env::var_os("EMBER_TEST_BINARY") {
         Some(p) => PathBuf::from(p),
         None => profile_dir.join("ember"),
+    }
+}
+
+/// The `ember-quick` binary (quick boot only, built small), built with [`ember_binary`].
+///
+/// `EMBER_QUICK_TEST_BINARY=PATH` runs PATH instead (the musl release build, in CI).
+pub fn ember_quick_binary() -> PathBuf {
+    // Builds both binaries (once per test process).
+    let _ = ember_binary();
+    match std::env::var_os("EMBER_QUICK_TEST_BINARY") {
+        Some(p) => PathBuf::from(p),
+        None => test_dirs().0.join("ember-quick"),
     }
 }
 
