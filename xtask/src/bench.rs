@@ -188,6 +188,22 @@ pub fn run(args: &Args) -> Result<(), String> {
         build_release_ember(&target_dir)?
     };
     eprintln!("xtask bench: Ember is {}", ember_bin.display());
+    // `ember-quick`, built beside `ember` by the same recipe: boot, memory and rate rows.
+    let quick_bin = ember_bin.with_file_name("ember-quick");
+    let quick_peer = quick_bin.exists().then(|| Peer {
+        kind: Kind::Ember,
+        name: "Ember (ember-quick)".into(),
+        bin: quick_bin,
+        scratch: opts.out.clone(),
+        flags: Vec::new(),
+    });
+    let with_quick = |peers: &[Peer]| -> Vec<Peer> {
+        let mut v = peers.to_vec();
+        if let Some(q) = &quick_peer {
+            v.insert(1, q.clone());
+        }
+        v
+    };
     let mut peers = vec![Peer {
         kind: Kind::Ember,
         name: "Ember".into(),
@@ -320,9 +336,12 @@ pub fn run(args: &Args) -> Result<(), String> {
         // Ember and Firecracker without their seccomp filters too: what installing them
         // costs each.
         let mut boot_peers = Vec::new();
-        for p in &peers {
+        for p in &with_quick(&peers) {
             boot_peers.push(p.clone());
-            if matches!(p.kind, Kind::Ember | Kind::Firecracker) && p.flags.is_empty() {
+            if matches!(p.kind, Kind::Ember | Kind::Firecracker)
+                && p.flags.is_empty()
+                && quick_peer.as_ref().is_none_or(|q| q.bin != p.bin)
+            {
                 boot_peers.push(Peer {
                     name: format!("{} --no-seccomp", p.name),
                     flags: vec!["--no-seccomp".into()],
@@ -356,12 +375,12 @@ pub fn run(args: &Args) -> Result<(), String> {
         for mem in [128u64, 2048] {
             guests.push(null(&park_pvh, &park_nopvh, Protocol::Pvh, mem, 1));
         }
-        report.memory = memory_section(&peers, &guests, runs)?;
+        report.memory = memory_section(&with_quick(&peers), &guests, runs)?;
     }
     if wants(&opts, "rate") {
         let per_level = if opts.quick { 8 } else { 32 };
         let g = null(&null_pvh, &null_nopvh, Protocol::Pvh, 128, 1);
-        report.rate = rate_section(&peers, &g, per_level)?;
+        report.rate = rate_section(&with_quick(&peers), &g, per_level)?;
         report.rate_in_process = Some(library_bench(
             &root,
             "boot_rate",
@@ -1642,10 +1661,10 @@ const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// The fallback where the musl target cannot be installed: glibc, statically linked.
 const GLIBC_TARGET: &str = "x86_64-unknown-linux-gnu";
 
-/// Builds the release recipe (docs/performance.md): `ember` for musl (a static binary with a
-/// small libc: 0.77 MiB less RSS than static glibc, measured), or, if the musl target cannot
-/// be installed, statically linked against glibc. `--target` keeps the static flags off the
-/// host's proc-macro builds. Returns the binary.
+/// Builds the release recipe (docs/performance.md): `ember` and `ember-quick` for musl (static
+/// binaries with a small libc: 0.77 MiB less RSS than static glibc, measured), or, if the musl
+/// target cannot be installed, statically linked against glibc. `--target` keeps the static
+/// flags off the host's proc-macro builds. Returns `ember` (`ember-quick` is beside it).
 fn build_release_ember(target_dir: &std::path::Path) -> Result<PathBuf, String> {
     let musl = std::process::Command::new("rustup")
         .args(["target", "add", MUSL_TARGET])
@@ -1668,7 +1687,8 @@ fn build_release_ember(target_dir: &std::path::Path) -> Result<PathBuf, String> 
     };
     crate::run_cmd(
         crate::cargo()
-            .args(["build", "--release", "--target", target, "--bin", "ember"])
+            .args(["build", "--release", "--target", target])
+            .args(["--bin", "ember", "--bin", "ember-quick"])
             .env(var, value),
     )?;
     Ok(target_dir.join(target).join("release/ember"))
