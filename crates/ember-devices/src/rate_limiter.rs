@@ -211,7 +211,9 @@ impl Timer {
                 tv_nsec: 0,
             },
             it_value: libc::timespec {
-                tv_sec: libc::time_t::try_from(after.as_secs()).unwrap_or(libc::time_t::MAX),
+                // Capped at i32::MAX seconds (68 years), so that it fits `time_t` as every
+                // libc defines it (musl's alias is deprecated, so its name is not used).
+                tv_sec: i32::try_from(after.as_secs()).unwrap_or(i32::MAX).into(),
                 tv_nsec: libc::c_long::from(
                     i32::try_from(after.subsec_nanos()).unwrap_or(999_999_999),
                 ),
