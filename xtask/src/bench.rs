@@ -1672,15 +1672,10 @@ fn build_release_ember(target_dir: &std::path::Path) -> Result<PathBuf, String> 
         .is_ok_and(|s| s.success());
     // (target, environment variable, its value)
     let (target, var, value) = if musl {
-        // C in the dependency tree (userfaultfd-sys's constants) is compiled with musl-gcc
-        // when there is one, else with the host's gcc (it calls nothing in the C library).
-        let _ = crate::ensure_packages(&["musl-tools"]);
-        let has_musl_gcc = std::process::Command::new("musl-gcc")
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        let cc = if has_musl_gcc { "musl-gcc" } else { "gcc" };
-        (MUSL_TARGET, "CC_x86_64_unknown_linux_musl", cc)
+        // C in the dependency tree (userfaultfd-sys's constants) is compiled with the host's
+        // gcc: it calls nothing in the C library, and needs the kernel's headers, which
+        // musl-gcc's include path does not have.
+        (MUSL_TARGET, "CC_x86_64_unknown_linux_musl", "gcc")
     } else {
         eprintln!("xtask bench: the musl target is not available; building with static glibc");
         (GLIBC_TARGET, "RUSTFLAGS", "-C target-feature=+crt-static")
