@@ -12,7 +12,8 @@
 //! - `waits`: where Ember's threads spend a null boot, from sampling their state and kernel
 //!   stacks (`/proc/<pid>/task/*/stack`) from outside: CPU, or which kernel wait.
 //! - `memory`: RSS beyond guest memory (from smaps, guest RAM mappings excluded) after boot
-//!   and at peak, 128 MiB and 2 GiB.
+//!   and at peak, 128 MiB and 2 GiB; then the memory per additional VM in one process
+//!   (`cargo bench --bench vm_memory`).
 //! - `rate`: null microVMs booted to exit per second, 1, 2, 4 and 8 started concurrently, one
 //!   process each, then in one process (`cargo bench --bench boot_rate`).
 //! - `exits`: the probe's exit loop (ring 0 and ring 3), ns per exit.
@@ -376,6 +377,12 @@ pub fn run(args: &Args) -> Result<(), String> {
             guests.push(null(&park_pvh, &park_nopvh, Protocol::Pvh, mem, 1));
         }
         report.memory = memory_section(&with_quick(&peers), &guests, runs)?;
+        report.memory_in_process = Some(library_bench(
+            &root,
+            "vm_memory",
+            opts.quick,
+            &[("EMBER_PARKED_GUEST", &park_pvh)],
+        )?);
     }
     if wants(&opts, "rate") {
         let per_level = if opts.quick { 8 } else { 32 };
@@ -1133,6 +1140,8 @@ struct Report {
     fork: Option<String>,
     /// The in-process creation rate (`cargo bench --bench boot_rate`), markdown.
     rate_in_process: Option<String>,
+    /// `cargo bench --bench vm_memory`'s table.
+    memory_in_process: Option<String>,
     kvm: Vec<kvm::SequenceResult>,
 }
 
@@ -1175,6 +1184,9 @@ impl Report {
         self.startup_md(&mut s);
         self.waits_md(&mut s);
         self.memory_md(&mut s);
+        if let Some(m) = &self.memory_in_process {
+            s.push_str(m);
+        }
         self.rate_md(&mut s);
         if let Some(r) = &self.rate_in_process {
             s.push_str(r);
