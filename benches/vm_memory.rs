@@ -7,8 +7,8 @@
 //! `VmBuilder::build` and run on a thread of its own. The VMs are started one after the other,
 //! each waited for until its line arrived; 50 ms after the first and after the last,
 //! `/proc/self/smaps` is read: the Rss of every mapping except guest RAM (anonymous or memfd,
-//! writable, of the guest's size, as the bench's memory section tells them apart), and the
-//! guest RAM resident. The figure is the growth over the first VM, per additional VM. Then
+//! writable, of the guest's size or a multiple of it: neighbouring guest mappings may be
+//! merged), and the guest RAM resident. The figure is the growth over the first VM, per additional VM. Then
 //! every VM is stopped and its thread joined.
 
 use std::io::Write;
@@ -59,7 +59,10 @@ fn rss_kib() -> (u64, u64) {
                 .unwrap_or(0);
             let writable = words.next().is_some_and(|p| p.starts_with("rw"));
             let path = words.nth(3).unwrap_or("");
-            is_guest = size == GUEST_MIB << 20
+            // Neighbouring guest RAM mappings of the same kind can be merged by the kernel:
+            // any multiple of the guest's size counts.
+            is_guest = size > 0
+                && size % (GUEST_MIB << 20) == 0
                 && writable
                 && (path.is_empty() || path.starts_with("/memfd:"));
         } else if first == "Rss:" {

@@ -118,10 +118,10 @@ fn every_thread_is_filtered_and_sigterm_stops_the_vm() {
             break s;
         }
         // A bound against hanging, not a speed figure.
-        assert!(
-            sent.elapsed() < Duration::from_secs(5),
-            "VMM still running 5 s after SIGTERM"
-        );
+        if sent.elapsed() > Duration::from_secs(5) {
+            let _ = child.kill();
+            panic!("VMM still running 5 s after SIGTERM");
+        }
         std::thread::sleep(Duration::from_millis(5));
     };
     let mut stderr = String::new();
@@ -130,7 +130,36 @@ fn every_thread_is_filtered_and_sigterm_stops_the_vm() {
         panic!("threads and their seccomp modes: {seen:?}");
     }
     assert_eq!(status.code(), Some(128 + libc::SIGTERM), "{stderr}");
-    assert!(stderr.contains("stopped by signal 15"), "{stderr}");
+    assert!(
+        stderr.contains("ember-quick: stopped by signal 15"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn no_seccomp_warns_under_its_own_name_and_timings_are_printed() {
+    if !kvm_or_skip("no_seccomp_warns_under_its_own_name_and_timings_are_printed") {
+        return;
+    }
+    let kernel = probe_elf();
+    let (code, stdout, stderr) = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cmdline",
+        "probe=cmdline",
+        "--no-seccomp",
+        "--timings",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("ember-quick: warning: --no-seccomp"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("ember-quick: start-up vcpu create"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("ember-quick: first KVM_RUN"), "{stderr}");
 }
 
 #[test]
@@ -149,7 +178,7 @@ fn a_blocked_system_call_ends_it_with_status_148_naming_the_thread() {
     ]);
     assert_eq!(code, Some(148), "{stderr}");
     assert!(
-        stderr.contains("seccomp: the vcpu0 thread made system call 41 (socket)"),
+        stderr.contains("ember-quick: seccomp: the vcpu0 thread made system call 41 (socket)"),
         "{stderr}"
     );
 }
@@ -171,7 +200,6 @@ fn user_errors_exit_2_with_a_message_and_no_panic() {
             &["--kernel", kernel, "--vcpus", "0"],
             "--vcpus 0: expected 1 to",
         ),
-        (&["--kernel", kernel, "--disk", missing], "missing.elf"),
         (
             &["--kernel", kernel, "--boot-protocol", "bios"],
             "--boot-protocol bios",
@@ -180,6 +208,10 @@ fn user_errors_exit_2_with_a_message_and_no_panic() {
         (
             &["--kernel", kernel, "--seccomp-filter", missing],
             "--seccomp-filter",
+        ),
+        (
+            &["--kernel", kernel, "--seccomp-test-blocked", "gpu"],
+            "expected vcpu, vmm or api",
         ),
     ];
     for (args, expected) in cases {
@@ -194,4 +226,27 @@ fn user_errors_exit_2_with_a_message_and_no_panic() {
     let (code, stdout, _) = run(&["--help"]);
     assert_eq!(code, Some(0));
     assert!(stdout.contains("--kernel FILE"), "{stdout}");
+    let (code, stdout, _) = run(&["--version"]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.starts_with("ember-quick "), "{stdout}");
+}
+
+/// A disk that cannot be opened is found once the VM is being built (after `/dev/kvm`).
+#[test]
+fn a_missing_disk_image_exits_2_naming_it() {
+    if !kvm_or_skip("a_missing_disk_image_exits_2_naming_it") {
+        return;
+    }
+    let kernel = probe_elf();
+    let (code, _, stderr) = run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        "/nonexistent/disk.img",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.starts_with("ember-quick: error: ") && stderr.contains("/nonexistent/disk.img"),
+        "{stderr}"
+    );
 }

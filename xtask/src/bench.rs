@@ -191,6 +191,12 @@ pub fn run(args: &Args) -> Result<(), String> {
     eprintln!("xtask bench: Ember is {}", ember_bin.display());
     // `ember-quick`, built beside `ember` by the same recipe: boot, memory and rate rows.
     let quick_bin = ember_bin.with_file_name("ember-quick");
+    if !quick_bin.exists() {
+        eprintln!(
+            "xtask bench: note: no {} (drop --no-build): no ember-quick rows",
+            quick_bin.display()
+        );
+    }
     let quick_peer = quick_bin.exists().then(|| Peer {
         kind: Kind::Ember,
         name: "Ember (ember-quick)".into(),

@@ -19,8 +19,8 @@
 //!     ..Default::default()
 //! };
 //! let config = flags.config(None).expect("a valid configuration");
+//! ember_bin::set_program_name("my-vmm");
 //! let opts = quick::RunOptions {
-//!     name: "my-vmm",
 //!     timings: false,
 //!     seccomp: seccomp::Setup::from_flags(false, None, None).expect("Ember's filters"),
 //! };
@@ -34,3 +34,17 @@ pub mod console;
 pub mod quick;
 pub mod seccomp;
 pub mod signals;
+
+/// The binary's name, which starts its messages on stderr (set once, first thing in `main`).
+static PROGRAM_NAME: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Names the binary in its messages ("ember-quick: error: ..."); `ember` if never called.
+pub fn set_program_name(name: &'static str) {
+    let _ = PROGRAM_NAME.set(name);
+}
+
+/// The name [`set_program_name`] gave, or `ember`. Async-signal-safe (one atomic load), so the
+/// blocked-call report can use it.
+pub fn program_name() -> &'static str {
+    PROGRAM_NAME.get().copied().unwrap_or("ember")
+}

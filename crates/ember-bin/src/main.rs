@@ -503,7 +503,6 @@ fn run() -> ExitCode {
     // Before any thread starts, so that every thread inherits the blocked SIGUSR1.
     let snapshot_signal = args.snapshot_dir.as_ref().map(|_| block_sigusr1());
     let opts = quick::RunOptions {
-        name: "ember",
         timings: args.timings,
         seccomp: seccomp.clone(),
     };

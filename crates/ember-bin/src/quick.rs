@@ -132,8 +132,6 @@ impl VmFlags {
 /// How a quick-boot VM is run.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// The binary's name, which starts every message on stderr.
-    pub name: &'static str,
     /// Print the start-up phases and the first `KVM_RUN` on stderr (`--timings`).
     pub timings: bool,
     /// The seccomp filters each thread enters.
@@ -144,8 +142,11 @@ pub struct RunOptions {
 /// place, calls `on_built` with it (to start a thread that needs its handle), runs it until it
 /// ends or a stop signal comes, and returns the exit status: 0 for a reset, poweroff or the
 /// console escape, 1 for any other end, 2 when the VM cannot be built, 128 + the signal.
+///
+/// Once per process: the stop signals act on one VM, and the signal that stopped it is not
+/// reset.
 pub fn run(builder: VmBuilder, opts: &RunOptions, on_built: impl FnOnce(&Vm)) -> ExitCode {
-    let name = opts.name;
+    let name = crate::program_name();
     let stdin = std::io::stdin();
     // SAFETY: isatty only inspects the descriptor.
     let terminal = unsafe { libc::isatty(stdin.as_raw_fd()) } == 1;

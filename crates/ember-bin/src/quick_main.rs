@@ -1,8 +1,8 @@
 //! `ember-quick`: Ember's quick-boot VMM, built small. It boots a microVM from flags (the same
 //! quick-boot flags as `ember`'s) and nothing else: no Firecracker mode, no JSON
-//! configuration, no snapshots. Its flags are parsed with lexopt rather than clap, and the
-//! API server, clap and the snapshot code are not linked in, so that each process maps less
-//! of its binary (see docs/performance.md, *Where Ember's RSS goes*).
+//! configuration file, no snapshots. Its flags are parsed with lexopt rather than clap, and
+//! neither the API server nor clap is linked in, so that each process maps less of its binary
+//! (see docs/performance.md, *Where Ember's RSS goes*).
 //!
 //! ```text
 //! cargo run --release --bin ember-quick -- --kernel target/probe/probe.elf --cmdline "probe=memmap,serial"
@@ -13,6 +13,7 @@
 //! SIGINT or SIGHUP, 148 for a system call the seccomp filters block.
 
 use std::ffi::OsString;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -123,8 +124,17 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String> {
                     .push(string(parser.value().map_err(err)?, "--net")?)
             }
             Long("vsock") => a.vm.vsock = Some(string(parser.value().map_err(err)?, "--vsock")?),
+            // `--rng`, `--rng=SPEC` or `--rng SPEC` (a next word that is not a flag), as
+            // `ember` takes it.
             Long("rng") => {
-                a.vm.rng = Some(match parser.optional_value() {
+                let value = match parser.optional_value() {
+                    Some(v) => Some(v),
+                    None => parser
+                        .raw_args()
+                        .map_err(err)?
+                        .next_if(|w| !w.to_string_lossy().starts_with('-')),
+                };
+                a.vm.rng = Some(match value {
                     Some(v) => string(v, "--rng")?,
                     None => String::new(),
                 })
@@ -161,6 +171,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String> {
 
 fn main() {
     let _ = ember_vmm::process_start();
+    ember_bin::set_program_name("ember-quick");
     // One VM per process: its KVM VM is closed after the exit status is reported.
     ember_vmm::defer_teardown_to_exit();
     quick::exit(run())
@@ -173,12 +184,17 @@ fn run() -> ExitCode {
     };
     let args = match parse(std::env::args_os().skip(1)) {
         Ok(Parsed::Boot(a)) => a,
+        // A closed stdout is not an error worth a panic.
         Ok(Parsed::Help) => {
-            print!("{HELP}");
+            let _ = std::io::stdout().write_all(HELP.as_bytes());
             return ExitCode::SUCCESS;
         }
         Ok(Parsed::Version) => {
-            println!("ember-quick {}", env!("CARGO_PKG_VERSION"));
+            let _ = writeln!(
+                std::io::stdout(),
+                "ember-quick {}",
+                env!("CARGO_PKG_VERSION")
+            );
             return ExitCode::SUCCESS;
         }
         Err(e) => return fail(&e),
@@ -196,7 +212,6 @@ fn run() -> ExitCode {
         Err(e) => return fail(&e),
     };
     let opts = quick::RunOptions {
-        name: "ember-quick",
         timings: args.timings,
         seccomp,
     };
@@ -248,6 +263,14 @@ mod tests {
             boot(&["--rng=ops=10/100"]).unwrap().vm.rng.as_deref(),
             Some("ops=10/100")
         );
+        let a = boot(&["--rng", "bw=1M/100", "--pit"]).unwrap();
+        assert_eq!(a.vm.rng.as_deref(), Some("bw=1M/100"));
+        assert!(a.vm.pit);
+        assert_eq!(
+            boot(&["--rng", "--pit"]).unwrap().vm.rng.as_deref(),
+            Some("")
+        );
+        assert!(boot(&["--rng", "--nope"]).unwrap_err().contains("--nope"));
     }
 
     #[test]

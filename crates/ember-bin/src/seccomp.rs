@@ -187,7 +187,8 @@ impl Setup {
         let filters = match (no_seccomp, file) {
             (true, _) => {
                 eprintln!(
-                    "ember: warning: --no-seccomp: the VMM's threads run without seccomp filters"
+                    "{}: warning: --no-seccomp: the VMM's threads run without seccomp filters",
+                    crate::program_name()
                 );
                 Filters::none()
             }
@@ -197,11 +198,17 @@ impl Setup {
         if !filters.is_empty() {
             install_reporter();
         }
-        let test_blocked = test_blocked.map(|t| match t {
-            "vcpu" => Thread::Vcpu,
-            "api" => Thread::Api,
-            _ => Thread::Vmm,
-        });
+        let test_blocked = match test_blocked {
+            None => None,
+            Some("vcpu") => Some(Thread::Vcpu),
+            Some("api") => Some(Thread::Api),
+            Some("vmm") => Some(Thread::Vmm),
+            Some(other) => {
+                return Err(format!(
+                    "--seccomp-test-blocked {other}: expected vcpu, vmm or api"
+                ))
+            }
+        };
         Ok(Setup {
             filters,
             test_blocked,
@@ -303,8 +310,9 @@ fn message(label: &[u8], nr: i32) -> Line {
     let label = std::str::from_utf8(label).unwrap_or("?");
     let _ = writeln!(
         line,
-        "ember: seccomp: the {label} thread made system call {nr} ({name}), which its filter \
-         does not allow; ending with status {BLOCKED_SYSCALL_STATUS}"
+        "{}: seccomp: the {label} thread made system call {nr} ({name}), which its filter \
+         does not allow; ending with status {BLOCKED_SYSCALL_STATUS}",
+        crate::program_name()
     );
     line
 }
