@@ -1,7 +1,6 @@
 //! `ember-quick`, the quick-boot binary built small: it boots what `ember` boots from the same
 //! flags, with the same exit statuses, messages and seccomp filters.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -83,20 +82,7 @@ fn start_long_guest(extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "guest output ended early"
-        );
-        if line.contains("PROBE cmdline ok") {
-            break;
-        }
-    }
-    // Keep draining the console so that the guest never blocks on it.
-    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+    ember_test_support::wait_for_line(&mut child, "PROBE cmdline ok");
     child
 }
 

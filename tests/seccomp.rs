@@ -4,7 +4,7 @@
 //! that is what shows the allow-lists are enough. The Firecracker-mode threads are checked in
 //! tests/api.rs.)
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
 use ember_test_support::{ember_binary, kvm_or_skip, probe_elf, thread_seccomp_modes};
@@ -24,25 +24,7 @@ fn start_long_guest(extra: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            stdout.read_line(&mut line).unwrap() > 0,
-            "guest output ended early"
-        );
-        if line.contains("PROBE cmdline ok") {
-            break;
-        }
-    }
-    // Keep reading the console so the guest never blocks on it.
-    std::thread::spawn(move || {
-        let mut sink = String::new();
-        while stdout.read_line(&mut sink).unwrap_or(0) > 0 {
-            sink.clear();
-        }
-    });
+    ember_test_support::wait_for_line(&mut child, "PROBE cmdline ok");
     child
 }
 

@@ -226,21 +226,7 @@ impl Args {
     /// Whether a flag that configures the VM is present (a restore takes its configuration
     /// from the snapshot instead).
     fn config_flags(&self) -> bool {
-        self.kernel.is_some()
-            || self.config.is_some()
-            || self.initrd.is_some()
-            || self.cmdline.is_some()
-            || self.memory_mib.is_some()
-            || self.vcpus.is_some()
-            || !self.disks.is_empty()
-            || !self.nets.is_empty()
-            || self.vsock.is_some()
-            || self.rng.is_some()
-            || self.balloon.is_some()
-            || self.pit
-            || self.no_acpi
-            || self.cpu_template.is_some()
-            || self.boot_protocol.is_some()
+        self.config.is_some() || self.vm_flags().any()
     }
 
     /// Whether a quick-boot-only flag is present.

@@ -159,6 +159,26 @@ pub fn ember_quick_binary() -> PathBuf {
     }
 }
 
+/// Reads the child's stdout (piped) until a line holds `needle`, then keeps draining it on a
+/// thread of its own, so that the guest never blocks on its console. Panics if the output ends
+/// first.
+pub fn wait_for_line(child: &mut std::process::Child, needle: &str) {
+    use std::io::BufRead;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("a piped stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            stdout.read_line(&mut line).unwrap_or(0) > 0,
+            "guest output ended before a line with {needle:?}"
+        );
+        if line.contains(needle) {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+}
+
 /// Opens a pseudo-terminal pair: (controller, terminal), for tests of what a VMM does on a
 /// terminal.
 pub fn open_pty() -> (std::fs::File, std::fs::File) {
