@@ -93,7 +93,17 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Parsed, String> {
     let mut parser = lexopt::Parser::from_args(args);
     let mut a = Args::default();
     let err = |e: lexopt::Error| e.to_string();
+    // As clap does for `ember`: a flag that takes one value is given once.
+    let mut seen: Vec<String> = Vec::new();
     while let Some(arg) = parser.next().map_err(err)? {
+        if let Long(name) = arg {
+            if !matches!(name, "disk" | "net") {
+                if seen.iter().any(|s| s == name) {
+                    return Err(format!("--{name} is given more than once"));
+                }
+                seen.push(name.to_string());
+            }
+        }
         match arg {
             Short('h') | Long("help") => return Ok(Parsed::Help),
             Short('V') | Long("version") => return Ok(Parsed::Version),
@@ -283,6 +293,16 @@ mod tests {
         assert!(e(&["--config", "vm.json"]).contains("--config"));
         assert!(e(&["stray"]).contains("stray"));
         assert!(e(&["--no-seccomp", "--seccomp-filter", "f"]).contains("do not go together"));
+        assert!(e(&["--kernel", "a", "--kernel", "b"]).contains("--kernel is given more than once"));
+        assert!(e(&["--pit", "--pit"]).contains("--pit is given more than once"));
+        assert_eq!(
+            boot(&["--disk", "a", "--disk", "b"])
+                .unwrap()
+                .vm
+                .disks
+                .len(),
+            2
+        );
         assert!(matches!(parse([OsString::from("-h")]), Ok(Parsed::Help)));
     }
 }
