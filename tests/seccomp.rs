@@ -242,6 +242,11 @@ fn the_thread_hook_runs_on_every_vm_thread_and_its_failure_ends_the_vm() {
         ]
     );
 
+    // A guest that runs for seconds: the hook's failure is what ends it.
+    let long = ember_test_support::ProbeOptions::new("cmdline,exitloop")
+        .vcpus(2)
+        .cmdline("probe.exits=10000000")
+        .vm_config();
     for fail_on in ["event loop", "vcpu1"] {
         let hook: ember_vmm::ThreadHook = Arc::new(move |kind| {
             if kind.to_string() == fail_on {
@@ -250,7 +255,7 @@ fn the_thread_hook_runs_on_every_vm_thread_and_its_failure_ends_the_vm() {
                 Ok(())
             }
         });
-        let r = ember_vmm::Vm::builder(config.clone())
+        let r = ember_vmm::Vm::builder(long.clone())
             .serial_output(Box::new(std::io::sink()))
             .thread_hook(hook)
             .build()
@@ -262,6 +267,76 @@ fn the_thread_hook_runs_on_every_vm_thread_and_its_failure_ends_the_vm() {
         };
         assert!(text.contains("refused by the test"), "{fail_on}: {text}");
     }
+}
+
+/// vCPU threads start when the VM is built and run their hook then, before `run` (so that
+/// a seccomp filter is compiled while the rest of the VM is built); a built VM dropped without
+/// running ends and joins them; a vCPU hook that panics ends the VM with an error.
+#[test]
+fn vcpu_hooks_run_at_build_and_an_unrun_vm_leaves_no_thread() {
+    if !kvm_or_skip("vcpu_hooks_run_at_build_and_an_unrun_vm_leaves_no_thread") {
+        return;
+    }
+    use std::sync::{mpsc, Arc, Mutex};
+    use std::time::Duration;
+    let config = ember_test_support::ProbeOptions::new("cmdline")
+        .vcpus(2)
+        .vm_config();
+    let (tx, rx) = mpsc::channel::<(String, i32)>();
+    let tx = Mutex::new(tx);
+    let hook: ember_vmm::ThreadHook = Arc::new(move |kind| {
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let _ = tx.lock().unwrap().send((kind.to_string(), tid));
+        Ok(())
+    });
+    let vm = ember_vmm::Vm::builder(config)
+        .serial_output(Box::new(std::io::sink()))
+        .thread_hook(hook)
+        .build()
+        .unwrap();
+    // Both vCPU hooks come without `run` being called.
+    let mut tids = Vec::new();
+    for _ in 0..2 {
+        let (kind, tid) = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(kind.starts_with("vcpu"), "{kind}");
+        tids.push(tid);
+    }
+    let task = |tid: &i32| std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
+    assert!(tids.iter().all(|t| task(t).exists()), "{tids:?}");
+    drop(vm);
+    let left: Vec<&i32> = tids.iter().filter(|t| task(t).exists()).collect();
+    assert!(
+        left.is_empty(),
+        "vCPU threads left after the VM was dropped: {left:?}"
+    );
+    assert!(
+        rx.try_recv().is_err(),
+        "no event-loop hook runs for a VM that never ran"
+    );
+
+    let hook: ember_vmm::ThreadHook = Arc::new(|kind| {
+        if kind == ember_vmm::ThreadKind::Vcpu(1) {
+            panic!("the test's hook panics on vcpu1");
+        }
+        Ok(())
+    });
+    // A guest that runs for seconds: the hook's failure is what ends it.
+    let long = ember_test_support::ProbeOptions::new("cmdline,exitloop")
+        .vcpus(2)
+        .cmdline("probe.exits=10000000")
+        .vm_config();
+    let outcome = ember_vmm::Vm::builder(long)
+        .serial_output(Box::new(std::io::sink()))
+        .thread_hook(hook)
+        .build()
+        .unwrap()
+        .run()
+        .unwrap();
+    assert_eq!(
+        outcome.exit,
+        ember_vmm::VmExit::VcpuError("vcpu1: the thread hook panicked".into())
+    );
 }
 
 /// No mapping of a running VMM is both writable and executable (guest memory included), and

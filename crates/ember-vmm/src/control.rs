@@ -107,12 +107,23 @@ impl VcpuControl {
         }
     }
 
-    /// Registers the calling thread as a vCPU thread.
-    pub(crate) fn enter(&self) {
+    /// Registers `thread` as a vCPU thread that is about to [`run`](Self::run) (or to
+    /// [`leave`](Self::leave) without running). Called by whoever hands the thread its vCPU,
+    /// so that a stop or pause from then on counts and kicks it.
+    pub(crate) fn enter(&self, thread: libc::pthread_t) {
         let mut st = self.state();
-        // SAFETY: pthread_self has no preconditions.
-        st.threads.push(ThreadId(unsafe { libc::pthread_self() }));
+        st.threads.push(ThreadId(thread));
         st.running += 1;
+    }
+
+    /// Unregisters `thread`, which has left [`run`](Self::run) or will not run.
+    pub(crate) fn leave(&self, thread: libc::pthread_t) {
+        let mut st = self.state();
+        st.running = st.running.saturating_sub(1);
+        // SAFETY: pthread_equal only compares the two ids.
+        st.threads
+            .retain(|&ThreadId(t)| unsafe { libc::pthread_equal(t, thread) } == 0);
+        self.changed.notify_all();
     }
 
     /// Runs `vcpu` until it stops for a reason other than a pause, parking while paused (and
@@ -151,14 +162,8 @@ impl VcpuControl {
                 st.parked -= 1;
             }
         };
-        let mut st = self.state();
-        st.running -= 1;
         // SAFETY: pthread_self has no preconditions.
-        let me = unsafe { libc::pthread_self() };
-        // SAFETY: pthread_equal only compares the two ids.
-        st.threads
-            .retain(|&ThreadId(t)| unsafe { libc::pthread_equal(t, me) } == 0);
-        self.changed.notify_all();
+        self.leave(unsafe { libc::pthread_self() });
         result
     }
 

@@ -8,6 +8,7 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::thread::JoinHandleExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -82,7 +83,9 @@ pub struct VmBuilder {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ThreadKind {
-    /// The thread of vCPU `n`, before it first enters the guest.
+    /// The thread of vCPU `n`, before it first enters the guest. vCPU threads start when the
+    /// VM is built (in [`VmBuilder::build`], on a thread it spawns), so that their hooks run
+    /// while the rest of the VM is being built.
     Vcpu(usize),
     /// The thread that called [`Vm::run`] (the event loop: devices, console, timers), after
     /// the vCPU threads are started and before it handles anything the guest wrote.
@@ -133,7 +136,7 @@ impl VmBuilder {
 
     /// Runs `hook` on every vCPU thread before it enters the guest and on the event-loop
     /// thread before it handles guest input ([`ThreadKind`]): where a VMM installs its seccomp
-    /// filters.
+    /// filters. The vCPU threads run it during [`build`](Self::build), in parallel with it.
     pub fn thread_hook(mut self, hook: ThreadHook) -> Self {
         self.thread_hook = Some(hook);
         self
@@ -258,8 +261,10 @@ impl VmBuilder {
 
 /// A built microVM, ready to [`run`](Vm::run).
 pub struct Vm {
-    // Dropped first: the vCPUs, then what holds the VM fd and the memory it maps.
+    // Dropped first: the vCPUs and the threads waiting for them, then what holds the VM fd
+    // and the memory it maps.
     vcpus: Vec<Vcpu>,
+    seats: VcpuSeats,
     shared: Arc<VmShared>,
     layout: MemoryLayout,
     kernel: Option<LoadedKernel>,
@@ -301,6 +306,14 @@ impl Vm {
         config.validate()?;
         let mut timings = StartupTimings::default();
         let mut t = Instant::now();
+        // The vCPU threads first: their hooks (a seccomp filter to compile, say) run on them
+        // while this thread builds the VM.
+        let mut seats = VcpuSeats::default();
+        for index in 0..usize::from(config.vcpus) {
+            seats
+                .0
+                .push_back(VcpuSeat::start(index, b.thread_hook.clone())?);
+        }
 
         // Memory, kernel and the boot entry first: they need no KVM, so a user error in them
         // is reported the same on any machine.
@@ -706,6 +719,7 @@ impl Vm {
         };
         Ok(Vm {
             vcpus,
+            seats,
             shared,
             layout,
             kernel,
@@ -800,22 +814,20 @@ impl Vm {
             Flow::Continue
         })?;
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
-        for (index, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let spawned = spawn_vcpu(
-                index,
-                vcpu,
-                VcpuThread {
-                    buses: shared.buses.clone(),
-                    control: control.clone(),
-                    memory: shared.memory.clone(),
-                    results: results.clone(),
-                    first_run: first_run.clone(),
-                    exit_evt: vcpu_exit_evt.try_clone().map_err(Error::EventFd),
-                    hook: self.thread_hook.clone(),
-                },
-            );
-            match spawned {
-                Ok(t) => threads.push(t),
+        let mut seats = std::mem::take(&mut self.seats);
+        for vcpu in std::mem::take(&mut self.vcpus) {
+            let Some(seat) = seats.0.pop_front() else {
+                break;
+            };
+            let thread = VcpuThread {
+                buses: shared.buses.clone(),
+                control: control.clone(),
+                memory: shared.memory.clone(),
+                results: results.clone(),
+                first_run: first_run.clone(),
+            };
+            match vcpu_exit_evt.try_clone().map_err(Error::EventFd) {
+                Ok(exit_evt) => threads.push(seat.seat(vcpu, thread, exit_evt)),
                 Err(e) => {
                     stop_and_join(&control, threads);
                     return Err(e);
@@ -1001,8 +1013,6 @@ struct VcpuThread {
     memory: GuestRam,
     results: Arc<Mutex<Vec<VmExit>>>,
     first_run: Arc<OnceLock<Duration>>,
-    exit_evt: Result<EventFd, Error>,
-    hook: Option<ThreadHook>,
 }
 
 /// Reports a vCPU thread's end to the event loop, whichever way the thread ends: normally
@@ -1025,36 +1035,105 @@ impl Drop for ExitReport {
     }
 }
 
-fn spawn_vcpu(index: usize, mut vcpu: Vcpu, t: VcpuThread) -> Result<JoinHandle<()>, Error> {
-    let exit_evt = t.exit_evt?;
-    // Registered before the thread runs the guest, so a stop or pause right now reaches it.
-    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name(format!("vcpu{index}"))
-        .spawn(move || {
-            let mut report = ExitReport {
-                results: t.results,
-                exit_evt,
-                exit: None,
-                index,
-            };
-            if let Some(hook) = &t.hook {
-                if let Err(e) = hook(ThreadKind::Vcpu(index)) {
+/// A vCPU thread started before its vCPU exists: it runs the VM's thread hook at once, then
+/// waits for its vCPU ([`seat`](Self::seat)), or ends when the seat is dropped unused.
+struct VcpuSeat {
+    index: usize,
+    to_thread: std::sync::mpsc::Sender<SeatedVcpu>,
+    thread: JoinHandle<()>,
+}
+
+/// A VM's vCPU threads that have no vCPU yet, in vCPU order. Dropping it ends and joins them
+/// (each ends once its hook has run).
+#[derive(Default)]
+struct VcpuSeats(VecDeque<VcpuSeat>);
+
+impl Drop for VcpuSeats {
+    fn drop(&mut self) {
+        for seat in self.0.drain(..) {
+            drop(seat.to_thread);
+            let _ = seat.thread.join();
+        }
+    }
+}
+
+/// What a [`VcpuSeat`]'s thread is given to run.
+struct SeatedVcpu {
+    vcpu: Vcpu,
+    t: VcpuThread,
+    exit_evt: EventFd,
+}
+
+impl VcpuSeat {
+    fn start(index: usize, hook: Option<ThreadHook>) -> Result<Self, Error> {
+        let (to_thread, from_seat) = std::sync::mpsc::channel::<SeatedVcpu>();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || {
+                // A panicking hook is reported once the thread has its vCPU, as a failed one.
+                let hooked = hook.map_or(Ok(()), |hook| {
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        hook(ThreadKind::Vcpu(index))
+                    }))
+                    .unwrap_or_else(|_| Err("the thread hook panicked".into()))
+                });
+                let Ok(SeatedVcpu {
+                    mut vcpu,
+                    t,
+                    exit_evt,
+                }) = from_seat.recv()
+                else {
+                    // The VM was dropped without running.
+                    return;
+                };
+                let mut report = ExitReport {
+                    results: t.results,
+                    exit_evt,
+                    exit: None,
+                    index,
+                };
+                if let Err(e) = hooked {
+                    // SAFETY: pthread_self has no preconditions.
+                    t.control.leave(unsafe { libc::pthread_self() });
                     report.exit = Some(VmExit::VcpuError(format!("vcpu{index}: {e}")));
                     return;
                 }
-            }
-            t.control.enter();
-            let _ = started_tx.send(());
-            let _ = t.first_run.set(process_start().elapsed());
-            report.exit = Some(match t.control.run(&mut vcpu, t.buses.as_ref()) {
-                Ok(reason) => crate::cpu::vcpu_stop_to_exit(&vcpu, &t.memory, reason),
-                Err(e) => VmExit::VcpuError(e.to_string()),
-            });
+                let _ = t.first_run.set(process_start().elapsed());
+                report.exit = Some(match t.control.run(&mut vcpu, t.buses.as_ref()) {
+                    Ok(reason) => crate::cpu::vcpu_stop_to_exit(&vcpu, &t.memory, reason),
+                    Err(e) => VmExit::VcpuError(e.to_string()),
+                });
+            })
+            .map_err(Error::Thread)?;
+        Ok(VcpuSeat {
+            index,
+            to_thread,
+            thread,
         })
-        .map_err(Error::Thread)?;
-    let _ = started_rx.recv();
-    Ok(thread)
+    }
+
+    /// Hands `vcpu` to the thread, which runs it. The thread is registered with the VM's
+    /// [`VcpuControl`] first, so that a stop or pause from now on counts and reaches it.
+    fn seat(self, vcpu: Vcpu, t: VcpuThread, exit_evt: EventFd) -> JoinHandle<()> {
+        // std's RawPthread is a u64; libc's pthread_t is the same integer on glibc, a pointer
+        // on musl.
+        #[allow(clippy::unnecessary_cast, reason = "a pointer on musl")]
+        let id = self.thread.as_pthread_t() as libc::pthread_t;
+        t.control.enter(id);
+        let seated = SeatedVcpu { vcpu, t, exit_evt };
+        if let Err(std::sync::mpsc::SendError(seated)) = self.to_thread.send(seated) {
+            // The thread is gone (it cannot be, short of a panic outside the hook):
+            // unregistered, and reported as a panicked vCPU thread.
+            seated.t.control.leave(id);
+            drop(ExitReport {
+                results: seated.t.results,
+                exit_evt: seated.exit_evt,
+                exit: None,
+                index: self.index,
+            });
+        }
+        self.thread
+    }
 }
 
 fn stop_and_join(control: &VcpuControl, threads: Vec<JoinHandle<()>>) {
