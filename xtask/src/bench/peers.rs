@@ -128,7 +128,14 @@ impl Peer {
                         .map(|s| s.to_string_lossy().into_owned())
                         .unwrap_or_default()
                 ));
-                std::fs::write(&path, cfg)
+                // Written aside and renamed into place: workers of the rate section start
+                // Firecrackers with the same file concurrently, and one must never read it
+                // half written.
+                static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let aside = path.with_extension(format!("json.{}-{n}", std::process::id()));
+                std::fs::write(&aside, cfg)
+                    .and_then(|()| std::fs::rename(&aside, &path))
                     .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
                 let mut c = Command::new(&self.bin);
                 c.arg("--no-api")
