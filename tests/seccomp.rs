@@ -305,7 +305,15 @@ fn vcpu_hooks_run_at_build_and_an_unrun_vm_leaves_no_thread() {
     let task = |tid: &i32| std::path::PathBuf::from(format!("/proc/self/task/{tid}"));
     assert!(tids.iter().all(|t| task(t).exists()), "{tids:?}");
     drop(vm);
-    let left: Vec<&i32> = tids.iter().filter(|t| task(t).exists()).collect();
+    // Joined by the drop; the kernel removes a joined thread's task a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let left = loop {
+        let left: Vec<&i32> = tids.iter().filter(|t| task(t).exists()).collect();
+        if left.is_empty() || std::time::Instant::now() > deadline {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     assert!(
         left.is_empty(),
         "vCPU threads left after the VM was dropped: {left:?}"

@@ -84,8 +84,12 @@ pub struct VmBuilder {
 #[non_exhaustive]
 pub enum ThreadKind {
     /// The thread of vCPU `n`, before it first enters the guest. vCPU threads start when the
-    /// VM is built (in [`VmBuilder::build`], on a thread it spawns), so that their hooks run
-    /// while the rest of the VM is being built.
+    /// VM is built (in [`VmBuilder::build`], from the thread that calls it, whose signal mask,
+    /// affinity and seccomp filter they inherit) and run their hook at once, while the rest of
+    /// the VM is built: also for a VM whose build then fails or that is never run (dropping
+    /// it, or the failed build, waits for the hooks to return). Once [`Vm::run`] has handed
+    /// the thread its vCPU, a pause or stop may signal it while its hook still runs: a
+    /// blocking call there can return `EINTR`.
     Vcpu(usize),
     /// The thread that called [`Vm::run`] (the event loop: devices, console, timers), after
     /// the vCPU threads are started and before it handles anything the guest wrote.
@@ -314,6 +318,7 @@ impl Vm {
                 .0
                 .push_back(VcpuSeat::start(index, b.thread_hook.clone())?);
         }
+        timings.record("vcpu threads", &mut t);
 
         // Memory, kernel and the boot entry first: they need no KVM, so a user error in them
         // is reported the same on any machine.
@@ -816,6 +821,14 @@ impl Vm {
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
         let mut seats = std::mem::take(&mut self.seats);
         for vcpu in std::mem::take(&mut self.vcpus) {
+            // Before a seat is taken: one that fails here stays in `seats`, joined on drop.
+            let exit_evt = match vcpu_exit_evt.try_clone().map_err(Error::EventFd) {
+                Ok(evt) => evt,
+                Err(e) => {
+                    stop_and_join(&control, threads);
+                    return Err(e);
+                }
+            };
             let Some(seat) = seats.0.pop_front() else {
                 break;
             };
@@ -826,13 +839,7 @@ impl Vm {
                 results: results.clone(),
                 first_run: first_run.clone(),
             };
-            match vcpu_exit_evt.try_clone().map_err(Error::EventFd) {
-                Ok(exit_evt) => threads.push(seat.seat(vcpu, thread, exit_evt)),
-                Err(e) => {
-                    stop_and_join(&control, threads);
-                    return Err(e);
-                }
-            }
+            threads.push(seat.seat(vcpu, thread, exit_evt));
         }
 
         let restored = self.restore.is_some();
