@@ -131,6 +131,32 @@ fn a_restore_can_move_the_guest_clock_on_by_the_time_since_the_snapshot() {
     );
 }
 
+/// A restored VM whose vCPU hook fails ends with that failure, without waiting for the
+/// thread to park (it never will).
+#[test]
+fn a_restore_whose_vcpu_hook_fails_ends_with_its_error() {
+    if !kvm_or_skip("a_restore_whose_vcpu_hook_fails_ends_with_its_error") {
+        return;
+    }
+    let f = files();
+    take_snapshot(&f, "snapshot");
+    let state = ember_vmm::read_snapshot(&f.state).unwrap();
+    let hook: ember_vmm::ThreadHook = std::sync::Arc::new(|kind| match kind {
+        ember_vmm::ThreadKind::Vcpu(0) => Err("refused by the test".into()),
+        _ => Ok(()),
+    });
+    let e = VmBuilder::restore(state, std::fs::File::open(&f.memory).unwrap(), &f.memory)
+        .serial_output(Box::new(snapshot_common::Console::default()))
+        .thread_hook(hook)
+        .build()
+        .unwrap()
+        .run()
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ended before they parked"), "{e}");
+    assert!(e.contains("vcpu0: refused by the test"), "{e}");
+}
+
 #[test]
 fn bad_snapshots_are_clear_errors() {
     if !kvm_or_skip("bad_snapshots_are_clear_errors") {

@@ -230,6 +230,13 @@ impl VcpuControl {
         let mut st = self.state();
         let deadline = Instant::now() + TIMEOUT;
         while st.parked < count {
+            // A thread that ended (its hook failed) will never park: no use waiting.
+            if st.running < count && st.parked >= st.running {
+                return Err(format!(
+                    "{} of {count} vCPU threads ended before they parked",
+                    count - st.running
+                ));
+            }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(format!(

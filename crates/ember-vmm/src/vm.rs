@@ -846,7 +846,13 @@ impl Vm {
         let ready = match self.restore.take() {
             Some(state) => control
                 .wait_parked(shared.vcpu_count)
-                .map_err(Error::VcpuRequest)
+                // A vCPU thread that ended first says why (its hook failed, say).
+                .map_err(|e| {
+                    Error::VcpuRequest(match lock(&results).first() {
+                        Some(exit) => format!("{e}: {exit}"),
+                        None => e,
+                    })
+                })
                 .and_then(|()| shared.restore(&state))
                 .and_then(|()| {
                     // The new generation ID (written at build) announced, now that the
