@@ -1106,9 +1106,11 @@ impl VcpuSeat {
                     index,
                 };
                 if let Err(e) = hooked {
+                    // Reported before the thread leaves: whoever sees it gone finds why.
+                    report.exit = Some(VmExit::VcpuError(format!("vcpu{index}: {e}")));
+                    drop(report);
                     // SAFETY: pthread_self has no preconditions.
                     t.control.leave(unsafe { libc::pthread_self() });
-                    report.exit = Some(VmExit::VcpuError(format!("vcpu{index}: {e}")));
                     return;
                 }
                 let _ = t.first_run.set(process_start().elapsed());
