@@ -203,6 +203,15 @@ fn seccomp_filter_takes_a_compiled_file_and_refuses_garbage() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A 2-vCPU probe guest that runs for seconds: in the hook tests, the hook's failure is what
+/// ends it.
+fn long_guest_config() -> ember_vmm::VmConfig {
+    ember_test_support::ProbeOptions::new("cmdline,exitloop")
+        .vcpus(2)
+        .cmdline("probe.exits=10000000")
+        .vm_config()
+}
+
 /// The library seam the filters go through: `VmBuilder::thread_hook` runs on every vCPU
 /// thread and on the event loop, and a failing hook ends the VM with an error.
 #[test]
@@ -242,11 +251,7 @@ fn the_thread_hook_runs_on_every_vm_thread_and_its_failure_ends_the_vm() {
         ]
     );
 
-    // A guest that runs for seconds: the hook's failure is what ends it.
-    let long = ember_test_support::ProbeOptions::new("cmdline,exitloop")
-        .vcpus(2)
-        .cmdline("probe.exits=10000000")
-        .vm_config();
+    let long = long_guest_config();
     for fail_on in ["event loop", "vcpu1"] {
         let hook: ember_vmm::ThreadHook = Arc::new(move |kind| {
             if kind.to_string() == fail_on {
@@ -329,11 +334,7 @@ fn vcpu_hooks_run_at_build_and_an_unrun_vm_leaves_no_thread() {
         }
         Ok(())
     });
-    // A guest that runs for seconds: the hook's failure is what ends it.
-    let long = ember_test_support::ProbeOptions::new("cmdline,exitloop")
-        .vcpus(2)
-        .cmdline("probe.exits=10000000")
-        .vm_config();
+    let long = long_guest_config();
     let outcome = ember_vmm::Vm::builder(long)
         .serial_output(Box::new(std::io::sink()))
         .thread_hook(hook)
